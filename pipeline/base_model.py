@@ -1,0 +1,261 @@
+"""The embedded base model: built here, from nothing, in a few CPU minutes.
+
+`build` generates the synthetic data, trains a byte-level BPE tokenizer (digits split), pretrains
+a ~1M-parameter Llama-architecture model on plain-text problems and saves everything with
+`save_pretrained` (safetensors) so transformers and vLLM load it offline. It is idempotent: a
+finished build with the same config is reused. `evaluate` reports greedy held-out accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from pipeline import synthetic
+from pipeline.config import BaseModelConfig, to_dict
+from pipeline.storage import atomic_dir, sha256_json, write_jsonl
+
+EOS, PAD, END = "<|endoftext|>", "<|pad|>", "<|end|>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+SPECIAL_TOKENS = [EOS, PAD, END, *ROLE_TOKENS]
+# Each turn is `<|role|>\n content <|end|>\n`; the generation prompt opens an assistant turn.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
+)
+SUCCESS = "_SUCCESS"
+
+
+@dataclass
+class BaseModelPaths:
+    """Where one embedded build lives."""
+
+    model: Path
+    """`from_pretrained` folder: weights, config, tokenizer, chat template."""
+    datasets: Path
+    """sft_train.jsonl, sft_heldout.jsonl (chat) and the build's metadata."""
+
+    @property
+    def sft_train(self) -> Path:
+        return self.datasets / "sft_train.jsonl"
+
+    @property
+    def sft_heldout(self) -> Path:
+        return self.datasets / "sft_heldout.jsonl"
+
+
+def paths(cfg: BaseModelConfig, storage_root: str | Path) -> BaseModelPaths:
+    root = Path(storage_root)
+    return BaseModelPaths(root / "models" / cfg.name, root / "datasets" / cfg.name)
+
+
+def build(cfg: BaseModelConfig, storage_root: str | Path, progress: bool = True) -> BaseModelPaths:
+    """Build the embedded base model and its data, or reuse a finished build.
+
+    Raises:
+        RuntimeError: A build with the same name but a different config already exists.
+    """
+    out = paths(cfg, storage_root)
+    build_hash = sha256_json(to_dict(cfg))
+    marker = out.model / SUCCESS
+    if marker.exists():
+        recorded = json.loads(marker.read_text())["build_hash"]
+        if recorded != build_hash:
+            raise RuntimeError(
+                f"{out.model} was built with a different base-model config; pick another "
+                f"`base_model.name` or delete {out.model} and {out.datasets} to rebuild"
+            )
+        return out
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    splits = synthetic.make_splits(
+        cfg.seed,
+        cfg.max_number,
+        cfg.max_steps_per_problem,
+        cfg.pretrain_problems,
+        cfg.sft_train_problems,
+        cfg.heldout_problems,
+        cfg.sft_noise_fraction,
+    )
+    tokenizer = train_tokenizer(splits, cfg.vocab_size)
+    model = new_model(cfg, tokenizer)
+    started = time.time()
+    losses = pretrain(model, tokenizer, splits.pretrain_documents, cfg, progress)
+    for folder in (out.datasets, out.model):
+        if folder.exists():  # a leftover from an interrupted build: it has no marker
+            shutil.rmtree(folder)
+    with atomic_dir(out.datasets) as tmp:
+        write_jsonl(tmp / "sft_train.jsonl", splits.sft_train)
+        write_jsonl(tmp / "sft_heldout.jsonl", splits.heldout)
+    with atomic_dir(out.model) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        info = {
+            "build_hash": build_hash,
+            "config": to_dict(cfg),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "pretrain_seconds": round(time.time() - started, 1),
+            "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        }
+        (tmp / SUCCESS).write_text(json.dumps(info, indent=2))
+    return out
+
+
+def train_tokenizer(splits: synthetic.SyntheticSplits, vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with single-digit tokens and the chat special tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    chat_texts = [m["content"] for row in splits.sft_train for m in row["messages"]]
+    tok.train_from_iterator(splits.pretrain_documents + chat_texts, trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=[END, *ROLE_TOKENS],
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def new_model(cfg: BaseModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    """A randomly initialised Llama; vLLM and transformers both load this architecture."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        head_dim=cfg.hidden_size // cfg.num_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END)],
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    return model
+
+
+def pretrain(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    documents: list[str],
+    cfg: BaseModelConfig,
+    progress: bool,
+) -> list[float]:
+    """Causal-LM pretraining on packed sequences for a fixed number of steps."""
+    ids: list[int] = []
+    for encoded in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded)
+        ids.append(tokenizer.eos_token_id)
+    n_seq = len(ids) // cfg.seq_len
+    sequences = torch.tensor(ids[: n_seq * cfg.seq_len]).view(n_seq, cfg.seq_len)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(n_seq, generator=generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    model.train()
+    losses = []
+    bar = tqdm(range(cfg.steps), desc="pretrain", unit="step", disable=not progress)
+    for step in bar:
+        start = (step * cfg.batch_size) % n_seq
+        if start + cfg.batch_size > n_seq:  # next epoch: reshuffle
+            order = torch.randperm(n_seq, generator=generator)
+            start = 0
+        batch = sequences[order[start : start + cfg.batch_size]]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        tokens_per_s = (bar.format_dict["rate"] or 0) * batch.numel()
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:.0f}")
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: list[str],
+    max_new_tokens: int = 96,
+    batch_size: int = 100,
+) -> list[str]:
+    """Greedy completions of raw prompt strings (left-padded batches)."""
+    tokenizer.padding_side = "left"
+    outputs = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        generated = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        outputs += tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return outputs
+
+
+def evaluate(model_path: str | Path, heldout: list[dict], fmt: str = "plain") -> dict:
+    """Greedy held-out accuracy in the pretraining (`plain`) or chat (`chat`) format.
+
+    Returns accuracy, the count, and the trivial baseline (always answer the most common answer).
+    """
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_path)
+    model = LlamaForCausalLM.from_pretrained(model_path).eval()
+    if fmt == "plain":
+        prompts = [synthetic.plain_prompt(row["question"]) for row in heldout]
+    else:
+        prompts = [
+            tokenizer.apply_chat_template([row["messages"][0]], tokenize=False, add_generation_prompt=True)
+            for row in heldout
+        ]
+    completions = greedy_answers(model, tokenizer, prompts)
+    answers = [row["answer"] for row in heldout]
+    correct = [synthetic.extract_answer(c) == a for c, a in zip(completions, answers, strict=True)]
+    majority = Counter(answers).most_common(1)[0][1] / len(answers)
+    return {
+        "format": fmt,
+        "n": len(heldout),
+        "accuracy": sum(correct) / len(correct),
+        "majority_baseline": majority,
+        "example": {"prompt": prompts[0], "completion": completions[0], "answer": answers[0]},
+    }

@@ -1,0 +1,212 @@
+"""Typed configuration: dataclasses per stage, YAML as the file format, `--set` overrides.
+
+Every config is a plain dataclass whose fields carry a docstring. `load_config` turns a YAML
+mapping (plus `key.sub=value` overrides) into such an object and refuses unknown keys and wrong
+types with an error that names the offending key. Objects are built from configs; nothing below
+the CLI reads YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_STORAGE = REPO_ROOT / "storage"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM and tokenizer a stage uses."""
+
+    path: str | None = None
+    """Local `from_pretrained` folder. None means the embedded base model (built on demand)."""
+
+
+@dataclass
+class DataConfig:
+    """Where the SFT examples come from and how they become token ids and label masks."""
+
+    path: str | None = None
+    """A .jsonl/.json/.parquet file or a `datasets.save_to_disk` folder. None means the embedded
+    synthetic SFT set (train split) of the embedded base model."""
+    format: Literal["auto", "messages", "prompt_completion", "question_answer"] = "auto"
+    """Row layout; `auto` detects it from the columns of the first row."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Maps canonical names (messages, prompt, completion, question, answer) to the dataset's own
+    column names, e.g. {prompt: instruction, completion: output}."""
+    max_length: int = 512
+    """Longest tokenised example, prompt plus completion."""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """What to do with longer examples: cut the tail off, or leave the example out (counted)."""
+    skip_invalid: bool = False
+    """Leave malformed rows out and report them, instead of stopping at the first one."""
+    limit: int | None = None
+    """Use only the first `limit` rows (for smoke runs)."""
+
+
+@dataclass
+class BaseModelConfig:
+    """The embedded base model: synthetic data, tokenizer, architecture and pretraining budget."""
+
+    name: str = "tiny-arith"
+    """Folder name under `<storage>/models/` and `<storage>/datasets/`."""
+    seed: int = 0
+    """Seeds data generation, initialisation and batch order."""
+    threads: int = 2
+    """torch CPU threads; fixed because float reductions depend on the thread count."""
+    max_number: int = 20
+    """Operands are drawn from 1..max_number."""
+    max_steps_per_problem: int = 3
+    """Each problem has 1..max_steps_per_problem +/- operations."""
+    pretrain_problems: int = 60000
+    """Plain-text problems in the pretraining corpus."""
+    sft_train_problems: int = 4000
+    """Chat-format SFT demonstrations."""
+    heldout_problems: int = 200
+    """Held-out evaluation problems; never seen in pretraining or SFT."""
+    sft_noise_fraction: float = 0.3
+    """Share of SFT demonstrations with a systematic error (one step off by one, carried on)."""
+    vocab_size: int = 512
+    """Target BPE vocabulary size (byte-level, digits split)."""
+    hidden_size: int = 128
+    """Model width."""
+    num_layers: int = 4
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads; head_dim = hidden_size / num_heads must be >= 32 for vLLM's CPU build."""
+    intermediate_size: int = 512
+    """MLP width."""
+    seq_len: int = 256
+    """Packed pretraining sequence length."""
+    batch_size: int = 16
+    """Sequences per pretraining step."""
+    steps: int = 700
+    """Pretraining steps (fixed, not time-based, so the build is deterministic)."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
+    warmup_steps: int = 30
+    """Linear warmup steps."""
+
+
+@dataclass
+class FoundationConfig:
+    """A run file: storage root plus the model and data sections shared by all stages."""
+
+    storage_root: str = str(DEFAULT_STORAGE)
+    """Root folder (local or shared filesystem) for models, datasets, priors and runs."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model (and its tokenizer) every stage uses."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The SFT dataset."""
+    base_model: BaseModelConfig = field(default_factory=BaseModelConfig)
+    """How the embedded base model is built when `model.path` is None."""
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:  # type: ignore[assignment]
+    """Build a `cls` instance from a YAML file and `key.sub=value` overrides.
+
+    Args:
+        cls: The dataclass to build.
+        path: YAML file; None starts from the defaults.
+        overrides: `dotted.key=value` strings; values are parsed as YAML scalars.
+
+    Raises:
+        ConfigError: Unknown key, wrong type or unreadable file, naming the key.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {path}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        target = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        target[leaf] = yaml.safe_load(value)
+    return _build(cls, raw, prefix="")
+
+
+def _build(cls: type[T], raw: Any, prefix: str) -> T:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f" in section {prefix.rstrip('.')!r}" if prefix else ""
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!r}{where}; valid keys: {sorted(names)}"
+        )
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check (and minimally convert) `value` against the annotation `tp`."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, prefix=f"{key}.")  # type: ignore[arg-type]
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in get_args(tp):
+            return None
+        errors = []
+        for arg in get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches no type")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = get_args(tp)
+        return {_coerce(kt, k, key): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (it,) = get_args(tp)
+        return [_coerce(it, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got bool {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain data (for saving next to a run)."""
+    return dataclasses.asdict(config)

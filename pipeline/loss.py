@@ -1,0 +1,333 @@
+"""The Q-target loss: a dense reference and a fused, chunked lm_head + loss.
+
+Both compute loss_t = w_t · CE(Q_t, p_t) with Q and w detached, so that the gradient with
+respect to the logits is exactly w·(p − Q) (DESIGN §2).
+
+* `q_target_loss` works on full logits [N, V] through autograd: the readable reference.
+* `fused_q_target_loss` works on hidden states [N, H] and the lm_head weight [V, H]. It walks
+  the scored tokens in chunks, never holding more than chunk × V logits, and computes the
+  gradients w.r.t. hidden, weight and bias during the forward pass (as Liger's fused linear
+  cross-entropy does), so the backward pass only scales them.
+
+Both return `QLoss(loss, stats)`; `stats` holds detached per-batch sums (γ, entropy of Q, prior
+mass captured by the stored top-k, CE to the observed token, scored-token count) that can be
+added across micro-batches and all-reduced across ranks before `means()`.
+
+Prior inputs (DESIGN §3): `prior_ids`/`prior_logprobs` [N, k] are the prior's top-k, and
+`prior_obs_logprob` [N] its log-probability of the observed token. Ids < 0 mark padding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from pipeline.targets import Coefficients, SupportStats, TailPolicy, TargetSpec, coefficients
+
+IGNORE = -100
+STAT_NAMES = ("gamma", "q_entropy", "prior_mass", "ce")
+Reduction = Literal["none", "sum", "mean"]
+
+
+@dataclass
+class TargetStats:
+    """Detached sums over scored tokens; add them up, then call `means()`."""
+
+    sums: Tensor
+    """[5]: Σγ, ΣH(Q), Σπ_T(S), Σ −log p(y), scored-token count."""
+
+    def __add__(self, other: TargetStats) -> TargetStats:
+        return TargetStats(self.sums + other.sums.to(self.sums.device))
+
+    def means(self) -> dict[str, float]:
+        count = max(float(self.sums[-1]), 1.0)
+        return {name: float(value) / count for name, value in zip(STAT_NAMES, self.sums[:-1], strict=True)}
+
+
+class QLoss(NamedTuple):
+    loss: Tensor
+    stats: TargetStats
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _prior_support(
+    labels: Tensor,
+    prior_ids: Tensor | None,
+    prior_logprobs: Tensor | None,
+    prior_obs_logprob: Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Support S = top-k ∪ {y}: ids [N, k+1], valid mask, and prior log-probs (or None)."""
+    y = labels.unsqueeze(-1)
+    if prior_ids is None:
+        return y, torch.ones_like(y, dtype=torch.bool), None
+    if prior_logprobs is None or prior_obs_logprob is None:
+        raise ValueError("prior_ids needs prior_logprobs and prior_obs_logprob as well")
+    if prior_ids.shape != prior_logprobs.shape or prior_ids.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"prior shapes do not match: ids {tuple(prior_ids.shape)}, logprobs "
+            f"{tuple(prior_logprobs.shape)}, labels {tuple(labels.shape)}"
+        )
+    valid_topk = (prior_ids >= 0) & (prior_ids != y)  # y's own entry is the last column
+    ids = torch.cat([prior_ids.clamp(min=0), y], dim=-1)
+    valid = torch.cat([valid_topk, torch.ones_like(y, dtype=torch.bool)], dim=-1)
+    prior_lp = torch.cat([prior_logprobs.to(dtype), prior_obs_logprob.to(dtype).unsqueeze(-1)], dim=-1)
+    return ids, valid, prior_lp
+
+
+def _topk_entropy(logp: Tensor, k: int) -> Tensor:
+    top = logp.topk(min(k, logp.shape[-1]), dim=-1).values
+    top = top - torch.logsumexp(top, dim=-1, keepdim=True)
+    return -(top.exp() * top).sum(-1) / math.log(k)
+
+
+def _support_stats(spec: TargetSpec, logp: Tensor, ids: Tensor, valid: Tensor, prior_lp: Tensor | None) -> SupportStats:
+    """Gather everything `coefficients` needs from detached student log-probs [n, V]."""
+    logp_s = logp.gather(-1, ids)
+    entropy = _topk_entropy(logp, int(spec.gamma.param)) if spec.gamma.kind == "topk_entropy" else None
+    return SupportStats(logp_s[:, -1], logp_s, valid, prior_lp, entropy)
+
+
+def dense_target(coef: Coefficients, p: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
+    """Materialise Q [n, V] from the coefficients (reference and tests only)."""
+    n, vocab = p.shape
+    in_s = torch.zeros_like(p).scatter_(-1, ids, valid.to(p.dtype)) > 0
+    residual = coef.uniform / vocab + coef.self_coef[:, None] * p
+    residual = residual + coef.tail_coef[:, None] * p * (~in_s).to(p.dtype)
+    if coef.sparse is not None:
+        residual = residual.scatter_add(-1, ids, torch.where(valid, coef.sparse, 0.0))
+    gamma = coef.gamma[:, None]
+    observed = torch.zeros_like(p).scatter_(-1, ids[:, -1:], 1.0)
+    return gamma * observed + (1 - gamma) * residual
+
+
+def _stat_sums(coef: Coefficients, q_entropy: Tensor, logp_y: Tensor) -> Tensor:
+    prior_mass = coef.prior_mass if coef.prior_mass is not None else torch.zeros_like(logp_y)
+    count = torch.tensor([logp_y.numel()], dtype=logp_y.dtype, device=logp_y.device)
+    sums = torch.stack([coef.gamma.sum(), q_entropy.sum(), prior_mass.sum(), (-logp_y).sum()])
+    return torch.cat([sums, count]).detach().double()
+
+
+def _reduce(per_token: Tensor, reduction: Reduction, num_items: float | Tensor | None, scored: int) -> Tensor:
+    if reduction == "none":
+        return per_token
+    total = per_token.sum()
+    if reduction == "sum":
+        return total
+    return total / (num_items if num_items is not None else max(scored, 1))
+
+
+def q_target_loss(
+    logits: Tensor,
+    labels: Tensor,
+    spec: TargetSpec,
+    prior_ids: Tensor | None = None,
+    prior_logprobs: Tensor | None = None,
+    prior_obs_logprob: Tensor | None = None,
+    tail: TailPolicy = "student_tail",
+    reduction: Reduction = "none",
+    num_items: float | Tensor | None = None,
+) -> QLoss:
+    """Dense reference: w·CE(Q, p) on full logits [N, V], gradient through autograd.
+
+    Args:
+        logits: [N, V] student logits (any float dtype; computed in fp32, or fp64 for fp64).
+        labels: [N] observed next tokens, -100 where the position is not scored.
+        spec: The target design (`pipeline.targets.preset(...)`).
+        prior_ids, prior_logprobs: [N, k] the prior's top-k, required when `spec.needs_prior`.
+        prior_obs_logprob: [N] the prior's log-probability of the observed token.
+        tail: `student_tail` or `renormalize` (DESIGN §3).
+        reduction: `none` gives [N] (0 where ignored), `sum`, or `mean` over scored tokens.
+        num_items: Normaliser for `mean` (e.g. the global scored-token count); default: local count.
+    """
+    dtype = _compute_dtype(logits.dtype)
+    scored = labels != IGNORE
+    rows = scored.nonzero().squeeze(-1)
+    sel = lambda t: None if t is None else t[rows]  # noqa: E731
+    logp = torch.log_softmax(logits[rows].to(dtype), dim=-1)
+    ids, valid, prior_lp = _prior_support(labels[rows], sel(prior_ids), sel(prior_logprobs), sel(prior_obs_logprob), dtype)
+    if spec.needs_prior and prior_lp is None:
+        raise ValueError(f"target {spec.name!r} needs a prior: pass prior_ids, prior_logprobs and prior_obs_logprob")
+    stats = _support_stats(spec, logp.detach(), ids, valid, prior_lp)
+    coef = coefficients(spec, stats, tail)
+    q = dense_target(coef, logp.detach().exp(), ids, valid)
+    per_row = -coef.weight * (q * logp).sum(-1)
+    per_token = torch.zeros(labels.shape, dtype=dtype, device=logits.device).index_put((rows,), per_row)
+    q_entropy = -torch.special.xlogy(q, q).sum(-1)
+    return QLoss(_reduce(per_token, reduction, num_items, rows.numel()), TargetStats(_stat_sums(coef, q_entropy, stats.logp_y)))
+
+
+class _FusedQLoss(torch.autograd.Function):
+    """Chunked lm_head + Q loss; gradients are computed in forward and scaled in backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        labels: Tensor,
+        spec: TargetSpec,
+        prior: tuple[Tensor | None, Tensor | None, Tensor | None],
+        tail: TailPolicy,
+        scale: float | Tensor,
+        chunk_size: int,
+    ) -> tuple[Tensor, Tensor]:
+        dtype = _compute_dtype(hidden.dtype)
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        rows = (labels != IGNORE).nonzero().squeeze(-1)
+        grad_hidden = torch.zeros_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if needs_grad else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if needs_grad and bias is not None else None
+        loss = torch.zeros((), dtype=dtype, device=hidden.device)
+        stat_sums = torch.zeros(len(STAT_NAMES) + 1, dtype=torch.float64, device=hidden.device)
+        for start in range(0, rows.numel(), chunk_size):
+            chunk = rows[start : start + chunk_size]
+            h = hidden[chunk]
+            logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+            chunk_prior = tuple(None if t is None else t[chunk] for t in prior)
+            chunk_loss, grad_logits, sums = _chunk_loss_and_grad(logits.to(dtype), labels[chunk], spec, chunk_prior, tail)
+            loss += chunk_loss
+            stat_sums += sums
+            if needs_grad:
+                assert grad_hidden is not None and grad_weight is not None
+                grad_logits = (grad_logits * scale).to(hidden.dtype)
+                grad_hidden.index_copy_(0, chunk, grad_logits @ weight)
+                grad_weight += (grad_logits.T @ h).to(dtype)
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(0).to(dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(stat_sums)
+        return (loss * scale).to(hidden.dtype if hidden.dtype == torch.float64 else torch.float32), stat_sums
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_stats: Tensor):  # type: ignore[override]
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        if grad_hidden is None:
+            raise RuntimeError("fused_q_target_loss was called without grad enabled; cannot backward")
+        grad_bias_out = None if grad_bias is None else (grad_bias * grad_loss).to(ctx.weight_dtype)
+        return (
+            grad_hidden * grad_loss.to(grad_hidden.dtype),
+            (grad_weight * grad_loss).to(ctx.weight_dtype),
+            grad_bias_out,
+            None, None, None, None, None, None,
+        )
+
+
+def _chunk_loss_and_grad(
+    logits: Tensor,
+    labels: Tensor,
+    spec: TargetSpec,
+    prior: tuple[Tensor | None, Tensor | None, Tensor | None],
+    tail: TailPolicy,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Loss sum, logit gradient w·(p − Q) and stat sums for one chunk of scored rows.
+
+    `logits` [c, V] is consumed: it becomes log p, then p, then the gradient, in place where
+    possible, so the chunk costs about two c × V buffers.
+    """
+    vocab = logits.shape[-1]
+    ids, valid, prior_lp = _prior_support(labels, *prior, logits.dtype)
+    logp = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+    stats = _support_stats(spec, logp, ids, valid, prior_lp)
+    coef = coefficients(spec, stats, tail)
+    sum_logp = logp.sum(-1) if coef.uniform else None
+    p = logp.exp()
+    sum_plogp = torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).view(-1)  # Σ_V p log p, no c×V temp
+    del logp, logits
+    logp_s = stats.logp_s
+    p_s = torch.where(valid, logp_s.exp(), 0.0)
+    plogp_s = torch.where(valid, p_s * logp_s, 0.0).sum(-1)
+    w, one_minus_gamma = coef.weight, 1 - coef.gamma
+    # Σ_v Q(v) log p(v), assembled from per-row reductions and the k+1 support entries.
+    residual_dot = coef.self_coef * sum_plogp + coef.tail_coef * (sum_plogp - plogp_s)
+    if sum_logp is not None:
+        residual_dot = residual_dot + coef.uniform * sum_logp / vocab
+    if coef.sparse is not None:
+        residual_dot = residual_dot + torch.where(valid, coef.sparse * logp_s, 0.0).sum(-1)
+    loss = -(w * (coef.gamma * stats.logp_y + one_minus_gamma * residual_dot)).sum()
+    # Gradient w·(p − Q): a dense affine map of p, then corrections on the k+1 support entries.
+    dense_scale = w * (1 - one_minus_gamma * (coef.self_coef + coef.tail_coef))
+    grad = p.mul_(dense_scale[:, None])
+    if coef.uniform:
+        grad.sub_((w * one_minus_gamma * coef.uniform / vocab)[:, None])
+    on_support = coef.tail_coef[:, None] * p_s - (coef.sparse if coef.sparse is not None else 0.0)
+    on_support = torch.where(valid, (w * one_minus_gamma)[:, None] * on_support, 0.0)
+    on_support[:, -1] -= w * coef.gamma
+    grad.scatter_add_(-1, ids, on_support)
+    q_entropy = _closed_form_q_entropy(coef, p_s, valid, ids, sum_plogp - plogp_s, vocab)
+    return loss, grad, _stat_sums(coef, q_entropy, stats.logp_y)
+
+
+def _closed_form_q_entropy(
+    coef: Coefficients, p_s: Tensor, valid: Tensor, ids: Tensor, tail_plogp: Tensor, vocab: int
+) -> Tensor:
+    """H(Q) without touching the c × V buffer: explicit on S, closed form on V ∖ S.
+
+    Outside S, Q(v) = (1−γ)·(uniform/V + (self + tail)·p(v)); residuals are exclusive, so this
+    is either a constant b or a multiple a·p(v) of the student.
+    """
+    one_minus_gamma = 1 - coef.gamma
+    q_s = one_minus_gamma[:, None] * (coef.uniform / vocab + coef.self_coef[:, None] * p_s)
+    if coef.sparse is not None:
+        q_s = q_s + one_minus_gamma[:, None] * coef.sparse
+    q_s = torch.where(valid, q_s, 0.0)
+    q_s[:, -1] += coef.gamma
+    inside = torch.special.xlogy(q_s, q_s).sum(-1)
+    a = one_minus_gamma * (coef.self_coef + coef.tail_coef)
+    student_tail = (1 - p_s.sum(-1)).clamp(min=0)
+    outside = a * tail_plogp + torch.special.xlogy(a, a) * student_tail
+    if coef.uniform:
+        b = one_minus_gamma * coef.uniform / vocab
+        outside = outside + (vocab - valid.sum(-1)) * torch.special.xlogy(b, b)
+    return -(inside + outside)
+
+
+def fused_q_target_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    spec: TargetSpec,
+    prior_ids: Tensor | None = None,
+    prior_logprobs: Tensor | None = None,
+    prior_obs_logprob: Tensor | None = None,
+    bias: Tensor | None = None,
+    tail: TailPolicy = "student_tail",
+    reduction: Literal["sum", "mean"] = "sum",
+    num_items: float | Tensor | None = None,
+    chunk_size: int = 1024,
+) -> QLoss:
+    """Fused lm_head + Q-target loss from hidden states, never forming [N, V] logits.
+
+    Args:
+        hidden: [N, H] final hidden states (flatten batch and time first).
+        weight: [V, H] lm_head weight; `bias` [V] if the head has one.
+        labels: [N] next-token labels, -100 where not scored (shift them before calling).
+        spec, prior_*, tail: As for `q_target_loss`.
+        reduction: `sum`, or `mean` = sum / num_items (default: local scored count). Pass the
+            global count of scored tokens under gradient accumulation or data parallelism.
+        chunk_size: Scored tokens per chunk; peak extra memory is about 2 × chunk × V floats.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"fused_q_target_loss supports reduction 'sum' or 'mean', got {reduction!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if spec.needs_prior and prior_ids is None:
+        raise ValueError(f"target {spec.name!r} needs a prior: pass prior_ids, prior_logprobs and prior_obs_logprob")
+    if reduction == "mean":
+        count = num_items if num_items is not None else max(int((labels != IGNORE).sum()), 1)
+        scale: float | Tensor = 1.0 / count
+    else:
+        scale = 1.0
+    loss, sums = _FusedQLoss.apply(
+        hidden, weight, bias, labels, spec, (prior_ids, prior_logprobs, prior_obs_logprob), tail, scale, chunk_size
+    )
+    return QLoss(loss, TargetStats(sums))
