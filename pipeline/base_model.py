@@ -62,26 +62,20 @@ class BaseModelPaths:
 
 
 def paths(cfg: BaseModelConfig, storage_root: str | Path) -> BaseModelPaths:
+    """Folders named `<name>-<config hash>`: a changed config never overwrites an older build."""
+    folder = f"{cfg.name}-{build_hash(cfg)[:8]}"
     root = Path(storage_root)
-    return BaseModelPaths(root / "models" / cfg.name, root / "datasets" / cfg.name)
+    return BaseModelPaths(root / "models" / folder, root / "datasets" / folder)
+
+
+def build_hash(cfg: BaseModelConfig) -> str:
+    return sha256_json(to_dict(cfg))
 
 
 def build(cfg: BaseModelConfig, storage_root: str | Path, progress: bool = True) -> BaseModelPaths:
-    """Build the embedded base model and its data, or reuse a finished build.
-
-    Raises:
-        RuntimeError: A build with the same name but a different config already exists.
-    """
+    """Build the embedded base model and its data, or reuse a finished build of the same config."""
     out = paths(cfg, storage_root)
-    build_hash = sha256_json(to_dict(cfg))
-    marker = out.model / SUCCESS
-    if marker.exists():
-        recorded = json.loads(marker.read_text())["build_hash"]
-        if recorded != build_hash:
-            raise RuntimeError(
-                f"{out.model} was built with a different base-model config; pick another "
-                f"`base_model.name` or delete {out.model} and {out.datasets} to rebuild"
-            )
+    if (out.model / SUCCESS).exists():
         return out
 
     torch.set_num_threads(cfg.threads)
@@ -109,10 +103,11 @@ def build(cfg: BaseModelConfig, storage_root: str | Path, progress: bool = True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         info = {
-            "build_hash": build_hash,
+            "build_hash": build_hash(cfg),
             "config": to_dict(cfg),
             "parameters": sum(p.numel() for p in model.parameters()),
             "pretrain_seconds": round(time.time() - started, 1),
+            "precision": resolve_precision(cfg.precision),
             "final_loss": sum(losses[-20:]) / len(losses[-20:]),
         }
         (tmp / SUCCESS).write_text(json.dumps(info, indent=2))
@@ -193,9 +188,10 @@ def pretrain(
         t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
+    use_bf16 = resolve_precision(cfg.precision) == "bf16"
     model.train()
     losses = []
-    bar = tqdm(range(cfg.steps), desc="pretrain", unit="step", disable=not progress)
+    bar = tqdm(range(cfg.steps), desc="pretrain", unit="step", disable=not progress, mininterval=2.0)
     for step in bar:
         start = (step * cfg.batch_size) % n_seq
         if start + cfg.batch_size > n_seq:  # next epoch: reshuffle
@@ -204,7 +200,8 @@ def pretrain(
         batch = sequences[order[start : start + cfg.batch_size]]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        loss = model(input_ids=batch, labels=batch).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -214,6 +211,14 @@ def pretrain(
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:.0f}")
     model.eval()
     return losses
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto` means bf16 where the CPU computes it natively (AVX512-BF16), else fp32."""
+    if precision != "auto":
+        return precision
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return "bf16" if native else "fp32"
 
 
 @torch.no_grad()

@@ -21,7 +21,11 @@ def _add_config_args(parser: argparse.ArgumentParser, required: bool) -> None:
     else:
         parser.add_argument("--config", default=None, help="YAML run config (default: built-in defaults)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value, e.g. --set data.max_length=256 (repeatable)",
     )
 
@@ -74,7 +78,7 @@ def print_base_eval(cfg: FoundationConfig, formats: list[str]) -> list[dict]:
     heldout = [json.loads(line) for line in out.sft_heldout.read_text().splitlines()]
     results = [base_model.evaluate(out.model, heldout, fmt) for fmt in formats]
     print(f"\nGreedy held-out accuracy of {out.model} ({len(heldout)} problems)")
-    print(f"| format | accuracy | majority-answer baseline |\n|---|---:|---:|")
+    print("| format | accuracy | majority-answer baseline |\n|---|---:|---:|")
     for r in results:
         print(f"| {r['format']} | {r['accuracy']:.1%} | {r['majority_baseline']:.1%} |")
     example = results[0]["example"]

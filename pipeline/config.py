@@ -9,6 +9,7 @@ the CLI reads YAML.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,8 +20,7 @@ import yaml
 
 T = TypeVar("T")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_STORAGE = REPO_ROOT / "storage"
+DEFAULT_STORAGE = os.environ.get("TARGET_SFT_STORAGE", "storage")
 
 
 class ConfigError(ValueError):
@@ -71,7 +71,7 @@ class BaseModelConfig:
     """Operands are drawn from 1..max_number."""
     max_steps_per_problem: int = 3
     """Each problem has 1..max_steps_per_problem +/- operations."""
-    pretrain_problems: int = 60000
+    pretrain_problems: int = 50000
     """Plain-text problems in the pretraining corpus."""
     sft_train_problems: int = 4000
     """Chat-format SFT demonstrations."""
@@ -95,6 +95,9 @@ class BaseModelConfig:
     """Sequences per pretraining step."""
     steps: int = 700
     """Pretraining steps (fixed, not time-based, so the build is deterministic)."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Pretraining matmul precision: bf16 autocast (fp32 master weights) is about 1.3x faster on
+    CPUs with AVX512-BF16/AMX; `auto` picks it where the CPU has it, fp32 elsewhere."""
     lr: float = 3e-3
     """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
     warmup_steps: int = 30
@@ -105,8 +108,9 @@ class BaseModelConfig:
 class FoundationConfig:
     """A run file: storage root plus the model and data sections shared by all stages."""
 
-    storage_root: str = str(DEFAULT_STORAGE)
-    """Root folder (local or shared filesystem) for models, datasets, priors and runs."""
+    storage_root: str = DEFAULT_STORAGE
+    """Root folder (local or shared filesystem) for models, datasets, priors and runs; relative
+    paths are relative to the working directory. Default: $TARGET_SFT_STORAGE or `storage`."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model (and its tokenizer) every stage uses."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -152,15 +156,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 def _build(cls: type[T], raw: Any, prefix: str) -> T:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(raw) - names)
     if unknown:
         where = f" in section {prefix.rstrip('.')!r}" if prefix else ""
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!r}{where}; valid keys: {sorted(names)}"
-        )
+        raise ConfigError(f"unknown config key {unknown[0]!r}{where}; valid keys: {sorted(names)}")
     kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
     return cls(**kwargs)
 

@@ -69,7 +69,9 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
     """Read rows from .jsonl, .json, .parquet or a `datasets.save_to_disk` folder."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"dataset not found: {path} (set data.path to a .jsonl/.json/.parquet file or a save_to_disk folder)")
+        raise DataError(
+            f"dataset not found: {path} (set data.path to a .jsonl/.json/.parquet file or a save_to_disk folder)"
+        )
     if path.is_dir():
         import datasets
 
@@ -117,7 +119,7 @@ def detect_format(row: dict[str, Any], columns: dict[str, str]) -> str:
     if has("question") and has("answer"):
         return "question_answer"
     raise DataError(
-        f"cannot detect the format from columns {sorted(row)}; expected `messages`, "
+        f"cannot detect the format from the first row's columns {sorted(row)}; expected `messages`, "
         "`prompt`+`completion` or `question`+`answer` (map other names with data.columns)"
     )
 
@@ -279,15 +281,17 @@ def summary(data: PreparedData) -> dict[str, Any]:
 
 def highlight(example: Example, tokenizer: PreTrainedTokenizerBase, color: bool) -> str:
     """The example's text with completion tokens highlighted (ANSI green, or ⟦…⟧ brackets)."""
-    parts, current, run = [], None, []
+    parts: list[tuple[bool, str]] = []
+    current: bool | None = None
+    run: list[int] = []
     for token, label in zip(example.input_ids, example.labels, strict=True):
         is_completion = label != IGNORE
         if current is not None and is_completion != current:
-            parts.append((current, tokenizer.decode(run)))
+            parts.append((current, str(tokenizer.decode(run))))
             run = []
         current = is_completion
         run.append(token)
     if run:
-        parts.append((bool(current), tokenizer.decode(run)))
+        parts.append((bool(current), str(tokenizer.decode(run))))
     open_, close = ("\033[32m", "\033[0m") if color else ("⟦", "⟧")
     return "".join(f"{open_}{text}{close}" if completion else text for completion, text in parts)

@@ -97,7 +97,7 @@ def _support_stats(spec: TargetSpec, logp: Tensor, ids: Tensor, valid: Tensor, p
 
 def dense_target(coef: Coefficients, p: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
     """Materialise Q [n, V] from the coefficients (reference and tests only)."""
-    n, vocab = p.shape
+    vocab = p.shape[-1]
     in_s = torch.zeros_like(p).scatter_(-1, ids, valid.to(p.dtype)) > 0
     residual = coef.uniform / vocab + coef.self_coef[:, None] * p
     residual = residual + coef.tail_coef[:, None] * p * (~in_s).to(p.dtype)
@@ -152,7 +152,9 @@ def q_target_loss(
     rows = scored.nonzero().squeeze(-1)
     sel = lambda t: None if t is None else t[rows]  # noqa: E731
     logp = torch.log_softmax(logits[rows].to(dtype), dim=-1)
-    ids, valid, prior_lp = _prior_support(labels[rows], sel(prior_ids), sel(prior_logprobs), sel(prior_obs_logprob), dtype)
+    ids, valid, prior_lp = _prior_support(
+        labels[rows], sel(prior_ids), sel(prior_logprobs), sel(prior_obs_logprob), dtype
+    )
     if spec.needs_prior and prior_lp is None:
         raise ValueError(f"target {spec.name!r} needs a prior: pass prior_ids, prior_logprobs and prior_obs_logprob")
     stats = _support_stats(spec, logp.detach(), ids, valid, prior_lp)
@@ -161,14 +163,16 @@ def q_target_loss(
     per_row = -coef.weight * (q * logp).sum(-1)
     per_token = torch.zeros(labels.shape, dtype=dtype, device=logits.device).index_put((rows,), per_row)
     q_entropy = -torch.special.xlogy(q, q).sum(-1)
-    return QLoss(_reduce(per_token, reduction, num_items, rows.numel()), TargetStats(_stat_sums(coef, q_entropy, stats.logp_y)))
+    return QLoss(
+        _reduce(per_token, reduction, num_items, rows.numel()), TargetStats(_stat_sums(coef, q_entropy, stats.logp_y))
+    )
 
 
 class _FusedQLoss(torch.autograd.Function):
     """Chunked lm_head + Q loss; gradients are computed in forward and scaled in backward."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx,
         hidden: Tensor,
         weight: Tensor,
@@ -185,22 +189,29 @@ class _FusedQLoss(torch.autograd.Function):
         rows = (labels != IGNORE).nonzero().squeeze(-1)
         grad_hidden = torch.zeros_like(hidden) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if needs_grad else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if needs_grad and bias is not None else None
+        grad_bias = (
+            torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if needs_grad and bias is not None else None
+        )
         loss = torch.zeros((), dtype=dtype, device=hidden.device)
         stat_sums = torch.zeros(len(STAT_NAMES) + 1, dtype=torch.float64, device=hidden.device)
         for start in range(0, rows.numel(), chunk_size):
             chunk = rows[start : start + chunk_size]
             h = hidden[chunk]
             logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
-            chunk_prior = tuple(None if t is None else t[chunk] for t in prior)
-            chunk_loss, grad_logits, sums = _chunk_loss_and_grad(logits.to(dtype), labels[chunk], spec, chunk_prior, tail)
+            ids_k, lp_k, obs_k = (None if t is None else t[chunk] for t in prior)
+            chunk_loss, grad_logits, sums = _chunk_loss_and_grad(
+                logits.to(dtype), labels[chunk], spec, (ids_k, lp_k, obs_k), tail
+            )
             loss += chunk_loss
             stat_sums += sums
             if needs_grad:
                 assert grad_hidden is not None and grad_weight is not None
-                grad_logits = (grad_logits * scale).to(hidden.dtype)
+                grad_logits = grad_logits.mul_(scale).to(hidden.dtype)
                 grad_hidden.index_copy_(0, chunk, grad_logits @ weight)
-                grad_weight += (grad_logits.T @ h).to(dtype)
+                if h.dtype == dtype:  # accumulate in place, no [V, H] temporary
+                    grad_weight.addmm_(grad_logits.T, h)
+                else:  # bf16/fp16 product, fp32 accumulation
+                    grad_weight += (grad_logits.T @ h).to(dtype)
                 if grad_bias is not None:
                     grad_bias += grad_logits.sum(0).to(dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -209,7 +220,7 @@ class _FusedQLoss(torch.autograd.Function):
         return (loss * scale).to(hidden.dtype if hidden.dtype == torch.float64 else torch.float32), stat_sums
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_stats: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_loss: Tensor, _grad_stats: Tensor):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         if grad_hidden is None:
             raise RuntimeError("fused_q_target_loss was called without grad enabled; cannot backward")
@@ -218,7 +229,12 @@ class _FusedQLoss(torch.autograd.Function):
             grad_hidden * grad_loss.to(grad_hidden.dtype),
             (grad_weight * grad_loss).to(ctx.weight_dtype),
             grad_bias_out,
-            None, None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
 

@@ -113,7 +113,8 @@ def make_splits(
     `messages`, `answer` (the true answer) and `noisy` (whether the demonstration is wrong).
     """
     rng = random.Random(seed)
-    heldout, seen = [], set()
+    heldout: list[dict] = []
+    seen: set[tuple] = set()
     while len(heldout) < heldout_problems:
         problem = sample_problem(rng, max_number, max_steps)
         if problem.signature in seen:

@@ -120,9 +120,7 @@ def _presets() -> dict[str, Any]:
         "hybrid_kd": lambda lam=0.5: TargetSpec(
             Gamma("const", 1 - _unit("lam", lam)), Residual("prior"), name="hybrid_kd"
         ),
-        "target_sft": lambda eta=0.5: TargetSpec(
-            Gamma("p"), Residual("guided", _unit("eta", eta)), name="target_sft"
-        ),
+        "target_sft": lambda eta=0.5: TargetSpec(Gamma("p"), Residual("guided", _unit("eta", eta)), name="target_sft"),
     }
 
 
@@ -149,7 +147,7 @@ def preset(name: str, **params: float) -> TargetSpec:
     if name not in presets:
         raise TargetError(f"unknown target preset {name!r}; choose one of {list(presets)}")
     try:
-        return presets[name](**params)  # type: ignore[no-any-return]
+        return presets[name](**params)
     except TypeError as e:
         import inspect
 
@@ -209,7 +207,10 @@ def _parse_gamma(value: Any) -> Gamma:
 
 def _parse_residual(value: Any) -> Residual:
     kind, param = _single(value, "residual")
-    _check(kind in ("uniform", "self", "prior", "guided"), f"unknown residual {kind!r}; choose uniform, self, prior or guided")
+    _check(
+        kind in ("uniform", "self", "prior", "guided"),
+        f"unknown residual {kind!r}; choose uniform, self, prior or guided",
+    )
     if kind == "guided":
         _check(param is not None, "residual guided needs η, e.g. {guided: 0.5}")
         return Residual("guided", _unit("eta", param))
@@ -219,8 +220,10 @@ def _parse_residual(value: Any) -> Residual:
 def _parse_weight(value: Any) -> Weight:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return Weight(_nonneg("weight", value))
-    _check(isinstance(value, dict) and set(value) <= {"const", "p_plus"} and value,
-           f"weight must be a number, {{const: c}} or {{p_plus: λ}} (w = p(y) + λ), got {value!r}")
+    _check(
+        isinstance(value, dict) and bool(value) and set(value) <= {"const", "p_plus"},
+        f"weight must be a number, {{const: c}} or {{p_plus: λ}} (w = p(y) + λ), got {value!r}",
+    )
     if "p_plus" in value:
         return Weight(_nonneg("weight p_plus", value["p_plus"]), p_plus=True)
     return Weight(_nonneg("weight const", value["const"]))

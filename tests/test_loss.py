@@ -221,7 +221,7 @@ def test_fused_equals_dense(dtype, name, tail):
 
 
 def test_mean_reduction_uses_explicit_normaliser():
-    logits, labels, *_ = make_case(6)
+    _, labels, *_ = make_case(6)
     hidden = torch.randn(N, 8, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(V, 8, dtype=torch.float64, requires_grad=True)
     total = fused_q_target_loss(hidden, weight, labels, preset("sft"), reduction="sum").loss
@@ -235,8 +235,15 @@ def test_mean_reduction_uses_explicit_normaliser():
     g_whole = torch.autograd.grad(whole.loss, [hidden, weight])
     halves = [slice(0, 4), slice(4, N)]
     parts = [
-        fused_q_target_loss(hidden[s], weight, labels[s], spec, **prior_kwargs(top_ids[s], top_lp[s], obs[s]),
-                            reduction="mean", num_items=count).loss
+        fused_q_target_loss(
+            hidden[s],
+            weight,
+            labels[s],
+            spec,
+            **prior_kwargs(top_ids[s], top_lp[s], obs[s]),
+            reduction="mean",
+            num_items=count,
+        ).loss
         for s in halves
     ]
     g_parts = torch.autograd.grad(parts[0] + parts[1], [hidden, weight])
@@ -254,7 +261,7 @@ def test_stats_are_meaningful():
     nll = -torch.log_softmax(logits[keep], -1).gather(-1, labels[keep][:, None]).mean()
     assert means["ce"] == pytest.approx(float(nll))
     kd = q_target_loss(logits, labels, preset("kd"), **prior_kwargs(top_ids, top_lp, obs)).stats.means()
-    captured = (torch.cat([top_lp, obs[:, None]], -1).exp())
+    captured = torch.cat([top_lp, obs[:, None]], -1).exp()
     assert 0 < kd["prior_mass"] <= float(captured.sum(-1).max()) + 1e-9
     assert kd["q_entropy"] > 0.1
 

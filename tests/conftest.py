@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny embedded build (seconds) and the real default build (minutes, cached).
+
+Tests never download anything: every model and tokenizer here is built locally.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+from pipeline import base_model
+from pipeline.config import BaseModelConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small enough to build in a few seconds; head_dim stays 32 as vLLM's CPU build needs.
+TINY = BaseModelConfig(
+    name="tiny-test",
+    pretrain_problems=400,
+    sft_train_problems=60,
+    heldout_problems=20,
+    hidden_size=64,
+    num_heads=2,
+    num_layers=2,
+    intermediate_size=128,
+    seq_len=64,
+    batch_size=4,
+    steps=4,
+    warmup_steps=2,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory) -> base_model.BaseModelPaths:
+    return base_model.build(TINY, tmp_path_factory.mktemp("tiny-storage"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def default_build() -> base_model.BaseModelPaths:
+    """The real embedded base model, built once into the default storage root and reused."""
+    return base_model.build(BaseModelConfig(), REPO / "storage", progress=False)

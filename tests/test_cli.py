@@ -1,0 +1,69 @@
+"""The `target-sft` command line and the library's import boundary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline import cli
+
+from .conftest import TINY
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_overrides(storage: Path) -> list[str]:
+    fields = (
+        "name",
+        "pretrain_problems",
+        "sft_train_problems",
+        "heldout_problems",
+        "hidden_size",
+        "num_heads",
+        "num_layers",
+        "intermediate_size",
+        "seq_len",
+        "batch_size",
+        "steps",
+        "warmup_steps",
+    )
+    return [f"--set=storage_root={storage}"] + [f"--set=base_model.{f}={getattr(TINY, f)}" for f in fields]
+
+
+def test_data_inspect_prints_counts_example_and_fingerprint(tmp_path, capsys):
+    assert cli.main(["data", "inspect", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for needle in ("examples", "completion_tokens", "prompt_tokens", "fingerprint", "⟦", "####"):
+        assert needle in out, needle
+
+
+def test_base_model_eval_reports_accuracy_and_baseline(tmp_path, capsys):
+    assert cli.main(["base-model", "eval", "--format", "plain", *tiny_overrides(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| plain |" in out and "majority-answer baseline" in out
+
+
+def test_bad_config_is_an_error_not_a_traceback(tmp_path, capsys):
+    assert cli.main(["data", "inspect", str(REPO / "configs" / "demo.yaml"), "--set", "data.max_lenght=3"]) == 2
+    assert "unknown config key 'max_lenght'" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "Q", "completion": "A"}) + "\n" + json.dumps({"prompt": "Q"}) + "\n")
+    code = cli.main(
+        ["data", "inspect", str(REPO / "configs" / "demo.yaml"), f"--set=data.path={bad}", *tiny_overrides(tmp_path)]
+    )
+    assert code == 2
+    assert "row 1: missing field 'completion'" in capsys.readouterr().err
+
+
+def test_pipeline_never_imports_prefect():
+    modules = sorted(p.stem for p in (REPO / "pipeline").glob("*.py") if p.stem != "__init__")
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module('pipeline.' + m)\n"
+        "assert not any(k == 'prefect' or k.startswith('prefect.') for k in sys.modules), 'prefect imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    for path in (REPO / "pipeline").glob("*.py"):
+        assert "import prefect" not in path.read_text() and "from prefect" not in path.read_text(), path

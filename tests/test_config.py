@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, FoundationConfig, load_config
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  max_length: 128\n  columns: {prompt: instruction}\n")
+    cfg = load_config(FoundationConfig, path, ["data.truncation=drop", "base_model.lr=1", "model.path=/m"])
+    assert cfg.data.max_length == 128
+    assert cfg.data.columns == {"prompt": "instruction"}
+    assert cfg.data.truncation == "drop"
+    assert cfg.base_model.lr == 1.0 and isinstance(cfg.base_model.lr, float)
+    assert cfg.model.path == "/m"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.max_lenght=3"], "unknown config key 'max_lenght' in section 'data'"),
+        (["datum.path=x"], "unknown config key 'datum'"),
+        (["data.max_length=abc"], "data.max_length: expected int, got str"),
+        (["data.truncation=cut"], "data.truncation: 'cut' is not one of"),
+        (["data.skip_invalid=3"], "data.skip_invalid: expected bool"),
+        (["data.max_length=true"], "data.max_length: expected int, got bool"),
+        (["data=3"], "data: expected a mapping"),
+        (["novalue"], "must look like key.sub=value"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(FoundationConfig, None, overrides)
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(FoundationConfig, tmp_path / "nope.yaml")
