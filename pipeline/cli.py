@@ -8,9 +8,12 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import base_model, data
-from pipeline.config import ConfigError, FoundationConfig, load_config
+from pipeline import base_model, data, priors
+from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.prior_cache import PriorStore
+from pipeline.prior_engines import PriorError
 from pipeline.resolve import resolve_inputs
+from pipeline.targets import TargetError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -45,6 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data_cmd.add_subparsers(dest="action", required=True)
     _add_config_args(data_commands.add_parser("inspect", help="counts, lengths, masks, fingerprint"), required=True)
 
+    priors_cmd = commands.add_parser("priors", help="stage 1: capture sparse top-k priors (cached)")
+    _add_config_args(priors_cmd, required=True)
+
+    cache = commands.add_parser("cache", help="inspect the prior cache")
+    cache_commands = cache.add_subparsers(dest="action", required=True)
+    _add_config_args(cache_commands.add_parser("ls", help="list prior sets"), required=False)
+    for action, text in (
+        ("show", "print a manifest"),
+        ("verify", "re-check checksums and counts"),
+        ("rm", "delete a set"),
+    ):
+        sub = cache_commands.add_parser(action, help=text)
+        sub.add_argument("key")
+        _add_config_args(sub, required=False)
+
     demo = commands.add_parser("demo", help="the main job on the embedded model (make demo)")
     _add_config_args(demo, required=False)
     return parser
@@ -56,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         config_path = getattr(args, "config", None)
         if args.command == "demo" and config_path is None:
             config_path = DEMO_CONFIG
-        cfg = load_config(FoundationConfig, config_path, args.overrides)
+        cfg = load_config(RunConfig, config_path, args.overrides)
         if args.command == "base-model" and args.action == "build":
             out = base_model.build(cfg.base_model, cfg.storage_root)
             print(f"base model: {out.model}\nembedded data: {out.datasets}")
@@ -65,15 +83,22 @@ def main(argv: list[str] | None = None) -> int:
             print_base_eval(cfg, formats)
         elif args.command == "data":
             inspect_data(cfg)
+        elif args.command == "priors":
+            result = priors.capture(cfg)
+            state = "complete" if result.complete else "this worker's shards done; others still missing"
+            print(f"prior set {result.key}: {state}")
+            print(f"manifest: {result.manifest_path}\nforward passes: {result.forward_passes}")
+        elif args.command == "cache":
+            return cache_command(args.action, getattr(args, "key", None), PriorStore(cfg.storage_root))
         elif args.command == "demo":
             run_demo(cfg)
-    except (ConfigError, data.DataError, RuntimeError, FileNotFoundError) as e:
+    except (ConfigError, data.DataError, PriorError, TargetError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
-def print_base_eval(cfg: FoundationConfig, formats: list[str]) -> list[dict]:
+def print_base_eval(cfg: RunConfig, formats: list[str]) -> list[dict]:
     out = base_model.build(cfg.base_model, cfg.storage_root)
     heldout = [json.loads(line) for line in out.sft_heldout.read_text().splitlines()]
     results = [base_model.evaluate(out.model, heldout, fmt) for fmt in formats]
@@ -86,7 +111,7 @@ def print_base_eval(cfg: FoundationConfig, formats: list[str]) -> list[dict]:
     return results
 
 
-def inspect_data(cfg: FoundationConfig) -> None:
+def inspect_data(cfg: RunConfig) -> None:
     from transformers import AutoTokenizer
 
     inputs = resolve_inputs(cfg)
@@ -101,7 +126,33 @@ def inspect_data(cfg: FoundationConfig) -> None:
     print(data.highlight(prepared.examples[0], tokenizer, color=sys.stdout.isatty()))
 
 
-def run_demo(cfg: FoundationConfig) -> None:
+def cache_command(action: str, key: str | None, store: PriorStore) -> int:
+    if action == "ls":
+        print("| key | complete | examples | scored tokens | engine | B/token |\n|---|---|---:|---:|---|---:|")
+        for k in store.list_keys():
+            if store.complete(k):
+                m = store.manifest(k)
+                print(
+                    f"| {k} | yes | {m['counts']['examples']} | {m['counts']['scored_tokens']} | {m['engine']} | "
+                    f"{m['statistics']['bytes_per_scored_token']:.1f} |"
+                )
+            else:
+                print(f"| {k} | no ({len(store.done_shards(k))} shards so far) | | | | |")
+        return 0
+    assert key is not None
+    if action == "show":
+        print(json.dumps(store.manifest(key), indent=2))
+    elif action == "verify":
+        problems = store.verify(key)
+        print("ok" if not problems else "\n".join(problems))
+        return 0 if not problems else 1
+    elif action == "rm":
+        store.remove(key)
+        print(f"removed prior set {key}")
+    return 0
+
+
+def run_demo(cfg: RunConfig) -> None:
     started = time.time()
     print("== 1/3 embedded base model (built once, then reused)")
     base_model.build(cfg.base_model, cfg.storage_root)

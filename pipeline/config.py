@@ -105,8 +105,40 @@ class BaseModelConfig:
 
 
 @dataclass
-class FoundationConfig:
-    """A run file: storage root plus the model and data sections shared by all stages."""
+class PriorsConfig:
+    """Stage 1: how sparse priors are captured (DESIGN §3-§4)."""
+
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    """`vllm` (offline LLM, prompt logprobs), `hf` (transformers reference), or `auto`: vllm
+    wherever it imports, hf otherwise."""
+    model_path: str | None = None
+    """The prior (teacher) model; None means the run's own model. It must share the tokenizer."""
+    k: int = 20
+    """Top-k entries stored per scored position."""
+    shard_size: int = 256
+    """Examples per Parquet shard (the unit of resumption and of fan-out)."""
+    batch_tokens: int = 8192
+    """hf engine: padded tokens per forward batch."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Prior model precision; auto is float32 on CPU (vLLM matches transformers to 4e-6 there),
+    bfloat16 on GPU."""
+    device: str = "auto"
+    """hf engine device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    tensor_parallel_size: int = 1
+    """vllm engine: GPUs per model replica."""
+    gpu_memory_utilization: float = 0.9
+    """vllm engine: share of GPU memory vLLM may take."""
+    trust_remote_code: bool = False
+    """Allow model repositories to run their own Python code (off unless you turn it on)."""
+    num_workers: int = 1
+    """Workers sharing this capture; worker i computes shards i, i+n, i+2n, ..."""
+    worker_index: int = 0
+    """This worker's index in [0, num_workers)."""
+
+
+@dataclass
+class RunConfig:
+    """A run file: storage root plus one section per stage."""
 
     storage_root: str = DEFAULT_STORAGE
     """Root folder (local or shared filesystem) for models, datasets, priors and runs; relative
@@ -117,6 +149,8 @@ class FoundationConfig:
     """The SFT dataset."""
     base_model: BaseModelConfig = field(default_factory=BaseModelConfig)
     """How the embedded base model is built when `model.path` is None."""
+    priors: PriorsConfig = field(default_factory=PriorsConfig)
+    """Stage 1: prior capture."""
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:  # type: ignore[assignment]

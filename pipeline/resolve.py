@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import base_model
-from pipeline.config import FoundationConfig
+from pipeline.config import RunConfig
 
 
 @dataclass
@@ -19,7 +19,7 @@ class ResolvedInputs:
     """Held-out problems (embedded default only)."""
 
 
-def resolve_inputs(cfg: FoundationConfig, progress: bool = True) -> ResolvedInputs:
+def resolve_inputs(cfg: RunConfig, progress: bool = True) -> ResolvedInputs:
     """Use the configured paths, building the embedded base model for whatever is unset."""
     embedded = None
     if cfg.model.path is None or cfg.data.path is None:

