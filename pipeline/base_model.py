@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -234,7 +235,7 @@ def greedy_answers(
     outputs = []
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        generated = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        generated = cast(Any, model).generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
         outputs += tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return outputs
 

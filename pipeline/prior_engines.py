@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -83,9 +84,8 @@ class HFEngine:
     ) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=dtype, trust_remote_code=trust_remote_code
-        ).to(device)
+        model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.model = model.to(device)
         self.model.eval()
         vocab = self.model.get_output_embeddings().weight.shape[0]
         if not 1 <= k <= vocab:
@@ -181,7 +181,7 @@ class VLLMEngine:
         self.llm = LLM(
             model=str(model_path),
             tokenizer=str(model_path),
-            dtype=dtype,
+            dtype=cast(Any, dtype),
             max_logprobs=k,
             max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
@@ -204,7 +204,7 @@ class VLLMEngine:
         self.forward_passes += 1
         return [self._record(e, out.prompt_logprobs) for e, out in zip(examples, outputs, strict=True)]
 
-    def _record(self, example: Example, prompt_logprobs) -> PriorRecord:  # type: ignore[no-untyped-def]
+    def _record(self, example: Example, prompt_logprobs: Any) -> PriorRecord:
         positions = scored_positions(example)
         n, k = len(positions), self.k
         top_ids = np.zeros((n, k), dtype=np.int32)

@@ -206,7 +206,7 @@ def make_engine(
     )
 
 
-def _load_tokenizer(path: Path, trust_remote_code: bool):  # type: ignore[no-untyped-def]
+def _load_tokenizer(path: Path, trust_remote_code: bool) -> Any:
     if not Path(path).is_dir():
         raise PriorError(f"model/tokenizer not found: {path} (a local from_pretrained folder is required)")
     try:
