@@ -78,10 +78,12 @@ class PriorStore:
 
     # state -----------------------------------------------------------------------------------
     def complete(self, key: str) -> bool:
+        self.fs.invalidate_cache(self.dir(key))  # other workers write here too: no stale listings
         return self.fs.exists(f"{self.dir(key)}/_SUCCESS")
 
     def done_shards(self, key: str) -> set[int]:
         folder = f"{self.dir(key)}/shards"
+        self.fs.invalidate_cache(folder)
         if not self.fs.exists(folder):
             return set()
         names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
@@ -226,6 +228,19 @@ class PriorStore:
                 "recapture priors for this configuration"
             )
         return PriorReader(self, key, manifest)
+
+
+def storage_error(root: str, error: Exception) -> CacheError:
+    """One clear message for an unusable storage root; never echoes credentials."""
+    name = type(error).__name__
+    if "Credential" in name or "credential" in str(error).lower():
+        return CacheError(
+            f"no credentials for {root}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the "
+            "environment; credentials are never read from run configs"
+        )
+    if isinstance(error, PermissionError):
+        return CacheError(f"storage root {root} is not writable (permission denied)")
+    return CacheError(f"cannot write to storage root {root}: {name}")
 
 
 def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:

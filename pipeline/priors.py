@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from pipeline import data
 from pipeline.config import PriorsConfig, RunConfig
-from pipeline.prior_cache import CacheError, PriorStore, cache_key
+from pipeline.prior_cache import PriorStore, cache_key, storage_error
 from pipeline.prior_engines import HFEngine, PriorError, VLLMEngine, vllm_available
 from pipeline.resolve import resolve_inputs
 
@@ -88,7 +88,11 @@ def capture(cfg: RunConfig, progress: bool = True) -> CaptureResult:
     # --- build: store and engine ---------------------------------------------------------------
     store = PriorStore(cfg.storage_root)
     manifest_path = store.url(f"{store.dir(key)}/manifest.json")
-    if store.complete(key):
+    try:
+        reusable = store.complete(key)
+    except Exception as e:
+        raise storage_error(store.root, e) from None
+    if reusable:
         return CaptureResult(key, manifest_path, forward_passes=0, complete=True)
     _check_writable(store)
     examples = p.prepared.examples
@@ -229,16 +233,8 @@ def _check_writable(store: PriorStore) -> None:
         store.fs.makedirs(store.base, exist_ok=True)
         store.fs.pipe_file(probe, b"")
         store.fs.rm(probe)
-    except PermissionError as e:
-        raise CacheError(f"storage root {store.root} is not writable: {e}") from e
-    except Exception as e:  # credentials, endpoints, buckets: one clear message, no secrets echoed
-        name = type(e).__name__
-        if "Credential" in name or "credential" in str(e).lower():
-            raise CacheError(
-                f"no credentials for {store.root}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-                "(or a profile) in the environment"
-            ) from None
-        raise CacheError(f"cannot write to storage root {store.root}: {name}") from e
+    except Exception as e:
+        raise storage_error(store.root, e) from None
 
 
 def _vllm_version() -> str:

@@ -1,0 +1,39 @@
+"""Prefect flows against a real temporary Prefect server, on a real local Dask cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.prior_cache import PriorStore
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    import os
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_priors_flow_on_two_dask_workers_then_reuse(prefect_server, tiny_build, tmp_path):
+    from flows.priors import dask_runner, priors_flow
+
+    overrides = [
+        f"storage_root={tmp_path}",
+        f"model.path={tiny_build.model}",
+        f"data.path={tiny_build.sft_train}",
+        "data.max_length=128",
+        "priors.engine=hf",
+        "priors.k=8",
+        "priors.shard_size=8",
+    ]
+    first = priors_flow.with_options(task_runner=dask_runner(2))(None, overrides, 2)
+    assert first["forward_passes"] > 0
+    store = PriorStore(str(tmp_path))
+    assert store.complete(first["key"]) and store.verify(first["key"]) == []
+    assert first["manifest"].endswith(f"{first['key']}/manifest.json")
+    again = priors_flow(None, overrides, 1)
+    assert again["key"] == first["key"] and again["forward_passes"] == 0
