@@ -154,11 +154,16 @@ def cache_command(action: str, key: str | None, store: PriorStore) -> int:
 
 def run_demo(cfg: RunConfig) -> None:
     started = time.time()
-    print("== 1/3 embedded base model (built once, then reused)")
+    print("== 1/4 embedded base model (built once, then reused)")
     base_model.build(cfg.base_model, cfg.storage_root)
-    print("== 2/3 SFT data")
+    print("== 2/4 SFT data")
     inspect_data(cfg)
-    print("== 3/3 base-model evaluation")
+    print("== 3/4 priors of the base model over the SFT set (captured once, then reused)")
+    result = priors.capture(cfg)
+    manifest = PriorStore(cfg.storage_root).manifest(result.key)
+    print(f"prior set {result.key}: {manifest['counts']}, forward passes this run: {result.forward_passes}")
+    print(json.dumps(manifest["statistics"], indent=2))
+    print("== 4/4 base-model evaluation")
     print_base_eval(cfg, ["plain", "chat"])
     print(f"\ndemo finished in {time.time() - started:.0f}s")
 

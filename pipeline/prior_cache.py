@@ -317,20 +317,17 @@ class PriorReader:
 
 
 def decode_shard(table: pa.Table, k: int) -> list[PriorRecord]:
-    """Parquet table → records, vectorised over the whole shard."""
-    n_per = np.diff(table.column("positions").combine_chunks().offsets.to_numpy())
-    split = np.cumsum(n_per)[:-1]
-    positions = np.split(_values(table, "positions").astype(np.int32), split)
-    ids = np.split(_values(table, "topk_ids").astype(np.int32).reshape(-1, k), split)
-    lps = np.split(
-        prior_schema.decode_logprobs(prior_schema.delta_decode(_values(table, "topk_logprob_q"), k)).reshape(-1, k),
-        split,
-    )
-    obs = np.split(prior_schema.decode_logprobs(_values(table, "obs_logprob_q")), split)
-    ranks = np.split(_values(table, "obs_rank").astype(np.int32), split)
+    """Parquet table → records, decoded vectorised over the whole shard, then sliced (views)."""
+    bounds = table.column("positions").combine_chunks().offsets.to_numpy()
+    positions = _values(table, "positions").astype(np.int32, copy=False)
+    ids = _values(table, "topk_ids").astype(np.int32, copy=False).reshape(-1, k)
+    codes = prior_schema.delta_decode(_values(table, "topk_logprob_q"), k)
+    lps = prior_schema.decode_logprobs(codes).reshape(-1, k)
+    obs = prior_schema.decode_logprobs(_values(table, "obs_logprob_q"))
+    ranks = _values(table, "obs_rank").astype(np.int32, copy=False)
     index = table.column("example_index").to_numpy()
     num_tokens = table.column("num_tokens").to_numpy()
     return [
-        PriorRecord(int(index[i]), int(num_tokens[i]), positions[i], ids[i], lps[i], obs[i], ranks[i])
-        for i in range(table.num_rows)
+        PriorRecord(int(index[i]), int(num_tokens[i]), positions[a:b], ids[a:b], lps[a:b], obs[a:b], ranks[a:b])
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
     ]

@@ -183,7 +183,7 @@ class VLLMEngine:
             tokenizer=str(model_path),
             dtype=cast(Any, dtype),
             max_logprobs=k,
-            max_model_len=max_model_len,
+            max_model_len=max_model_len + 1,  # room for the one generated token vLLM requires
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             trust_remote_code=trust_remote_code,

@@ -1,0 +1,149 @@
+"""Prior-capture benchmark: hf engine vs a plain transformers forward, the vllm engine, the reader.
+
+All engines score the same tokenised examples (the embedded SFT set by default) and the report
+gives scored tokens/s with ratios to the plain baseline measured in the same run:
+
+* plain: `model(input_ids).logits` over the whole padded batch, `log_softmax`, `topk` (what a
+  straightforward script does; it materialises batch × length × vocab logits);
+* hf: `HFEngine` (hidden states, chunked lm_head over scored positions only, logsumexp, top-k);
+* vllm: `VLLMEngine` (prompt logprobs), when vLLM imports;
+* reader: decoding the written Parquet shards back into per-example arrays, on one thread.
+
+    python benchmarks/priors.py                      # CPU, embedded model, 512 examples
+    python benchmarks/priors.py --device cuda --random-model 1.5b --examples 2048   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def plain_forward(model, examples, k: int, batch_tokens: int, device: str) -> None:
+    import torch
+
+    from pipeline.prior_engines import token_budget_batches
+
+    with torch.no_grad():
+        for batch in token_budget_batches(examples, batch_tokens):
+            longest = max(len(e.input_ids) for e in batch)
+            ids = torch.zeros(len(batch), longest, dtype=torch.long)
+            for row, e in enumerate(batch):
+                ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            logits = model(input_ids=ids.to(device), attention_mask=(ids > -1).long().to(device)).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            logp.topk(k, dim=-1)
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def random_model(shape: str, vocab: int, dtype, device: str):
+    """A random-initialised Qwen2-shaped model (no download): '0.5b' or '1.5b'."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    dims = {"0.5b": (896, 24, 14, 2, 4864), "1.5b": (1536, 28, 12, 2, 8960)}[shape]
+    hidden, layers, heads, kv, ffn = dims
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=ffn,
+        tie_word_embeddings=shape == "0.5b",
+    )
+    return Qwen2ForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=512)
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--batch-tokens", type=int, default=8192)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--random-model", choices=["0.5b", "1.5b"], help="GPU: random Qwen2-shaped model")
+    parser.add_argument("--skip-vllm", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    from pipeline import base_model, data, prior_cache
+    from pipeline.config import BaseModelConfig, DataConfig
+    from pipeline.prior_engines import HFEngine, VLLMEngine, vllm_available
+
+    torch.set_num_threads(args.threads)
+    build = base_model.build(BaseModelConfig(), os.environ.get("TARGET_SFT_STORAGE", "storage"))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(build.model)
+    prepared = data.prepare(DataConfig(limit=args.examples), build.sft_train, tokenizer)
+    examples = prepared.examples
+    scored = sum(e.num_scored for e in examples)
+    rows = []
+
+    if args.random_model:  # GPU shape study: same token ids, a big random model
+        dtype = torch.bfloat16
+        model = random_model(args.random_model, 151936, dtype, args.device)
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            engine = HFEngine(folder, args.k, device=args.device, dtype=dtype, batch_tokens=args.batch_tokens)
+        model_path_note = f"random Qwen2 {args.random_model}"
+    else:
+        model = AutoModelForCausalLM.from_pretrained(build.model, dtype=torch.float32).to(args.device).eval()
+        engine = HFEngine(build.model, args.k, device=args.device, batch_tokens=args.batch_tokens)
+        model_path_note = f"embedded {build.model.name}"
+
+    plain_forward(model, examples[:8], args.k, args.batch_tokens, args.device)  # warm-up
+    base = timed(lambda: plain_forward(model, examples, args.k, args.batch_tokens, args.device))
+    rows.append(("plain forward + log_softmax + top-k", base))
+    engine.score(examples[:8])
+    records = []
+    rows.append(("hf engine", timed(lambda: records.extend(engine.score(examples)))))
+    engine.close()
+
+    if not args.skip_vllm and vllm_available() and not args.random_model:
+        vllm_engine = VLLMEngine(build.model, args.k, max_model_len=prepared_max(examples), dtype="float32")
+        vllm_engine.score(examples[:8])
+        rows.append(("vllm engine", timed(lambda: vllm_engine.score(examples))))
+        vllm_engine.close()
+
+    blob = prior_cache.encode_shard(records, args.k)
+    import io
+
+    import pyarrow.parquet as pq
+
+    torch.set_num_threads(1)
+    reader_s = timed(lambda: prior_cache.decode_shard(pq.read_table(io.BytesIO(blob)), args.k))
+
+    print(
+        f"\nprior benchmark: {model_path_note}, device={args.device}, threads={args.threads}, "
+        f"{len(examples)} examples, {scored} scored tokens, k={args.k}"
+    )
+    print("| path | seconds | scored tokens/s | vs plain |\n|---|---:|---:|---:|")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.2f} | {scored / seconds:,.0f} | {base / seconds:.2f}x |")
+    print(f"| reader (decode Parquet, 1 thread) | {reader_s:.3f} | {scored / reader_s:,.0f} | |")
+    print(f"\nbytes per scored token (k={args.k}): {len(blob) / scored:.1f}")
+    print(json.dumps({"rows": rows, "reader_s": reader_s, "scored": scored}))
+
+
+def prepared_max(examples) -> int:
+    return max(len(e.input_ids) for e in examples)
+
+
+if __name__ == "__main__":
+    main()
