@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import re
 import time
@@ -329,5 +330,5 @@ def decode_shard(table: pa.Table, k: int) -> list[PriorRecord]:
     num_tokens = table.column("num_tokens").to_numpy()
     return [
         PriorRecord(int(index[i]), int(num_tokens[i]), positions[a:b], ids[a:b], lps[a:b], obs[a:b], ranks[a:b])
-        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+        for i, (a, b) in enumerate(itertools.pairwise(bounds))
     ]
