@@ -47,6 +47,28 @@ class PriorRecord:
     """[n] int32 1-based rank of the observed next token."""
 
 
+def aligned_prior(record: PriorRecord, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense tensors aligned with the shifted labels `labels[1:]` of a `num_tokens` example.
+
+    Returns prior_ids [T-1, k] (-1 where the position is not scored), prior_logprobs [T-1, k]
+    and prior_obs_logprob [T-1]: exactly the `prior_*` arguments of the Q-target losses.
+    """
+    if record.num_tokens != num_tokens:
+        raise PriorError(
+            f"prior for example {record.example_index} was captured on {record.num_tokens} tokens, "
+            f"but the example now has {num_tokens}; the prior cache does not match this data"
+        )
+    k = record.topk_ids.shape[1]
+    ids = torch.full((num_tokens - 1, k), -1, dtype=torch.long)
+    logprobs = torch.full((num_tokens - 1, k), float("-inf"))
+    observed = torch.zeros(num_tokens - 1)
+    rows = torch.from_numpy(record.positions).long()
+    ids[rows] = torch.from_numpy(record.topk_ids).long()
+    logprobs[rows] = torch.from_numpy(record.topk_logprobs)
+    observed[rows] = torch.from_numpy(record.obs_logprob)
+    return ids, logprobs, observed
+
+
 def scored_positions(example: Example) -> np.ndarray:
     """Positions t whose next token is a completion token."""
     labels = np.asarray(example.labels)

@@ -222,7 +222,11 @@ def _load_tokenizer(path: Path, trust_remote_code: bool) -> Any:
 def _check_k(model: Path, k: int, trust_remote_code: bool) -> None:
     from transformers import AutoConfig
 
-    vocab = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).vocab_size
+    try:
+        vocab = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).vocab_size
+    except (OSError, ValueError) as e:
+        hint = " (set priors.trust_remote_code=true only if you trust it)" if "trust_remote_code" in str(e) else ""
+        raise PriorError(f"cannot load the model config from {model}{hint}: {str(e).splitlines()[0]}") from e
     if not 1 <= k <= vocab:
         raise PriorError(f"priors.k={k} must be between 1 and the vocabulary size {vocab} of {model}")
 

@@ -428,3 +428,51 @@ def test_vllm_and_hf_engines_agree(default_build, tmp_path):
     )
     manifest = PriorStore(str(tmp_path)).manifest(result.key)
     assert manifest["engine"] == "vllm" and manifest["key_inputs"]["engine"]["versions"]["vllm"] != "unknown"
+
+
+def test_reader_gives_loss_ready_tensors_aligned_with_the_labels(tiny_build, tmp_path):
+    from pipeline.loss import q_target_loss
+    from pipeline.prior_engines import aligned_prior
+    from pipeline.targets import preset
+
+    cfg = make_cfg(tiny_build, tmp_path)
+    result = priors.capture(cfg, progress=False)
+    records = PriorStore(str(tmp_path)).open(result.key).load_all()
+    model = AutoModelForCausalLM.from_pretrained(tiny_build.model, dtype=torch.float32).eval()
+    for example in priors.plan(cfg, progress=False).prepared.examples[:4]:
+        ids, logprobs, observed = aligned_prior(records[example.index], len(example.input_ids))
+        labels = torch.tensor(example.labels[1:])
+        assert torch.equal(ids[:, 0] >= 0, labels != -100)  # scored exactly where labels are
+        with torch.no_grad():
+            logits = model(torch.tensor([example.input_ids])).logits[0, :-1]
+        logp = torch.log_softmax(logits, -1)
+        scored = labels != -100
+        expected = logp[scored].gather(-1, labels[scored][:, None]).squeeze(-1)
+        assert torch.allclose(observed[scored], expected, atol=prior_schema.MAX_ABS_ERROR + 1e-5)
+        # a prior of the model itself: KD toward it has (almost) no gradient
+        z = logits.clone().requires_grad_(True)
+        q_target_loss(z, labels, preset("kd"), ids, logprobs, observed, reduction="sum").loss.backward()
+        assert z.grad.abs().max() < 0.05
+    with pytest.raises(PriorError, match="does not match this data"):
+        aligned_prior(records[example.index], len(example.input_ids) + 1)
+
+
+def test_remote_code_models_need_an_explicit_opt_in(tiny_build, tmp_path):
+    custom = tmp_path / "custom"
+    shutil.copytree(tiny_build.model, custom)
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="my-custom-llm", auto_map={"AutoConfig": "configuration_custom.CustomConfig"})
+    (custom / "config.json").write_text(json.dumps(config))
+    (custom / "configuration_custom.py").write_text("raise SystemExit('remote code ran')\n")
+    with pytest.raises(PriorError, match="trust_remote_code=true only if you trust it"):
+        priors.capture(make_cfg(tiny_build, tmp_path / "s", f"priors.model_path={custom}"), progress=False)
+
+
+def test_empty_dataset_is_refused(tiny_build, tmp_path):
+    from pipeline.data import DataError
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="holds no rows"):
+        priors.capture(make_cfg(tiny_build, tmp_path / "s", f"data.path={empty}"), progress=False)
+    assert priors_dir_is_clean(tmp_path / "s")
