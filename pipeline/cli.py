@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import base_model, data, priors
+from pipeline import base_model, data, priors, train
 from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.prior_cache import PriorStore
 from pipeline.prior_engines import PriorError
@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data_cmd.add_subparsers(dest="action", required=True)
     _add_config_args(data_commands.add_parser("inspect", help="counts, lengths, masks, fingerprint"), required=True)
 
+    train_cmd = commands.add_parser("train", help="stage 2: train toward a Q-target")
+    _add_config_args(train_cmd, required=True)
+    train_cmd.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+
     priors_cmd = commands.add_parser("priors", help="stage 1: capture sparse top-k priors (cached)")
     _add_config_args(priors_cmd, required=True)
 
@@ -83,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             print_base_eval(cfg, formats)
         elif args.command == "data":
             inspect_data(cfg)
+        elif args.command == "train":
+            final = train.train(cfg, resume=args.resume)
+            print(f"final model: {final}")
         elif args.command == "priors":
             result = priors.capture(cfg)
             state = "complete" if result.complete else "this worker's shards done; others still missing"
@@ -92,7 +99,15 @@ def main(argv: list[str] | None = None) -> int:
             return cache_command(args.action, getattr(args, "key", None), PriorStore(cfg.storage_root))
         elif args.command == "demo":
             run_demo(cfg)
-    except (ConfigError, data.DataError, PriorError, TargetError, RuntimeError, FileNotFoundError) as e:
+    except (
+        ConfigError,
+        data.DataError,
+        PriorError,
+        TargetError,
+        train.TrainError,
+        RuntimeError,
+        FileNotFoundError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

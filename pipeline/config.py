@@ -137,6 +137,51 @@ class PriorsConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Stage 2: training the student toward Q-targets."""
+
+    name: str = "run"
+    """Run folder: `<storage>/runs/<name>/` (checkpoints, metrics.jsonl, final model)."""
+    target: str | dict[str, Any] = "sft"
+    """A preset name (`sft`, `dft`, `target_sft`, ...), `{preset: target_sft, eta: 0.5}`, or a free
+    composition `{gamma: ..., residual: ..., weight: ...}` (pipeline.targets)."""
+    tail: Literal["student_tail", "renormalize"] = "student_tail"
+    """How the prior mass outside the stored top-k is treated (DESIGN §3)."""
+    prior_key: str | None = None
+    """Prior set to read; None: the key this config's priors section produces."""
+    batch_size: int = 16
+    """Examples per optimizer step, over all processes."""
+    micro_batch_size: int = 4
+    """Examples per forward/backward on one process; accumulation = batch / (micro × processes)."""
+    max_steps: int = 100
+    """Optimizer steps."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 5
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (global L2 norm)."""
+    seed: int = 0
+    """Seeds the data order and everything random."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """bf16 autocast on GPU, fp32 on CPU (auto)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    chunk_size: int = 1024
+    """Scored tokens per chunk of the fused loss."""
+    checkpoint_every: int = 50
+    """Write a resumable checkpoint every N steps (and at the end)."""
+    eval_every: int = 50
+    """Held-out loss every N steps (0: never)."""
+    eval_examples: int = 64
+    """Held-out examples for the eval loss."""
+    threads: int = 2
+    """torch CPU threads per process."""
+
+
+@dataclass
 class RunConfig:
     """A run file: storage root plus one section per stage."""
 
@@ -151,6 +196,8 @@ class RunConfig:
     """How the embedded base model is built when `model.path` is None."""
     priors: PriorsConfig = field(default_factory=PriorsConfig)
     """Stage 1: prior capture."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Stage 2: training."""
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:  # type: ignore[assignment]

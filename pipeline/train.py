@@ -1,0 +1,417 @@
+"""Stage 2: train the student toward Q-targets built from cached priors and observed tokens.
+
+One readable loop: setup (config, processes, run folder), build (data, priors, model, optimizer),
+loop (micro-batches, accumulation, clipping, logging, eval, checkpoints), save (HF model).
+The loss step lives in `TargetLossModel.forward` (the fused loss on hidden states: no full logits).
+
+Multi-process: launch under `torchrun --nproc-per-node N -m pipeline.cli train CONFIG`; every
+process reads only its share of each global batch, and gradients are averaged by DDP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline import data
+from pipeline.config import RunConfig, TrainConfig, to_dict
+from pipeline.loss import TargetStats, fused_q_target_loss
+from pipeline.prior_cache import CacheError, PriorStore
+from pipeline.prior_engines import PriorRecord, aligned_prior
+from pipeline.resolve import resolve_inputs
+from pipeline.storage import atomic_write_text
+from pipeline.targets import TargetSpec, from_config
+
+
+class TrainError(ValueError):
+    """The run cannot start as configured; the message says what to change."""
+
+
+@dataclass
+class Batch:
+    """One micro-batch as tensors; labels and priors are already shifted (position t → t+1)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    prior_ids: torch.Tensor | None
+    prior_logprobs: torch.Tensor | None
+    prior_obs_logprob: torch.Tensor | None
+
+    def to(self, device: str) -> Batch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))  # type: ignore[arg-type]
+
+
+def collate(examples: list[data.Example], pad_id: int, priors: dict[int, PriorRecord] | None) -> Batch:
+    """Right-padded tensors; prior tensors aligned with `labels[1:]` of every example."""
+    longest = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full((len(examples), longest - 1), data.IGNORE, dtype=torch.long)
+    prior = None
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        mask[row, :n] = 1
+        labels[row, : n - 1] = torch.tensor(e.labels[1:])
+        if priors is not None:
+            p_ids, p_lp, p_obs = aligned_prior(priors[e.index], n)
+            if prior is None:
+                k = p_ids.shape[1]
+                prior = (
+                    torch.full((len(examples), longest - 1, k), -1, dtype=torch.long),
+                    torch.full((len(examples), longest - 1, k), float("-inf")),
+                    torch.zeros(len(examples), longest - 1),
+                )
+            prior[0][row, : n - 1], prior[1][row, : n - 1], prior[2][row, : n - 1] = p_ids, p_lp, p_obs
+    return Batch(ids, mask, labels, *(prior or (None, None, None)))
+
+
+class TargetLossModel(nn.Module):
+    """The causal LM plus the fused Q-target loss, as one module (so DDP sees every parameter)."""
+
+    def __init__(self, model: Any, spec: TargetSpec, tail: str, chunk_size: int) -> None:
+        super().__init__()
+        self.model, self.spec, self.tail, self.chunk_size = model, spec, tail, chunk_size
+
+    def forward(self, batch: Batch, normaliser: float) -> tuple[torch.Tensor, TargetStats]:
+        hidden = self.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        hidden = hidden.last_hidden_state[:, :-1].flatten(0, 1)
+        head = self.model.get_output_embeddings()
+        flat = lambda t: None if t is None else t.flatten(0, 1)  # noqa: E731
+        out = fused_q_target_loss(
+            hidden,
+            head.weight,
+            batch.labels.flatten(),
+            self.spec,
+            prior_ids=flat(batch.prior_ids),
+            prior_logprobs=flat(batch.prior_logprobs),
+            prior_obs_logprob=flat(batch.prior_obs_logprob),
+            bias=head.bias,
+            tail=self.tail,  # type: ignore[arg-type]
+            reduction="sum",
+            chunk_size=self.chunk_size,
+        )
+        return out.loss / normaliser, out.stats
+
+
+def step_batches(examples: list[data.Example], cfg: TrainConfig) -> list[list[data.Example]]:
+    """Global batches for every step: seeded shuffle per epoch, each batch sorted by length.
+
+    Sorting inside a global batch keeps its set of examples (so any micro-batch split gives the
+    same update) while micro-batches of similar lengths need little padding.
+    """
+    generator = torch.Generator().manual_seed(cfg.seed)
+    batches: list[list[data.Example]] = []
+    while len(batches) < cfg.max_steps:
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        for start in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
+            chunk = [examples[i] for i in order[start : start + cfg.batch_size]]
+            batches.append(sorted(chunk, key=lambda e: (len(e.input_ids), e.index)))
+    return batches[: cfg.max_steps]
+
+
+def lr_lambda(cfg: TrainConfig) -> Any:
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return factor
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.storage_root) / "runs" / cfg.train.name
+
+
+def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train; returns the folder of the final Hugging Face model."""
+    # --- setup: processes, seed, run folder ------------------------------------------------------
+    tc = cfg.train
+    rank, world = _init_distributed()
+    torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    spec = from_config(tc.target)  # unknown presets and parameters fail here, before anything runs
+    if tc.batch_size % (tc.micro_batch_size * world) != 0:
+        raise TrainError(
+            f"train.batch_size={tc.batch_size} is not a multiple of micro_batch_size × processes = "
+            f"{tc.micro_batch_size} × {world}; change one of them"
+        )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device == "cuda")
+    out = run_dir(cfg)
+    _check_resume(out, cfg, resume)
+
+    # --- build: data, priors, model, optimizer -------------------------------------------------------
+    inputs = resolve_inputs(cfg, progress=progress and rank == 0)
+    tokenizer = AutoTokenizer.from_pretrained(inputs.model_path)
+    prepared = data.prepare(cfg.data, inputs.data_path, tokenizer)
+    if len(prepared.examples) < tc.batch_size:
+        raise TrainError(f"{len(prepared.examples)} examples cannot fill one batch of train.batch_size={tc.batch_size}")
+    priors, prior_key = _load_priors(cfg, prepared, spec) if spec.needs_prior else (None, None)
+    heldout = _heldout_examples(cfg, inputs.heldout_path, tokenizer)
+    model: Any = AutoModelForCausalLM.from_pretrained(inputs.model_path, dtype=torch.float32)
+    model = model.to(device)
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    loss_model: nn.Module = TargetLossModel(model, spec, tc.tail, tc.chunk_size)
+    if world > 1:
+        loss_model = nn.parallel.DistributedDataParallel(loss_model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
+    batches = step_batches(prepared.examples, tc)
+    start_step = _load_checkpoint(out, model, optimizer, scheduler) if resume else 0
+    if rank == 0:
+        _write_run_info(out, cfg, prior_key, prepared.fingerprint, start_step)
+
+    # --- loop ------------------------------------------------------------------------------------
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    bar = tqdm(
+        range(start_step, tc.max_steps),
+        desc=f"train {tc.name}",
+        unit="step",
+        disable=not progress or rank != 0,
+        initial=start_step,
+        total=tc.max_steps,
+    )
+    for step in bar:
+        started = time.perf_counter()
+        model.train()
+        global_batch = batches[step]
+        normaliser = float(sum(e.num_scored for e in global_batch)) / world  # DDP averages over ranks
+        mine = global_batch[rank::world]
+        micro_batches = [mine[i : i + tc.micro_batch_size] for i in range(0, len(mine), tc.micro_batch_size)]
+        step_loss = torch.zeros((), dtype=torch.float64)
+        stats = TargetStats(torch.zeros(5, dtype=torch.float64))
+        for i, micro in enumerate(micro_batches):
+            batch = collate(micro, tokenizer.pad_token_id, priors).to(device)
+            sync = nullcontext() if world == 1 or i == len(micro_batches) - 1 else loss_model.no_sync()  # type: ignore[operator]
+            with sync, autocast:
+                loss, micro_stats = loss_model(batch, normaliser)
+                loss.backward()
+            step_loss += loss.detach().double().cpu() / world
+            stats = stats + TargetStats(micro_stats.sums.cpu())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            for t in (step_loss, stats.sums):
+                dist.all_reduce(t)
+        if rank == 0:
+            seconds = time.perf_counter() - started
+            record = {
+                "step": step + 1,
+                "loss": float(step_loss),
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": float(stats.sums[-1]) / seconds,
+                **stats.means(),
+            }
+            if tc.eval_every and ((step + 1) % tc.eval_every == 0 or step + 1 == tc.max_steps) and heldout:
+                record["eval_loss"] = evaluate_loss(
+                    loss_model, heldout, tokenizer.pad_token_id, priors=None, device=device, micro=tc.micro_batch_size
+                )
+            with (out / "metrics.jsonl").open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", ce=f"{record['ce']:.3f}")
+            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.max_steps:
+                save_checkpoint(out, step + 1, model, optimizer, scheduler)
+        if world > 1:
+            dist.barrier()
+
+    # --- save ------------------------------------------------------------------------------------
+    final = out / "final"
+    if rank == 0:
+        tmp = out / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return final
+
+
+@torch.no_grad()
+def evaluate_loss(
+    loss_model: nn.Module,
+    examples: list[data.Example],
+    pad_id: int,
+    priors: dict[int, PriorRecord] | None,
+    device: str,
+    micro: int,
+) -> float:
+    """Mean per-token loss of the run's target on held-out examples (prior-free targets only)."""
+    module: Any = loss_model.module if isinstance(loss_model, nn.parallel.DistributedDataParallel) else loss_model
+    module.eval()
+    total = sum(e.num_scored for e in examples)
+    loss = 0.0
+    for i in range(0, len(examples), micro):
+        batch = collate(examples[i : i + micro], pad_id, priors).to(device)
+        value, _ = TargetLossModel(module.model, _eval_spec(module.spec), module.tail, module.chunk_size)(batch, total)
+        loss += float(value)
+    module.train()
+    return loss
+
+
+def _eval_spec(spec: TargetSpec) -> TargetSpec:
+    """Held-out data has no cached priors: evaluate prior targets by plain CE to the observed token."""
+    return from_config("sft") if spec.needs_prior else spec
+
+
+def _init_distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def _load_priors(cfg: RunConfig, prepared: data.PreparedData, spec: TargetSpec) -> tuple[dict[int, PriorRecord], str]:
+    """The prior records of this data, after checking the set matches this run's inputs."""
+    from pipeline import priors
+
+    store = PriorStore(cfg.storage_root)
+    key = cfg.train.prior_key or priors.plan(cfg, progress=False).key
+    try:
+        reader = store.open(key)
+    except CacheError as e:
+        raise CacheError(f"target {spec.name!r} needs priors: {e}") from None
+    recorded = reader.manifest["key_inputs"]
+    if recorded["tokenizer_sha256"] != prepared.tokenizer_hash:
+        raise CacheError(
+            f"prior set {key} was captured with a different tokenizer than the student's; "
+            "the student must share the prior model's tokenizer"
+        )
+    expected = {
+        "dataset_fingerprint": prepared.fingerprint,
+        "max_length": cfg.data.max_length,
+        "truncation": cfg.data.truncation,
+        "k": cfg.priors.k,
+    }
+    mismatched = sorted(name for name, value in expected.items() if recorded.get(name) != value)
+    if mismatched:
+        raise CacheError(
+            f"prior set {key} does not match this run ({', '.join(mismatched)} differ); "
+            "capture priors for this configuration with `target-sft priors`"
+        )
+    return reader.load_all(), key
+
+
+def _heldout_examples(cfg: RunConfig, path: Path | None, tokenizer: Any) -> list[data.Example]:
+    if path is None or cfg.train.eval_every == 0:
+        return []
+    heldout_cfg = data.DataConfig(
+        **{**to_dict(cfg.data), "path": str(path), "limit": cfg.train.eval_examples, "format": "messages"}
+    )
+    return data.prepare(heldout_cfg, path, tokenizer).examples
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
+    """Model (safetensors), optimizer/scheduler/RNG (torch.save of plain data), written atomically."""
+    final = out / "checkpoints" / f"step-{step:06d}"
+    tmp = out / "checkpoints" / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(_untie(state), str(tmp / "model.safetensors"))
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+                "step": step,
+            },
+            tmp / "trainer_state.pt",
+        )
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainError(
+            f"could not write checkpoint step {step} to {out}: {e}; the previous checkpoint is intact"
+        ) from e
+    atomic_write_text(out / "checkpoints" / "latest", final.name)
+    for old in sorted((out / "checkpoints").glob("step-*"))[:-2]:  # keep the last two
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage (tied embeddings): store each tensor on its own."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        ptr = tensor.data_ptr()
+        out[name] = tensor.clone() if ptr in seen else tensor
+        seen.add(ptr)
+    return out
+
+
+def _load_checkpoint(out: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> int:
+    latest = out / "checkpoints" / "latest"
+    if not latest.exists():
+        return 0
+    folder = out / "checkpoints" / latest.read_text().strip()
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    state = torch.load(folder / "trainer_state.pt", weights_only=True)  # never executes code
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():  # drop steps a killed run logged after its last checkpoint
+        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
+        atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+    return int(state["step"])
+
+
+def _check_resume(out: Path, cfg: RunConfig, resume: bool) -> None:
+    """A new run needs a fresh folder; a resumed one must be the same model, data and target."""
+    info = out / "run.json"
+    if not info.exists():
+        return
+    if not resume:
+        raise TrainError(f"run folder {out} already exists; pass --resume to continue it or pick another train.name")
+    previous = json.loads(info.read_text())["config"]
+    for section, name in (("model", "path"), ("train", "target"), ("train", "tail"), ("data", "path")):
+        if previous[section][name] != to_dict(cfg)[section][name]:
+            raise TrainError(
+                f"cannot resume {out}: {section}.{name} was {previous[section][name]!r}, now "
+                f"{to_dict(cfg)[section][name]!r}; start a new run (another train.name) instead"
+            )
+
+
+def _write_run_info(out: Path, cfg: RunConfig, prior_key: str | None, fingerprint: str, start: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"config": to_dict(cfg), "prior_key": prior_key, "dataset_fingerprint": fingerprint, "resumed_at": start}
+    atomic_write_text(out / "run.json", json.dumps(info, indent=2, default=str))

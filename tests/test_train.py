@@ -1,0 +1,255 @@
+"""Stage 2: accumulation invariance, exact resume after SIGKILL, 2-process gloo, reload, presets,
+bad input. All on CPU with locally built tiny models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline import priors, train
+from pipeline.config import RunConfig, load_config
+from pipeline.prior_cache import CacheError
+from pipeline.targets import TargetError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def args_for(tiny_build, storage: Path, *extra: str) -> list[str]:
+    return [
+        f"storage_root={storage}",
+        f"model.path={tiny_build.model}",
+        f"data.path={tiny_build.sft_train}",
+        "data.max_length=128",
+        "priors.engine=hf",
+        "priors.k=8",
+        "train.lr=0.002",
+        "train.eval_every=0",
+        "train.threads=1",
+        *extra,
+    ]
+
+
+def cfg_for(tiny_build, storage: Path, *extra: str) -> RunConfig:
+    return load_config(RunConfig, None, args_for(tiny_build, storage, *extra))
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(final: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(final / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path, tol: float) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], atol=tol, rtol=0), name
+
+
+@pytest.fixture
+def captured(tiny_build, tmp_path):
+    """Priors of the tiny model over its SFT set, in tmp_path."""
+    priors.capture(cfg_for(tiny_build, tmp_path), progress=False)
+    return tmp_path
+
+
+def test_accumulation_invariance_1x8_equals_8x1(tiny_build, captured):
+    common = ("train.target={preset: target_sft, eta: 0.5}", "train.batch_size=8", "train.max_steps=3")
+    one = train.train(
+        cfg_for(tiny_build, captured, *common, "train.micro_batch_size=1", "train.name=a"), progress=False
+    )
+    eight = train.train(
+        cfg_for(tiny_build, captured, *common, "train.micro_batch_size=8", "train.name=b"), progress=False
+    )
+    la, lb = losses(one.parent), losses(eight.parent)
+    assert len(la) == 3
+    assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) < 1e-5
+    assert_same_weights(one, eight, tol=1e-5)
+
+
+TRAIN_SCRIPT = "from pipeline.cli import main; raise SystemExit(main())"
+
+
+def test_resume_after_sigkill_gives_identical_losses(tiny_build, tmp_path):
+    extra = (
+        "train.target=dft",
+        "train.batch_size=4",
+        "train.micro_batch_size=2",
+        "train.max_steps=10",
+        "train.checkpoint_every=2",
+        "train.name=r",
+    )
+    cli_args = [f"--set={a}" for a in args_for(tiny_build, tmp_path / "killed", *extra)]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TRAIN_SCRIPT, "train", str(REPO / "configs/demo.yaml"), *cli_args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    latest = tmp_path / "killed" / "runs" / "r" / "checkpoints" / "latest"
+    while proc.poll() is None and not (latest.exists() and latest.read_text().strip() >= "step-000004"):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "runs" / "r" / "final").exists()
+    resumed = subprocess.run(
+        [sys.executable, "-c", TRAIN_SCRIPT, "train", str(REPO / "configs/demo.yaml"), *cli_args, "--resume"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    straight = train.train(cfg_for(tiny_build, tmp_path / "straight", *extra), progress=False)
+    a, b = losses(tmp_path / "killed" / "runs" / "r"), losses(straight.parent)
+    assert len(a) == len(b) == 10
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6
+    assert_same_weights(tmp_path / "killed" / "runs" / "r" / "final", straight, tol=1e-6)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_matches_single_process(tiny_build, captured):
+    extra = (
+        "train.target={preset: target_sft, eta: 0.5}",
+        "train.batch_size=8",
+        "train.micro_batch_size=2",
+        "train.max_steps=3",
+    )
+    cli_args = [f"--set={a}" for a in args_for(tiny_build, captured, *extra, "train.name=ddp")]
+    launched = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "pipeline.cli",
+            "train",
+            str(REPO / "configs/demo.yaml"),
+            *cli_args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    single = train.train(cfg_for(tiny_build, captured, *extra, "train.name=single"), progress=False)
+    a, b = losses(captured / "runs" / "ddp"), losses(single.parent)
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    assert_same_weights(captured / "runs" / "ddp" / "final", single, tol=1e-5)
+
+
+def test_trained_model_reloads_with_transformers_and_same_logits(tiny_build, tmp_path):
+    final = train.train(
+        cfg_for(
+            tiny_build,
+            tmp_path,
+            "train.target=sft",
+            "train.batch_size=4",
+            "train.micro_batch_size=4",
+            "train.max_steps=2",
+        ),
+        progress=False,
+    )
+    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    checkpoint = AutoModelForCausalLM.from_pretrained(tiny_build.model).eval()
+    checkpoint.load_state_dict(load_file(str(final.parent / "checkpoints" / "step-000002" / "model.safetensors")))
+    ids = tokenizer("Question: Ana has 3 pens.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, checkpoint(ids).logits)
+        original = AutoModelForCausalLM.from_pretrained(tiny_build.model).eval()
+        assert not torch.equal(model(ids).logits, original(ids).logits)  # it did train
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(tiny_build.model).chat_template
+
+
+@pytest.mark.parametrize("target", ["sft", "dft", "{preset: target_sft, eta: 0.5}"])
+def test_presets_lower_their_own_training_loss(tiny_build, captured, target):
+    name = target.split()[-1].strip("}") if "eta" not in target else "target_sft"
+    final = train.train(
+        cfg_for(
+            tiny_build,
+            captured,
+            f"train.target={target}",
+            "train.batch_size=8",
+            "train.micro_batch_size=8",
+            "train.max_steps=24",
+            f"train.name={name}",
+        ),
+        progress=False,
+    )
+    values = losses(final.parent)
+    assert sum(values[-4:]) / 4 < 0.95 * sum(values[:4]) / 4, values  # Q-entropy terms fall slowly
+
+
+def test_bad_inputs_fail_before_any_step(tiny_build, tmp_path, captured):
+    with pytest.raises(TargetError, match="unknown target preset 'sftt'"):
+        train.train(cfg_for(tiny_build, tmp_path, "train.target=sftt"), progress=False)
+    with pytest.raises(TargetError, match="eta must be in"):
+        train.train(cfg_for(tiny_build, tmp_path, "train.target={preset: target_sft, eta: 3}"), progress=False)
+    with pytest.raises(train.TrainError, match="not a multiple of micro_batch_size"):
+        train.train(cfg_for(tiny_build, tmp_path, "train.batch_size=6", "train.micro_batch_size=4"), progress=False)
+    fresh = tmp_path / "no-priors"
+    with pytest.raises(CacheError, match="needs priors"):
+        train.train(cfg_for(tiny_build, fresh, "train.target=kd"), progress=False)
+    # a prior set captured for other inputs is refused
+    other = priors.capture(cfg_for(tiny_build, captured, "data.max_length=100"), progress=False)
+    with pytest.raises(CacheError, match="does not match this run"):
+        train.train(
+            cfg_for(tiny_build, captured, "train.target=kd", f"train.prior_key={other.key}", "train.name=mismatch"),
+            progress=False,
+        )
+    # a student whose tokenizer differs from the prior model's
+    student = tmp_path / "student"
+    shutil.copytree(tiny_build.model, student)
+    tok = AutoTokenizer.from_pretrained(student)
+    tok.add_tokens(["<|tool|>"])
+    tok.save_pretrained(student)
+    key = priors.plan(cfg_for(tiny_build, captured), progress=False).key
+    with pytest.raises(CacheError, match="different tokenizer than the student"):
+        train.train(
+            cfg_for(
+                tiny_build,
+                captured,
+                f"model.path={student}",
+                "train.target=kd",
+                f"train.prior_key={key}",
+                "train.name=tok",
+            ),
+            progress=False,
+        )
+    # resuming into an incompatible run
+    train.train(
+        cfg_for(
+            tiny_build, tmp_path, "train.max_steps=1", "train.batch_size=4", "train.micro_batch_size=4", "train.name=x"
+        ),
+        progress=False,
+    )
+    with pytest.raises(train.TrainError, match=r"cannot resume .*train.target was 'sft', now 'dft'"):
+        train.train(cfg_for(tiny_build, tmp_path, "train.target=dft", "train.name=x"), resume=True, progress=False)
+    with pytest.raises(train.TrainError, match="already exists; pass --resume"):
+        train.train(cfg_for(tiny_build, tmp_path, "train.name=x"), progress=False)
+    assert not (tmp_path / "runs" / "mismatch").exists() and not (tmp_path / "runs" / "tok").exists()
