@@ -1,5 +1,8 @@
 """Thin Prefect flows over the `pipeline` library: they pass paths and manifests, never tensors.
 
+This package initialiser runs before any flow module imports prefect, so the settings below
+apply to every flow.
+
 Prefect is configured for offline use before it is imported anywhere in this package.
 """
 

@@ -17,7 +17,6 @@ from prefect import flow, task
 from prefect.futures import wait
 from prefect_dask import DaskTaskRunner
 
-import flows  # noqa: F401  (offline Prefect settings)
 from pipeline import priors
 from pipeline.config import RunConfig, load_config
 

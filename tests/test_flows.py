@@ -37,3 +37,31 @@ def test_priors_flow_on_two_dask_workers_then_reuse(prefect_server, tiny_build, 
     assert first["manifest"].endswith(f"{first['key']}/manifest.json")
     again = priors_flow(None, overrides, 1)
     assert again["key"] == first["key"] and again["forward_passes"] == 0
+
+
+def test_train_flow_captures_priors_once_then_trains(prefect_server, tiny_build, tmp_path):
+    import json
+    from pathlib import Path
+
+    from flows.train import train_flow
+
+    common = [
+        f"storage_root={tmp_path}",
+        f"model.path={tiny_build.model}",
+        f"data.path={tiny_build.sft_train}",
+        "data.max_length=128",
+        "priors.engine=hf",
+        "priors.k=8",
+        "train.target={preset: target_sft, eta: 0.5}",
+        "train.batch_size=4",
+        "train.micro_batch_size=2",
+        "train.max_steps=2",
+        "train.eval_every=0",
+    ]
+    first = train_flow(None, [*common, "train.name=a"])
+    assert first["priors"]["forward_passes"] > 0
+    assert (Path(first["final_model"]) / "model.safetensors").exists()
+    second = train_flow(None, [*common, "train.name=b"])
+    assert second["priors"]["forward_passes"] == 0 and second["priors"]["key"] == first["priors"]["key"]
+    run = json.loads((tmp_path / "runs" / "b" / "run.json").read_text())
+    assert run["prior_key"] == first["priors"]["key"]

@@ -1,0 +1,54 @@
+"""Stage 2 as a Prefect flow: priors (captured or reused) then training; passes keys and paths.
+
+python -m flows.train configs/demo.yaml --set train.target=dft --set train.name=dft
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from prefect import flow, task
+
+from pipeline import priors, train
+from pipeline.config import RunConfig, load_config
+from pipeline.targets import from_config
+
+
+@task(retries=2, retry_delay_seconds=5)
+def capture_priors(config: str | None, overrides: list[str]) -> dict:
+    """Capture or reuse the prior set; returns its key, manifest path and forward passes."""
+    result = priors.capture(load_config(RunConfig, config, overrides), progress=False)
+    return {"key": result.key, "manifest": result.manifest_path, "forward_passes": result.forward_passes}
+
+
+@task(retries=1, retry_delay_seconds=5)
+def train_model(config: str | None, overrides: list[str], resume: bool) -> str:
+    """Train (resuming from the last checkpoint on a retry); returns the final model folder."""
+    cfg = load_config(RunConfig, config, overrides)
+    return str(train.train(cfg, resume=resume or train.run_dir(cfg).joinpath("run.json").exists(), progress=False))
+
+
+@flow(name="target-sft-train")
+def train_flow(config: str | None = None, overrides: list[str] | None = None, resume: bool = False) -> dict:
+    """Priors when the target needs them, then training; returns paths, never tensors."""
+    overrides = list(overrides or [])
+    cfg = load_config(RunConfig, config, overrides)
+    prior = None
+    if from_config(cfg.train.target).needs_prior:
+        prior = capture_priors(config, overrides)
+        overrides = [*overrides, f"train.prior_key={prior['key']}"]
+    final = train_model(config, overrides, resume)
+    return {"final_model": final, "metrics": str(train.run_dir(cfg) / "metrics.jsonl"), "priors": prior}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+    print(train_flow(args.config, args.overrides, args.resume))
+
+
+if __name__ == "__main__":
+    main()
