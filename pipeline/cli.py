@@ -169,16 +169,25 @@ def cache_command(action: str, key: str | None, store: PriorStore) -> int:
 
 def run_demo(cfg: RunConfig) -> None:
     started = time.time()
-    print("== 1/4 embedded base model (built once, then reused)")
+    print("== 1/5 embedded base model (built once, then reused)")
     base_model.build(cfg.base_model, cfg.storage_root)
-    print("== 2/4 SFT data")
+    print("== 2/5 SFT data")
     inspect_data(cfg)
-    print("== 3/4 priors of the base model over the SFT set (captured once, then reused)")
+    print("== 3/5 priors of the base model over the SFT set (captured once, then reused)")
     result = priors.capture(cfg)
     manifest = PriorStore(cfg.storage_root).manifest(result.key)
     print(f"prior set {result.key}: {manifest['counts']}, forward passes this run: {result.forward_passes}")
     print(json.dumps(manifest["statistics"], indent=2))
-    print("== 4/4 base-model evaluation")
+    print(f"== 4/5 a short Target-SFT run ({cfg.train.name}: {cfg.train.target}, {cfg.train.max_steps} steps)")
+    final = train.train(cfg, resume=train.run_dir(cfg).joinpath("run.json").exists())
+    metrics = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
+    evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+    print(
+        f"CE to the observed token {metrics[0]['ce']:.3f} -> {metrics[-1]['ce']:.3f}; held-out CE at "
+        f"steps {cfg.train.eval_every}, {2 * cfg.train.eval_every}, ...: {', '.join(f'{v:.3f}' for v in evals)}"
+    )
+    print(f"final model: {final}")
+    print("== 5/5 base-model evaluation (evaluating trained runs arrives with the evaluation stage)")
     print_base_eval(cfg, ["plain", "chat"])
     print(f"\ndemo finished in {time.time() - started:.0f}s")
 
