@@ -94,6 +94,8 @@ def build(cfg: BaseModelConfig, storage_root: str | Path, progress: bool = True)
     model = new_model(cfg, tokenizer)
     started = time.time()
     losses = pretrain(model, tokenizer, splits.pretrain_documents, cfg, progress)
+    if (out.model / SUCCESS).exists():  # another process finished the same (deterministic) build meanwhile
+        return out
     for folder in (out.datasets, out.model):
         if folder.exists():  # a leftover from an interrupted build: it has no marker
             shutil.rmtree(folder)
