@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -356,7 +357,7 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: Any, sche
         )
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # e.g. no space left on device
         shutil.rmtree(tmp, ignore_errors=True)
         raise TrainError(
             f"could not write checkpoint step {step} to {out}: {e}; the previous checkpoint is intact"

@@ -4,6 +4,7 @@ bad input. All on CPU with locally built tiny models."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -253,3 +254,32 @@ def test_bad_inputs_fail_before_any_step(tiny_build, tmp_path, captured):
     with pytest.raises(train.TrainError, match="already exists; pass --resume"):
         train.train(cfg_for(tiny_build, tmp_path, "train.name=x"), progress=False)
     assert not (tmp_path / "runs" / "mismatch").exists() and not (tmp_path / "runs" / "tok").exists()
+
+
+def test_full_disk_fails_cleanly_and_keeps_the_last_good_checkpoint(tiny_build, tmp_path):
+    """A real full filesystem: a small tmpfs as the storage root (needs root, as CI runs)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
+    try:
+        cfg = cfg_for(
+            tiny_build,
+            mount,
+            "train.batch_size=4",
+            "train.micro_batch_size=4",
+            "train.max_steps=40",
+            "train.checkpoint_every=1",
+            "train.name=full",
+        )
+        with pytest.raises(train.TrainError, match=r"could not write checkpoint .* the previous checkpoint is intact"):
+            train.train(cfg, progress=False)
+        checkpoints = mount / "runs" / "full" / "checkpoints"
+        latest = checkpoints / (checkpoints / "latest").read_text().strip()
+        load_file(str(latest / "model.safetensors"))  # loads: not corrupted
+        state = torch.load(latest / "trainer_state.pt", weights_only=True)
+        assert state["step"] >= 1
+        assert not list(checkpoints.glob(".step-*"))  # no half-written checkpoint left behind
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
