@@ -283,3 +283,22 @@ def test_full_disk_fails_cleanly_and_keeps_the_last_good_checkpoint(tiny_build, 
         assert not list(checkpoints.glob(".step-*"))  # no half-written checkpoint left behind
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.vllm
+def test_final_model_loads_in_vllm(tiny_build, tmp_path):
+    from pipeline.prior_engines import HFEngine, VLLMEngine
+
+    final = train.train(
+        cfg_for(tiny_build, tmp_path, "train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=2"),
+        progress=False,
+    )
+    examples = priors.plan(cfg_for(tiny_build, tmp_path, f"model.path={final}"), progress=False).prepared.examples[:4]
+    engine = VLLMEngine(final, k=5, max_model_len=128, dtype="float32")
+    try:
+        from_vllm = engine.score(examples)
+    finally:
+        engine.close()
+    from_hf = HFEngine(final, k=5).score(examples)
+    for a, b in zip(from_vllm, from_hf, strict=True):
+        assert torch.allclose(torch.from_numpy(a.obs_logprob), torch.from_numpy(b.obs_logprob), atol=1e-3)
