@@ -167,6 +167,9 @@ class TrainConfig:
     """Seeds the data order and everything random."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """bf16 autocast on GPU, fp32 on CPU (auto)."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: DDP (replicated model), or FSDP2 `fully_shard` per decoder layer for
+    models that do not fit on one device. FSDP runs need `eval_every: 0` for now."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     chunk_size: int = 1024

@@ -19,7 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -176,12 +176,17 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     loss_model: nn.Module = TargetLossModel(model, spec, tc.tail, tc.chunk_size)
-    if world > 1:
+    fsdp = world > 1 and tc.parallel == "fsdp"
+    if fsdp:
+        if heldout:
+            raise TrainError("held-out eval under FSDP is not implemented yet: set train.eval_every=0")
+        loss_model = _fully_shard(loss_model, model)
+    elif world > 1:
         loss_model = nn.parallel.DistributedDataParallel(loss_model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
     batches = step_batches(prepared.examples, tc)
-    start_step = _load_checkpoint(out, model, optimizer, scheduler) if resume else 0
+    start_step = _load_checkpoint(out, model, optimizer, scheduler, fsdp) if resume else 0
     if rank == 0:
         _write_run_info(out, cfg, prior_key, prepared.fingerprint, start_step)
 
@@ -206,8 +211,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         stats = TargetStats(torch.zeros(5, dtype=torch.float64))
         for i, micro in enumerate(micro_batches):
             batch = collate(micro, tokenizer.pad_token_id, priors).to(device)
-            sync = nullcontext() if world == 1 or i == len(micro_batches) - 1 else loss_model.no_sync()  # type: ignore[operator]
-            with sync, autocast:
+            with _gradient_sync(loss_model, world, last=i == len(micro_batches) - 1), autocast:
                 loss, micro_stats = loss_model(batch, normaliser)
                 loss.backward()
             step_loss += loss.detach().double().cpu() / world
@@ -220,6 +224,8 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         if world > 1:
             for t in (step_loss, stats.sums):
                 dist.all_reduce(t)
+        checkpoint_now = (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.max_steps
+        full_state = _full_state(model, optimizer, fsdp) if checkpoint_now else None  # a collective under FSDP
         if rank == 0:
             seconds = time.perf_counter() - started
             record = {
@@ -237,17 +243,18 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
             with (out / "metrics.jsonl").open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{record['loss']:.4f}", ce=f"{record['ce']:.3f}")
-            if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.max_steps:
-                save_checkpoint(out, step + 1, model, optimizer, scheduler)
+            if full_state is not None:
+                save_checkpoint(out, step + 1, *full_state, scheduler)
         if world > 1:
             dist.barrier()
 
     # --- save ------------------------------------------------------------------------------------
     final = out / "final"
+    model_state = _untied_for_saving(model, _full_state(model, optimizer, fsdp)[0]) if fsdp else None
     if rank == 0:
         tmp = out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=model_state)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
@@ -336,18 +343,65 @@ def _heldout_examples(cfg: RunConfig, path: Path | None, tokenizer: Any) -> list
 # --- checkpoints ---------------------------------------------------------------------------------
 
 
-def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
+def _fully_shard(loss_model: nn.Module, model: Any) -> nn.Module:
+    """FSDP2: shard every decoder layer, then the rest (embeddings, norm, head) at the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.base_model.layers:
+        fully_shard(layer)
+    fully_shard(loss_model)
+    return loss_model
+
+
+def _gradient_sync(loss_model: Any, world: int, last: bool) -> Any:
+    """Synchronise gradients only on the last micro-batch of a step (DDP no_sync / FSDP2 flag)."""
+    if world == 1 or last:
+        if hasattr(loss_model, "set_requires_gradient_sync"):
+            loss_model.set_requires_gradient_sync(True)
+        return nullcontext()
+    if hasattr(loss_model, "set_requires_gradient_sync"):  # FSDP2
+        loss_model.set_requires_gradient_sync(False)
+        return nullcontext()
+    return loss_model.no_sync()
+
+
+def _full_state(model: nn.Module, optimizer: Any, fsdp: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Unsharded model and optimizer state (gathered to rank 0 on CPU under FSDP)."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def _untied_for_saving(model: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """Gathered states hold tied weights twice; save_pretrained expects the output head left out."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return state
+    head = model.get_output_embeddings()
+    names = {f"{name}.weight" for name, module in model.named_modules() if module is head}
+    return {k: v for k, v in state.items() if k not in names}
+
+
+def save_checkpoint(
+    out: Path, step: int, model_state: dict[str, Any], optimizer_state: dict[str, Any], scheduler: Any
+) -> None:
     """Model (safetensors), optimizer/scheduler/RNG (torch.save of plain data), written atomically."""
     final = out / "checkpoints" / f"step-{step:06d}"
     tmp = out / "checkpoints" / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
         save_file(_untie(state), str(tmp / "model.safetensors"))
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate(),
@@ -378,14 +432,26 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_checkpoint(out: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> int:
+def _load_checkpoint(out: Path, model: nn.Module, optimizer: Any, scheduler: Any, fsdp: bool) -> int:
     latest = out / "checkpoints" / "latest"
     if not latest.exists():
         return 0
     folder = out / "checkpoints" / latest.read_text().strip()
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    model_state = load_file(str(folder / "model.safetensors"))
     state = torch.load(folder / "trainer_state.pt", weights_only=True)  # never executes code
-    optimizer.load_state_dict(state["optimizer"])
+    if fsdp:  # every rank loads the full state and keeps its own shard
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, cast(dict[str, Any], model_state), options=options)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    else:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
@@ -404,7 +470,13 @@ def _check_resume(out: Path, cfg: RunConfig, resume: bool) -> None:
     if not resume:
         raise TrainError(f"run folder {out} already exists; pass --resume to continue it or pick another train.name")
     previous = json.loads(info.read_text())["config"]
-    for section, name in (("model", "path"), ("train", "target"), ("train", "tail"), ("data", "path")):
+    for section, name in (
+        ("model", "path"),
+        ("train", "target"),
+        ("train", "tail"),
+        ("train", "parallel"),
+        ("data", "path"),
+    ):
         if previous[section][name] != to_dict(cfg)[section][name]:
             raise TrainError(
                 f"cannot resume {out}: {section}.{name} was {previous[section][name]!r}, now "

@@ -302,3 +302,53 @@ def test_final_model_loads_in_vllm(tiny_build, tmp_path):
     from_hf = HFEngine(final, k=5).score(examples)
     for a, b in zip(from_vllm, from_hf, strict=True):
         assert torch.allclose(torch.from_numpy(a.obs_logprob), torch.from_numpy(b.obs_logprob), atol=1e-3)
+
+
+def test_two_process_fsdp2_matches_single_process_and_resumes(tiny_build, captured):
+    extra = (
+        "train.target={preset: target_sft, eta: 0.5}",
+        "train.batch_size=8",
+        "train.micro_batch_size=2",
+        "train.max_steps=4",
+        "train.checkpoint_every=2",
+    )
+
+    def torchrun(*more: str) -> None:
+        cli_args = [
+            f"--set={a}" for a in args_for(tiny_build, captured, *extra, "train.parallel=fsdp", "train.name=fsdp")
+        ]
+        launched = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                "2",
+                "--master-port",
+                str(free_port()),
+                "-m",
+                "pipeline.cli",
+                "train",
+                str(REPO / "configs/demo.yaml"),
+                *cli_args,
+                *more,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert launched.returncode == 0, launched.stderr[-3000:]
+
+    torchrun()
+    single = train.train(cfg_for(tiny_build, captured, *extra, "train.name=single-fsdp"), progress=False)
+    a, b = losses(captured / "runs" / "fsdp"), losses(single.parent)
+    assert len(a) == 4 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    assert_same_weights(captured / "runs" / "fsdp" / "final", single, tol=1e-5)
+    # resume from the step-2 checkpoint (gathered full state, re-sharded on load): same losses again
+    run = captured / "runs" / "fsdp"
+    (run / "checkpoints" / "latest").write_text("step-000002")
+    shutil.rmtree(run / "final")
+    torchrun("--resume")
+    assert max(abs(x - y) for x, y in zip(losses(run), b, strict=True)) < 1e-5
+    assert_same_weights(run / "final", single, tol=1e-5)
