@@ -128,6 +128,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_torchrun(cli_args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node 2 -m pipeline.cli train ...`; on timeout the whole process group dies."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "pipeline.cli",
+        "train",
+        str(REPO / "configs/demo.yaml"),
+        *cli_args,
+    ]
+    proc = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the agent and both workers, so nothing is left behind
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
 def test_two_process_gloo_matches_single_process(tiny_build, captured):
     extra = (
         "train.target={preset: target_sft, eta: 0.5}",
@@ -136,26 +164,7 @@ def test_two_process_gloo_matches_single_process(tiny_build, captured):
         "train.max_steps=3",
     )
     cli_args = [f"--set={a}" for a in args_for(tiny_build, captured, *extra, "train.name=ddp")]
-    launched = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(free_port()),
-            "-m",
-            "pipeline.cli",
-            "train",
-            str(REPO / "configs/demo.yaml"),
-            *cli_args,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    launched = run_torchrun(cli_args)
     assert launched.returncode == 0, launched.stderr[-3000:]
     single = train.train(cfg_for(tiny_build, captured, *extra, "train.name=single"), progress=False)
     a, b = losses(captured / "runs" / "ddp"), losses(single.parent)
@@ -317,27 +326,7 @@ def test_two_process_fsdp2_matches_single_process_and_resumes(tiny_build, captur
         cli_args = [
             f"--set={a}" for a in args_for(tiny_build, captured, *extra, "train.parallel=fsdp", "train.name=fsdp")
         ]
-        launched = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc-per-node",
-                "2",
-                "--master-port",
-                str(free_port()),
-                "-m",
-                "pipeline.cli",
-                "train",
-                str(REPO / "configs/demo.yaml"),
-                *cli_args,
-                *more,
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        launched = run_torchrun([*cli_args, *more])
         assert launched.returncode == 0, launched.stderr[-3000:]
 
     torchrun()
