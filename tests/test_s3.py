@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,13 +17,25 @@ from pipeline.prior_cache import CacheError, PriorStore
 
 @pytest.fixture
 def s3_server(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
+    """moto's S3 server in its own process on 127.0.0.1 (its Flask stack stays out of this one)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.1)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -28,10 +43,11 @@ def s3_server(monkeypatch):
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().makedirs("priors-bucket", exist_ok=True)  # moto keeps state per process
+    s3fs.S3FileSystem().mkdir("priors-bucket")
     yield "s3://priors-bucket/team"
     s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
+    server.terminate()
+    server.wait(timeout=30)
 
 
 def overrides(tiny_build, root):
