@@ -58,13 +58,3 @@ def sha256_json(obj: Any) -> str:
     """Stable hash of JSON-serialisable data (sorted keys, no whitespace)."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
-
-
-def sha256_files(folder: Path, names: list[str]) -> str:
-    """Hash of the named files' bytes in a folder (missing files hash as absent)."""
-    digest = hashlib.sha256()
-    for name in sorted(names):
-        file = Path(folder) / name
-        digest.update(name.encode())
-        digest.update(file.read_bytes() if file.exists() else b"<absent>")
-    return digest.hexdigest()

@@ -238,7 +238,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
             }
             if tc.eval_every and ((step + 1) % tc.eval_every == 0 or step + 1 == tc.max_steps) and heldout:
                 record["eval_loss"] = evaluate_loss(
-                    loss_model, heldout, tokenizer.pad_token_id, priors=None, device=device, micro=tc.micro_batch_size
+                    loss_model, heldout, tokenizer.pad_token_id, device=device, micro=tc.micro_batch_size
                 )
             with (out / "metrics.jsonl").open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -269,18 +269,18 @@ def evaluate_loss(
     loss_model: nn.Module,
     examples: list[data.Example],
     pad_id: int,
-    priors: dict[int, PriorRecord] | None,
     device: str,
     micro: int,
 ) -> float:
-    """Mean per-token loss of the run's target on held-out examples (prior-free targets only)."""
+    """Mean per-token held-out loss of the run's target (CE to the observed token for prior targets,
+    since held-out examples have no cached priors)."""
     module: Any = loss_model.module if isinstance(loss_model, nn.parallel.DistributedDataParallel) else loss_model
     module.eval()
+    scorer = TargetLossModel(module.model, _eval_spec(module.spec), module.tail, module.chunk_size)
     total = sum(e.num_scored for e in examples)
     loss = 0.0
     for i in range(0, len(examples), micro):
-        batch = collate(examples[i : i + micro], pad_id, priors).to(device)
-        value, _ = TargetLossModel(module.model, _eval_spec(module.spec), module.tail, module.chunk_size)(batch, total)
+        value, _ = scorer(collate(examples[i : i + micro], pad_id, None).to(device), total)
         loss += float(value)
     module.train()
     return loss
