@@ -1,14 +1,18 @@
-"""`target-sft` command line: one subcommand per stage, each a thin call into the library."""
+"""`target-sft` command line: one subcommand per stage, each a thin call into the library.
+
+The commands that run Prefect flows (`run`, `serve`, `demo`) are defined here but handled by
+`flows.cli`, the installed `target-sft` entry point, so that this library never imports prefect.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import base_model, data, priors, train
+from pipeline import base_model, data, evaluate, priors, train
 from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.prior_cache import PriorStore
 from pipeline.prior_engines import PriorError
@@ -52,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train_cmd, required=True)
     train_cmd.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
 
+    eval_cmd = commands.add_parser("eval", help="sample, verify and score held-out problems (Average@n, pass@n)")
+    _add_config_args(eval_cmd, required=True)
+    eval_cmd.add_argument("--base", action="store_true", help="evaluate the untrained base model instead of the run")
+
     priors_cmd = commands.add_parser("priors", help="stage 1: capture sparse top-k priors (cached)")
     _add_config_args(priors_cmd, required=True)
 
@@ -67,18 +75,32 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("key")
         _add_config_args(sub, required=False)
 
-    demo = commands.add_parser("demo", help="the main job on the embedded model (make demo)")
+    run = commands.add_parser("run", help="the experiment flow: priors once, train the grid, evaluate, compare")
+    _add_config_args(run, required=True)
+    serve = commands.add_parser("serve", help="serve the experiment flow as a scheduled Prefect deployment")
+    _add_config_args(serve, required=True)
+    serve.add_argument("--cron", default=None, help="cron schedule (default: experiment.schedule)")
+    serve.add_argument("--name", default=None, help="deployment name (default: experiment.name)")
+    demo = commands.add_parser("demo", help="the main job: the demo experiment on the embedded model (make demo)")
     _add_config_args(demo, required=False)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+FlowCommand = Callable[[argparse.Namespace, "str | Path | None", RunConfig], int]
+
+
+def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | None = None) -> int:
+    """Run one command; `flow_commands` handles `run`, `serve` and `demo` (see flows.cli)."""
     args = build_parser().parse_args(argv)
     try:
         config_path = getattr(args, "config", None)
         if args.command == "demo" and config_path is None:
             config_path = DEMO_CONFIG
         cfg = load_config(RunConfig, config_path, args.overrides)
+        if args.command in ("run", "serve", "demo"):
+            if not flow_commands:
+                raise ConfigError(f"`{args.command}` runs a Prefect flow: use the `target-sft` command (flows.cli)")
+            return flow_commands[args.command](args, config_path, cfg)
         if args.command == "base-model" and args.action == "build":
             out = base_model.build(cfg.base_model, cfg.storage_root)
             print(f"base model: {out.model}\nembedded data: {out.datasets}")
@@ -90,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             final = train.train(cfg, resume=args.resume)
             print(f"final model: {final}")
+        elif args.command == "eval":
+            model_path, out_dir, default_set = evaluate.eval_target(cfg, base=args.base)
+            report = evaluate.evaluate(cfg.eval, model_path, out_dir, default_set)
+            print(evaluate.markdown_report(report) + f"\nreport: {out_dir / 'report.json'}")
         elif args.command == "priors":
             result = priors.capture(cfg)
             state = "complete" if result.complete else "this worker's shards done; others still missing"
@@ -97,14 +123,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"manifest: {result.manifest_path}\nforward passes: {result.forward_passes}")
         elif args.command == "cache":
             return cache_command(args.action, getattr(args, "key", None), PriorStore(cfg.storage_root))
-        elif args.command == "demo":
-            run_demo(cfg)
     except (
         ConfigError,
         data.DataError,
         PriorError,
         TargetError,
         train.TrainError,
+        evaluate.EvalError,
         RuntimeError,
         FileNotFoundError,
     ) as e:
@@ -165,31 +190,6 @@ def cache_command(action: str, key: str | None, store: PriorStore) -> int:
         store.remove(key)
         print(f"removed prior set {key}")
     return 0
-
-
-def run_demo(cfg: RunConfig) -> None:
-    started = time.time()
-    print("== 1/5 embedded base model (built once, then reused)")
-    base_model.build(cfg.base_model, cfg.storage_root)
-    print("== 2/5 SFT data")
-    inspect_data(cfg)
-    print("== 3/5 priors of the base model over the SFT set (captured once, then reused)")
-    result = priors.capture(cfg)
-    manifest = PriorStore(cfg.storage_root).manifest(result.key)
-    print(f"prior set {result.key}: {manifest['counts']}, forward passes this run: {result.forward_passes}")
-    print(json.dumps(manifest["statistics"], indent=2))
-    print(f"== 4/5 a short Target-SFT run ({cfg.train.name}: {cfg.train.target}, {cfg.train.max_steps} steps)")
-    final = train.train(cfg, resume=train.run_dir(cfg).joinpath("run.json").exists())
-    metrics = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
-    evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
-    print(
-        f"CE to the observed token {metrics[0]['ce']:.3f} -> {metrics[-1]['ce']:.3f}; held-out CE at "
-        f"steps {cfg.train.eval_every}, {2 * cfg.train.eval_every}, ...: {', '.join(f'{v:.3f}' for v in evals)}"
-    )
-    print(f"final model: {final}")
-    print("== 5/5 base-model evaluation (evaluating trained runs arrives with the evaluation stage)")
-    print_base_eval(cfg, ["plain", "chat"])
-    print(f"\ndemo finished in {time.time() - started:.0f}s")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import yaml
 
 T = TypeVar("T")
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 DEFAULT_STORAGE = os.environ.get("TARGET_SFT_STORAGE", "storage")
 
 
@@ -185,6 +187,83 @@ class TrainConfig:
 
 
 @dataclass
+class EvalSetConfig:
+    """One held-out set of reasoning problems for `target-sft eval`."""
+
+    name: str
+    """Label in reports (e.g. `math500`)."""
+    path: str
+    """A .jsonl/.json/.parquet file or a `datasets.save_to_disk` folder, one problem per row."""
+    question_column: str = "question"
+    """Column holding the problem text."""
+    answer_column: str = "answer"
+    """Column holding the reference answer (a number, a LaTeX expression, or an option letter)."""
+    answer_type: Literal["numeric", "math", "choice"] = "math"
+    """How answers are checked: `numeric` (exact number after `####`, or the last `\\boxed{}`),
+    `math` (math-verify: `\\boxed{}`, `#### x`, LaTeX forms), `choice` (the option letter)."""
+    prompt_template: str = "{question}"
+    """The user turn; `{question}` is replaced by the problem text."""
+    limit: int | None = None
+    """Use only the first `limit` problems."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation: sample answers to held-out problems, verify them, report Average@n and pass@n."""
+
+    sets: list[EvalSetConfig] = field(default_factory=list)
+    """Held-out sets; empty means the embedded base model's held-out problems (numeric answers)."""
+    model_path: str | None = None
+    """Model to evaluate; None means this config's trained run (`<storage>/runs/<train.name>/final`)."""
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    """`vllm` (offline LLM), `hf` (transformers `generate`), or `auto`: vllm wherever it imports."""
+    n: int = 4
+    """Sampled completions per problem (Average@n, pass@n)."""
+    temperature: float = 0.7
+    """Sampling temperature of the n samples."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = 128
+    """Longest completion."""
+    seed: int = 0
+    """Seeds the sampling."""
+    greedy: bool = True
+    """Also decode greedily once per problem and report greedy accuracy."""
+    system_prompt: str | None = None
+    """Optional system turn before each problem."""
+    limit: int | None = None
+    """Use only the first `limit` problems of every set (smoke runs)."""
+    batch_size: int = 64
+    """hf engine: prompts per `generate` call."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Generation precision; auto is float32 on CPU, bfloat16 on GPU."""
+    max_model_len: int = 4096
+    """vllm engine: longest prompt plus completion."""
+    tensor_parallel_size: int = 1
+    """vllm engine: GPUs per model replica."""
+    gpu_memory_utilization: float = 0.85
+    """vllm engine: share of GPU memory vLLM may take."""
+
+
+@dataclass
+class ExperimentConfig:
+    """An experiment: capture priors once, train a grid of targets over seeds, evaluate, compare."""
+
+    name: str = "experiment"
+    """Folder `<storage>/experiments/<name>/` (table, plot, summary); runs are `<name>-<target>-s<seed>`."""
+    targets: list[Any] = field(default_factory=lambda: ["sft", "dft", {"preset": "target_sft", "eta": 0.5}])
+    """The grid: presets or `{preset: ..., param: ...}` mappings; a list of values expands to one run
+    per value (`{preset: target_sft, eta: [0.25, 0.5, 0.75]}`). A `train:` mapping inside an entry
+    sets that run's own train settings (e.g. `{preset: sft, train: {lr: 1.0e-4}}`)."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Every target runs once per seed (train.seed and eval.seed)."""
+    evaluate_base: bool = True
+    """Also evaluate the untrained base model, as the reference row."""
+    schedule: str | None = None
+    """Cron string for the served deployment (`target-sft serve`), e.g. `0 3 * * *`."""
+
+
+@dataclass
 class RunConfig:
     """A run file: storage root plus one section per stage."""
 
@@ -201,6 +280,10 @@ class RunConfig:
     """Stage 1: prior capture."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Stage 2: training."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation on held-out problems."""
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    """The grid `target-sft run` trains and compares."""
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:  # type: ignore[assignment]
@@ -247,6 +330,14 @@ def _build(cls: type[T], raw: Any, prefix: str) -> T:
     if unknown:
         where = f" in section {prefix.rstrip('.')!r}" if prefix else ""
         raise ConfigError(f"unknown config key {unknown[0]!r}{where}; valid keys: {sorted(names)}")
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in raw]
+    if missing:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: missing required key {missing[0]!r}")
     kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
     return cls(**kwargs)
 
@@ -286,6 +377,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads `5e-5` (no dot) as a string
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{key}: expected {tp.__name__}, got bool {value!r}")
     if not isinstance(value, tp):

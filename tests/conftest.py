@@ -44,3 +44,13 @@ def tiny_build(tmp_path_factory) -> base_model.BaseModelPaths:
 def default_build() -> base_model.BaseModelPaths:
     """The real embedded base model, built once into the default storage root and reused."""
     return base_model.build(BaseModelConfig(), REPO / "storage", progress=False)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real temporary Prefect server (prefect_test_harness) for the flow tests."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

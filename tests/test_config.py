@@ -37,3 +37,14 @@ def test_bad_config_names_the_key(overrides, message):
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(RunConfig, tmp_path / "nope.yaml")
+
+
+def test_yaml_exponent_floats_and_required_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 5e-5\neval:\n  sets:\n    - {name: m, path: x.jsonl, answer_type: math}\n")
+    cfg = load_config(RunConfig, path)
+    assert cfg.train.lr == 5e-5 and cfg.eval.sets[0].answer_type == "math"
+    with pytest.raises(ConfigError, match=r"train\.lr: expected float, got str 'fast'"):
+        load_config(RunConfig, path, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"eval\.sets\[0\]: missing required key 'name'"):
+        load_config(RunConfig, None, ["eval.sets=[{path: x}]"])

@@ -2,20 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
-
 from pipeline.prior_cache import PriorStore
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    import os
-
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def test_priors_flow_on_two_dask_workers_then_reuse(prefect_server, tiny_build, tmp_path):

@@ -1,0 +1,65 @@
+"""The `target-sft` entry point: the library's commands plus `run`, `serve` and `demo` (Prefect flows)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import flows  # noqa: F401  (offline Prefect settings before prefect is imported)
+from pipeline import base_model, cli
+from pipeline.config import RunConfig
+from pipeline.prior_cache import PriorStore
+
+
+def run(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) -> int:
+    """`target-sft run CONFIG`: the experiment flow once; exit 1 when a run of the grid failed."""
+    from flows.experiment import experiment_flow
+
+    result = experiment_flow(str(config) if config else None, args.overrides, progress=True)
+    print(f"table: {result['table']}\nplot: {result['plot']}")
+    if result["failed_runs"]:
+        print(f"failed runs (see the table): {', '.join(result['failed_runs'])}")
+    return 1 if result["failed_runs"] else 0
+
+
+def serve(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) -> int:
+    """`target-sft serve CONFIG --cron ...`: register the deployment and run its schedule (blocks)."""
+    from flows.experiment import experiment_flow
+
+    cron = args.cron or cfg.experiment.schedule
+    name = args.name or cfg.experiment.name
+    parameters = {"config": str(Path(config).resolve()) if config else None, "overrides": args.overrides}
+    experiment_flow.serve(name=name, cron=cron, parameters=parameters)
+    return 0
+
+
+def demo(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) -> int:
+    """`make demo`: the demo experiment on the embedded base model, with what each stage did."""
+    from flows.experiment import experiment_flow
+
+    started = time.time()
+    print("== 1/4 embedded base model (built once, then reused)")
+    base_model.build(cfg.base_model, cfg.storage_root)
+    print("== 2/4 SFT data")
+    cli.inspect_data(cfg)
+    runs = len(cfg.experiment.targets) * len(cfg.experiment.seeds)
+    print(f"== 3/4 experiment {cfg.experiment.name!r}: priors once, {runs} training runs, evaluation (Prefect flow)")
+    result = experiment_flow(str(config) if config else None, args.overrides, progress=True)
+    print("== 4/4 comparison")
+    if result["prior"]:
+        manifest = PriorStore(cfg.storage_root).manifest(result["prior"]["key"])
+        print(f"prior set {result['prior']['key']}: {manifest['counts']}")
+        print(json.dumps(manifest["statistics"], indent=2))
+    print(Path(result["table"]).read_text())
+    print(f"table: {result['table']}\nplot: {result['plot']}\ndemo finished in {time.time() - started:.0f}s")
+    return 1 if result["failed_runs"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(argv, {"run": run, "serve": serve, "demo": demo})
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

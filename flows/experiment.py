@@ -1,0 +1,121 @@
+"""The experiment as one Prefect flow: base model, priors once, a grid of runs, evaluation, comparison.
+
+    target-sft run configs/demo.yaml                        # once, on a temporary local server
+    target-sft serve configs/demo.yaml --cron "0 3 * * *"   # a scheduled deployment (README)
+
+Tasks pass config paths, overrides and file paths; every artifact lives on storage. A run that
+fails (a diverging target, say) is reported in the table and the others carry on. Tasks that use
+the accelerator retry on unexpected errors (a lost GPU, a full node), never on a configuration error
+or a divergence, which would only fail again; a retried training resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows.train import capture_priors
+from pipeline import evaluate, experiment, train
+from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.prior_cache import CacheError
+from pipeline.resolve import resolve_inputs
+from pipeline.targets import TargetError, from_config
+
+NOT_RETRIED = (ConfigError, TargetError, CacheError, train.TrainError, evaluate.EvalError)
+
+
+def transient_only(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry condition: retry unexpected failures, not errors that would only repeat."""
+    return not isinstance(state.data, NOT_RETRIED)
+
+
+@task(retries=2, retry_delay_seconds=5)
+def prepare_base(config: str | None, overrides: list[str]) -> str:
+    """Build (or reuse) the embedded base model, or check the configured one; returns its path."""
+    return str(resolve_inputs(load_config(RunConfig, config, overrides), progress=False).model_path)
+
+
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=transient_only)
+def train_run(config: str | None, overrides: list[str], progress: bool = False) -> str:
+    """Train one run of the grid (a retry or a re-run resumes it); returns the final model folder."""
+    cfg = load_config(RunConfig, config, overrides)
+    resume = train.run_dir(cfg).joinpath("run.json").exists()
+    return str(train.train(cfg, resume=resume, progress=progress))
+
+
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=transient_only)
+def evaluate_model(config: str | None, overrides: list[str], base: bool, out_dir: str | None = None) -> str:
+    """Evaluate the run's final model (or the base model); returns the report.json path."""
+    cfg = load_config(RunConfig, config, overrides)
+    model, default_out, default_set = evaluate.eval_target(cfg, base=base)
+    out = Path(out_dir) if out_dir else default_out
+    evaluate.evaluate(cfg.eval, model, out, default_set, progress=False)
+    return str(out / "report.json")
+
+
+@task
+def publish(
+    config: str | None, overrides: list[str], runs: list[dict], base_report: str | None, prior: dict | None
+) -> dict:
+    """Table, plot and summary into `<storage>/experiments/<name>/`, and a Prefect markdown artifact."""
+    import json
+
+    cfg = load_config(RunConfig, config, overrides)
+    out = experiment.experiment_dir(cfg)
+    base = json.loads(Path(base_report).read_text())["overall"] if base_report else None
+    markdown = experiment.write_comparison(out, cfg.experiment.name, cfg.eval.n, base, runs, prior)
+    key = "experiment-" + experiment.slug(cfg.experiment.name).lower().replace("_", "-").replace(".", "-")
+    create_markdown_artifact(key=key, markdown=markdown, description=f"Target-SFT experiment {cfg.experiment.name}")
+    print(markdown)
+    return {"dir": str(out), "table": str(out / "comparison.md"), "plot": str(out / "comparison.png"), "artifact": key}
+
+
+@flow(name="target-sft-experiment", log_prints=True)
+def experiment_flow(config: str | None = None, overrides: list[str] | None = None, progress: bool = False) -> dict:
+    """Capture priors once, train every target × seed, evaluate them and the base, compare."""
+    overrides = list(overrides or [])
+    cfg = load_config(RunConfig, config, overrides)
+    runs = experiment.expand_grid(cfg.experiment)  # a bad grid fails here, before any work
+    prepare_base(config, overrides)
+    prior = None
+    if any(from_config(spec.target).needs_prior for spec in runs):
+        prior = capture_priors(config, overrides)
+        print(f"priors: set {prior['key']}, {prior['forward_passes']} prior forward passes in this experiment")
+        overrides = [*overrides, f"train.prior_key={prior['key']}"]
+    base_report = None
+    if cfg.experiment.evaluate_base:
+        base_out = str(experiment.experiment_dir(cfg) / "base")
+        base_report = evaluate_model.with_options(task_run_name="eval-base")(config, overrides, True, base_out)
+
+    results = []
+    for spec in runs:
+        run_overrides = [*overrides, *spec.overrides()]
+        trained = train_run.with_options(task_run_name=f"train-{spec.run_name}")(
+            config, run_overrides, progress, return_state=True
+        )
+        report, error = None, None
+        if trained.is_failed():
+            error = _message(trained)
+        else:
+            evaluated = evaluate_model.with_options(task_run_name=f"eval-{spec.run_name}")(
+                config, run_overrides, False, return_state=True
+            )
+            if evaluated.is_failed():
+                error = "evaluation failed: " + _message(evaluated)
+            else:
+                report = evaluated.result()
+        run_dir = Path(cfg.storage_root) / "runs" / spec.run_name
+        results.append(experiment.run_summary(spec, run_dir, report, error))
+        print(f"{spec.run_name}: {'failed: ' + error if error else 'done'}")
+    published = publish(config, overrides, results, base_report, prior)
+    failed = [r["run"] for r in results if r["status"] == "failed"]
+    return {**published, "prior": prior, "failed_runs": failed, "runs": [r["run"] for r in results]}
+
+
+def _message(state: Any) -> str:
+    """The exception text of a failed task state."""
+    error = state.result(raise_on_failure=False)
+    return f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(state.message)

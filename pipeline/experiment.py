@@ -1,0 +1,224 @@
+"""Experiments: expand a grid of targets × seeds into runs, then compare the finished runs.
+
+The orchestration itself (priors once, train and evaluate every run) is the Prefect flow in
+`flows/experiment.py`; this module holds the parts that need no orchestrator: naming the runs,
+their config overrides, and the comparison (table, plot, summary.json) from files on storage.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ExperimentConfig, RunConfig
+from pipeline.storage import atomic_write_text
+from pipeline.targets import TargetError, from_config
+
+
+@dataclass
+class RunSpec:
+    """One training run of the grid."""
+
+    label: str
+    """The target as people read it, e.g. `target_sft(eta=0.5)`; runs of one label differ by seed."""
+    seed: int
+    run_name: str
+    """`train.name` of the run: `<experiment>-<target slug>-s<seed>`."""
+    target: str | dict[str, Any]
+    """What goes into `train.target`."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """This run's own train settings (from the entry's `train:` mapping)."""
+
+    def overrides(self) -> list[str]:
+        """`--set`-style overrides that turn the experiment's config into this run's config."""
+        items = [
+            f"train.name={self.run_name}",
+            f"train.target={json.dumps(self.target)}",
+            f"train.seed={self.seed}",
+            f"eval.seed={self.seed}",
+        ]
+        return items + [f"train.{key}={json.dumps(value)}" for key, value in self.train.items()]
+
+
+def expand_grid(exp: ExperimentConfig) -> list[RunSpec]:
+    """Every target entry (lists expanded) × every seed; targets are validated here, up front.
+
+    Raises:
+        TargetError: an unknown preset or parameter, or two entries that name the same run.
+    """
+    if not exp.seeds:
+        raise TargetError("experiment.seeds is empty; give at least one seed")
+    runs, labels = [], set()
+    for entry in exp.targets:
+        for target, train in _expand_entry(entry):
+            from_config(target)  # unknown presets and parameters fail before anything runs
+            label = target_label(target)
+            if label in labels:
+                raise TargetError(f"experiment.targets names {label!r} twice")
+            labels.add(label)
+            for seed in exp.seeds:
+                runs.append(RunSpec(label, seed, f"{exp.name}-{slug(label)}-s{seed}", target, train))
+    return runs
+
+
+def _expand_entry(entry: Any) -> list[tuple[str | dict[str, Any], dict[str, Any]]]:
+    if isinstance(entry, str):
+        return [(entry, {})]
+    if not isinstance(entry, dict):
+        raise TargetError(f"experiment.targets entry {entry!r} must be a preset name or a mapping")
+    entry = dict(entry)
+    train = entry.pop("train", {}) or {}
+    if not isinstance(train, dict):
+        raise TargetError(f"experiment.targets entry {entry!r}: `train` must be a mapping of train settings")
+    swept = {k: v for k, v in entry.items() if isinstance(v, list)}
+    combos = itertools.product(*swept.values()) if swept else [()]
+    return [({**entry, **dict(zip(swept, values, strict=True))}, train) for values in combos]
+
+
+def target_label(target: str | dict[str, Any]) -> str:
+    """`sft`, `target_sft(eta=0.5)`, `composition(gamma=..., residual=...)`."""
+    if isinstance(target, str):
+        return target
+    name = target.get("preset", "composition")
+    params = ", ".join(f"{k}={v}" for k, v in target.items() if k != "preset")
+    return f"{name}({params})" if params else str(name)
+
+
+def slug(label: str) -> str:
+    """A folder-safe form of a label: `target_sft(eta=0.5)` -> `target_sft-eta0.5`."""
+    text = re.sub(r"[=\s]+", "", label.replace("(", "-").replace(",", "-").rstrip(")"))
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", text)
+
+
+def experiment_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.storage_root) / "experiments" / cfg.experiment.name
+
+
+# --- comparison --------------------------------------------------------------------------------------
+
+
+def run_summary(spec: RunSpec, run_dir: Path, report_path: str | None, error: str | None) -> dict[str, Any]:
+    """What the comparison needs from one run, read from its files (or its error)."""
+    row: dict[str, Any] = {"label": spec.label, "seed": spec.seed, "run": spec.run_name, "status": "ok"}
+    if error is not None:
+        return {**row, "status": "failed", "error": error}
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    row["loss_curve"] = [(m["step"], m["loss"], m["ce"]) for m in metrics]
+    evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+    row["heldout_ce"] = evals[-1] if evals else None
+    row["eval"] = json.loads(Path(report_path).read_text())["overall"] if report_path else None
+    return row
+
+
+def _pct(values: dict[str, Any], key: str) -> str:
+    return f"{values[key]:.1%}" if key in values else "-"
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1%}"
+    return f"{statistics.mean(values):.1%} ± {statistics.stdev(values):.1%}"
+
+
+def comparison_markdown(
+    name: str, n: int, base: dict[str, Any] | None, runs: list[dict[str, Any]], prior: dict | None
+) -> str:
+    """The experiment's table: one row per target (mean ± std over seeds), then one per run."""
+    lines = [f"# Experiment `{name}`", ""]
+    if prior is not None:
+        reuse = "reused from the cache" if prior["forward_passes"] == 0 else "captured in this run"
+        lines += [f"Priors: set `{prior['key']}`, {reuse} ({prior['forward_passes']} prior forward passes).", ""]
+    lines += [
+        f"| target | seeds | Average@{n} (mean ± std) | pass@{n} | greedy | failed runs |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    if base is not None:
+        cells = " | ".join(_pct(base, k) for k in ("average_at_n", "pass_at_n", "greedy"))
+        lines.append(f"| base model (untrained) | - | {cells} | - |")
+    for label in dict.fromkeys(r["label"] for r in runs):
+        group = [r for r in runs if r["label"] == label]
+        ok = [r["eval"] for r in group if r["status"] == "ok" and r["eval"]]
+        failed = sum(r["status"] == "failed" for r in group)
+        cells = " | ".join(_mean_std([e[k] for e in ok if k in e]) for k in ("average_at_n", "pass_at_n", "greedy"))
+        lines.append(f"| {label} | {len(group)} | {cells} | {failed} |")
+    lines += [
+        "",
+        f"| run | seed | status | Average@{n} | pass@{n} | greedy | final train loss | held-out CE |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        if r["status"] == "failed":
+            lines.append(f"| {r['run']} | {r['seed']} | failed: {r['error'][:120]} | - | - | - | - | - |")
+            continue
+        cells = " | ".join(_pct(r["eval"] or {}, k) for k in ("average_at_n", "pass_at_n", "greedy"))
+        loss = f"{r['loss_curve'][-1][1]:.4f}" if r["loss_curve"] else "-"
+        ce = f"{r['heldout_ce']:.3f}" if r["heldout_ce"] is not None else "-"
+        lines.append(f"| {r['run']} | {r['seed']} | ok | {cells} | {loss} | {ce} |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_plot(path: Path, n: int, base: dict[str, Any] | None, runs: list[dict[str, Any]]) -> None:
+    """PNG: Average@n per target with every seed's point; CE to the observed token over training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for x, label in enumerate(labels):
+        values = [r["eval"]["average_at_n"] for r in runs if r["label"] == label and r["status"] == "ok" and r["eval"]]
+        if values:
+            acc_ax.bar(x, statistics.mean(values), color="C0", alpha=0.5)
+            acc_ax.scatter([x] * len(values), values, color="C0", zorder=3, label="seeds" if x == 0 else None)
+            if len(values) > 1:
+                acc_ax.errorbar(x, statistics.mean(values), yerr=statistics.stdev(values), color="k", capsize=4)
+        else:
+            acc_ax.text(x, 0.01, "failed", ha="center", color="C3")
+    if base is not None:
+        acc_ax.axhline(base["average_at_n"], color="C3", linestyle="--", label="base model")
+    acc_ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    acc_ax.set_ylabel(f"Average@{n} (held-out)")
+    acc_ax.set_title("accuracy per target (bars: mean; dots: seeds; bars ± std)")
+    acc_ax.legend()
+    for i, label in enumerate(labels):
+        for r in runs:
+            if r["label"] == label and r["status"] == "ok" and r["loss_curve"]:
+                steps, _, ce = zip(*r["loss_curve"], strict=True)
+                loss_ax.plot(
+                    steps,
+                    ce,
+                    color=f"C{i}",
+                    alpha=0.8,
+                    label=label if r["seed"] == min(x["seed"] for x in runs) else None,
+                )
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("training CE to the observed token")
+    loss_ax.set_title("training curves (one line per seed)")
+    loss_ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_comparison(
+    out_dir: Path, name: str, n: int, base: dict[str, Any] | None, runs: list[dict[str, Any]], prior: dict | None
+) -> str:
+    """Write comparison.md, comparison.png and summary.json into `out_dir`; returns the markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown = comparison_markdown(name, n, base, runs, prior)
+    comparison_plot(out_dir / "comparison.png", n, base, runs)
+    atomic_write_text(out_dir / "comparison.md", markdown)
+    summary = {"name": name, "n": n, "base": base, "priors": prior, "runs": runs}
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+    return markdown

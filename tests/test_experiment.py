@@ -1,0 +1,109 @@
+"""The experiment: grid expansion, and the Prefect flow end to end on a tiny embedded model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import experiment
+from pipeline.config import ExperimentConfig
+from pipeline.targets import TargetError
+
+
+def test_grid_expands_lists_and_seeds_with_readable_names():
+    exp = ExperimentConfig(
+        name="sweep",
+        targets=["sft", {"preset": "target_sft", "eta": [0.25, 0.75]}, {"preset": "dft", "train": {"lr": 1e-4}}],
+        seeds=[0, 1],
+    )
+    runs = experiment.expand_grid(exp)
+    assert [r.run_name for r in runs] == [
+        "sweep-sft-s0",
+        "sweep-sft-s1",
+        "sweep-target_sft-eta0.25-s0",
+        "sweep-target_sft-eta0.25-s1",
+        "sweep-target_sft-eta0.75-s0",
+        "sweep-target_sft-eta0.75-s1",
+        "sweep-dft-s0",
+        "sweep-dft-s1",
+    ]
+    assert runs[2].label == "target_sft(eta=0.25)" and runs[2].target == {"preset": "target_sft", "eta": 0.25}
+    assert "train.lr=0.0001" in runs[-1].overrides() and "train.seed=1" in runs[-1].overrides()
+    assert 'train.target={"preset": "target_sft", "eta": 0.25}' in runs[2].overrides()
+
+
+@pytest.mark.parametrize(
+    "targets,seeds,message",
+    [
+        (["sft", "sft"], [0], "names 'sft' twice"),
+        (["nope"], [0], "unknown"),
+        ([{"preset": "target_sft", "eta": 2.0}], [0], "eta"),
+        (["sft"], [], "seeds is empty"),
+        ([{"preset": "sft", "train": 3}], [0], "must be a mapping"),
+    ],
+)
+def test_bad_grids_fail_before_anything_runs(targets, seeds, message):
+    with pytest.raises(TargetError, match=message):
+        experiment.expand_grid(ExperimentConfig(targets=targets, seeds=seeds))
+
+
+def _overrides(build, storage, name, targets, seeds, evaluate_base):
+    eval_set = json.dumps([{"name": "arith", "path": str(build.sft_heldout), "answer_type": "numeric"}])
+    return [
+        f"storage_root={storage}",
+        f"model.path={build.model}",
+        f"data.path={build.sft_train}",
+        "data.max_length=128",
+        "priors.engine=hf",
+        "priors.k=8",
+        "train.batch_size=4",
+        "train.micro_batch_size=2",
+        "train.max_steps=3",
+        "train.eval_every=0",
+        "eval.engine=hf",
+        "eval.n=2",
+        "eval.limit=6",
+        "eval.max_new_tokens=24",
+        f"eval.sets={eval_set}",
+        f"experiment.name={name}",
+        f"experiment.targets={json.dumps(targets)}",
+        f"experiment.seeds={json.dumps(seeds)}",
+        f"experiment.evaluate_base={json.dumps(evaluate_base)}",
+    ]
+
+
+def test_experiment_flow_end_to_end_then_zero_prior_passes(prefect_server, tiny_build, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.experiment import experiment_flow
+
+    diverging = {"preset": "dft", "train": {"lr": 1.0e12}}
+    targets = ["sft", {"preset": "target_sft", "eta": 0.5}, diverging]
+    first = experiment_flow(None, _overrides(tiny_build, tmp_path, "e1", targets, [0, 1], True))
+    assert first["prior"]["forward_passes"] > 0
+    assert sorted(first["failed_runs"]) == ["e1-dft-s0", "e1-dft-s1"]
+    summary = json.loads((tmp_path / "experiments" / "e1" / "summary.json").read_text())
+    ok = [r for r in summary["runs"] if r["status"] == "ok"]
+    assert len(ok) == 4 and all(r["eval"]["problems"] == 6 and len(r["loss_curve"]) == 3 for r in ok)
+    failed = [r for r in summary["runs"] if r["status"] == "failed"]
+    assert all("diverged" in r["error"] for r in failed)
+    assert summary["base"]["problems"] == 6
+    table = (tmp_path / "experiments" / "e1" / "comparison.md").read_text()
+    assert "| e1-dft-s0 | 0 | failed: TrainError: run e1-dft-s0 diverged" in table
+    assert "| target_sft(eta=0.5) | 2 |" in table and "| base model (untrained) |" in table
+    assert (tmp_path / "experiments" / "e1" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "runs" / "e1-sft-s1" / "eval" / "report.json").exists()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["experiment-e1"])))
+    assert artifacts and "e1-target_sft-eta0.5-s1" in str(artifacts[0].data)
+
+    # A new experiment over new targets on the same data and model: no prior forward pass at all.
+    second = experiment_flow(
+        None, _overrides(tiny_build, tmp_path, "e2", [{"preset": "target_sft", "eta": 0.25}], [0], False)
+    )
+    assert second["prior"] == {**second["prior"], "key": first["prior"]["key"], "forward_passes": 0}
+    assert second["failed_runs"] == []
+    table = (tmp_path / "experiments" / "e2" / "comparison.md").read_text()
+    assert "reused from the cache (0 prior forward passes)" in table
