@@ -187,7 +187,7 @@ def comparison_plot(path: Path, n: int, base: dict[str, Any] | None, runs: list[
         acc_ax.axhline(base["average_at_n"], color="C3", linestyle="--", label="base model")
     acc_ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
     acc_ax.set_ylabel(f"Average@{n} (held-out)")
-    acc_ax.set_title("accuracy per target (bars: mean; dots: seeds; bars ± std)")
+    acc_ax.set_title("held-out accuracy per target (bar: mean over seeds, dots: seeds, whisker: ± std)", fontsize=10)
     acc_ax.legend()
     for i, label in enumerate(labels):
         for r in runs:
