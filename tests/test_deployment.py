@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(args, env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    out = log.open("w")
+    return subprocess.Popen(args, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -80,9 +81,8 @@ def test_cron_deployment_on_a_real_server_runs_to_completed_with_artifact(tiny_b
         )
     )
     server_log, serve_log = tmp_path / "server.log", tmp_path / "serve.log"
-    server = _start(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, server_log
-    )
+    server_cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    server = _start(server_cmd, env, server_log)
     serve = None
     try:
         _wait_until(lambda: _healthy(api), 180, "the Prefect server", server_log)
@@ -106,7 +106,8 @@ def test_cron_deployment_on_a_real_server_runs_to_completed_with_artifact(tiny_b
 
             state = _wait_until(finished, 300, "the triggered flow run to finish", serve_log)
             assert state.is_completed(), f"{state.type}: {state.message}\n{serve_log.read_text()[-3000:]}"
-            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+            by_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+            artifacts = client.read_artifacts(artifact_filter=by_run)
             assert any(a.key == "experiment-nightly" and "nightly-sft-s0" in str(a.data) for a in artifacts)
         summary = json.loads((tmp_path / "storage" / "experiments" / "nightly" / "summary.json").read_text())
         assert [r["status"] for r in summary["runs"]] == ["ok"]
