@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import base_model, data, evaluate, priors, train
+from pipeline import base_model, data, evaluate, experiment, priors, train
 from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.prior_cache import PriorStore
 from pipeline.prior_engines import PriorError
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd = commands.add_parser("train", help="stage 2: train toward a Q-target")
     _add_config_args(train_cmd, required=True)
     train_cmd.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    train_cmd.add_argument(
+        "--nproc", type=int, default=None, help="processes (GPUs); launches torchrun (= train.processes)"
+    )
 
     eval_cmd = commands.add_parser("eval", help="sample, verify and score held-out problems (Average@n, pass@n)")
     _add_config_args(eval_cmd, required=True)
@@ -74,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = cache_commands.add_parser(action, help=text)
         sub.add_argument("key")
         _add_config_args(sub, required=False)
+
+    check = commands.add_parser("check", help="dry-run a config: grid, batch shapes, priors, eval (no model needed)")
+    _add_config_args(check, required=True)
 
     run = commands.add_parser("run", help="the experiment flow: priors once, train the grid, evaluate, compare")
     _add_config_args(run, required=True)
@@ -110,12 +117,24 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
         elif args.command == "data":
             inspect_data(cfg)
         elif args.command == "train":
-            final = train.train(cfg, resume=args.resume)
+            if args.nproc:
+                cfg.train.processes = args.nproc
+            if cfg.train.processes > 1 and "WORLD_SIZE" not in os.environ:
+                final = train.launch(
+                    config_path,
+                    [*args.overrides, f"train.processes={cfg.train.processes}"],
+                    cfg.train.processes,
+                    args.resume,
+                )
+            else:
+                final = train.train(cfg, resume=args.resume)
             print(f"final model: {final}")
         elif args.command == "eval":
             model_path, out_dir, default_set = evaluate.eval_target(cfg, base=args.base)
             report = evaluate.evaluate(cfg.eval, model_path, out_dir, default_set)
             print(evaluate.markdown_report(report) + f"\nreport: {out_dir / 'report.json'}")
+        elif args.command == "check":
+            print(json.dumps(experiment.dry_run(cfg), indent=2))
         elif args.command == "priors":
             result = priors.capture(cfg)
             state = "complete" if result.complete else "this worker's shards done; others still missing"

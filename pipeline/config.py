@@ -156,7 +156,10 @@ class TrainConfig:
     micro_batch_size: int = 4
     """Examples per forward/backward on one process; accumulation = batch / (micro × processes)."""
     max_steps: int = 100
-    """Optimizer steps."""
+    """Optimizer steps (ignored when `epochs` is set)."""
+    epochs: float | None = None
+    """Passes over the data; sets max_steps = floor(epochs × examples / batch_size) once the data is
+    tokenised (the paper's recipes train 1 epoch)."""
     lr: float = 1e-3
     """Peak AdamW learning rate."""
     weight_decay: float = 0.0
@@ -169,6 +172,9 @@ class TrainConfig:
     """Seeds the data order and everything random."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """bf16 autocast on GPU, fp32 on CPU (auto)."""
+    processes: int = 1
+    """Training processes on this node (one per GPU). Above 1, `target-sft train`/`run` and the flows
+    launch `torchrun --standalone --nproc-per-node <processes>`; under torchrun itself it is ignored."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: DDP (replicated model), or FSDP2 `fully_shard` per decoder layer for
     models that do not fit on one device. FSDP runs need `eval_every: 0` for now."""
@@ -202,7 +208,7 @@ class EvalSetConfig:
     """How answers are checked: `numeric` (exact number after `####`, or the last `\\boxed{}`),
     `math` (math-verify: `\\boxed{}`, `#### x`, LaTeX forms), `choice` (the option letter)."""
     prompt_template: str = "{question}"
-    """The user turn; `{question}` is replaced by the problem text."""
+    """The user turn; `{question}` is replaced by the problem text (other braces stay as they are)."""
     limit: int | None = None
     """Use only the first `limit` problems."""
 

@@ -306,7 +306,7 @@ def evaluate(
     samples: list[dict[str, Any]] = []
     for s in sets:
         prompts = [
-            prompt_ids(tokenizer, s.prompt_template.format(question=p.question), cfg.system_prompt)
+            prompt_ids(tokenizer, s.prompt_template.replace("{question}", p.question), cfg.system_prompt)
             for p in problems[s.name]
         ]
         sampled = engine.generate(prompts, cfg.n, sampling, cfg.max_new_tokens)

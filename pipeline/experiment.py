@@ -222,3 +222,65 @@ def write_comparison(
     summary = {"name": name, "n": n, "base": base, "priors": prior, "runs": runs}
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     return markdown
+
+
+# --- dry run -----------------------------------------------------------------------------------------
+
+
+def dry_run(cfg: RunConfig) -> dict[str, Any]:
+    """Check a config without touching models or data: grid, batch shapes, priors and eval settings.
+
+    Model and dataset paths are not opened (recipes point at folders a user fills in); everything
+    that can be decided from the config alone is, so a recipe fails here rather than hours in.
+
+    Args:
+        cfg: The run config; `train.processes` is the number of GPUs the global batch splits over.
+
+    Returns:
+        The plan: one entry per run (name, target, whether it needs priors, accumulation steps,
+        padded tokens per optimizer step at most) plus the prior and eval settings.
+
+    Raises:
+        TargetError: a bad target grid. ConfigError: impossible shapes or settings.
+    """
+    from pipeline.config import ConfigError
+
+    tc, runs = cfg.train, expand_grid(cfg.experiment)
+    processes = tc.processes
+    per_step = tc.micro_batch_size * processes
+    problems = []
+    if tc.batch_size % per_step:
+        problems.append(
+            f"train.batch_size={tc.batch_size} is not a multiple of micro_batch_size × processes = {per_step}"
+        )
+    if cfg.data.max_length < 2:
+        problems.append(f"data.max_length={cfg.data.max_length} leaves no completion token")
+    if tc.epochs is None and tc.max_steps < 1:
+        problems.append("set train.max_steps >= 1 or train.epochs")
+    if cfg.priors.k < 1:
+        problems.append(f"priors.k={cfg.priors.k} must be >= 1")
+    if cfg.eval.n < 1 or cfg.eval.max_new_tokens < 1:
+        problems.append("eval.n and eval.max_new_tokens must be >= 1")
+    if cfg.model.path is not None and not cfg.eval.sets:
+        problems.append("a configured model.path has no embedded held-out set: list eval.sets")
+    if cfg.eval.max_new_tokens >= cfg.eval.max_model_len:
+        problems.append(
+            f"eval.max_new_tokens={cfg.eval.max_new_tokens} leaves no room for the prompt in eval.max_model_len"
+        )
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return {
+        "processes": processes,
+        "accumulation_steps": tc.batch_size // per_step,
+        "max_tokens_per_step": tc.batch_size * cfg.data.max_length,
+        "steps": f"{tc.epochs} epoch(s)" if tc.epochs is not None else tc.max_steps,
+        "priors": {
+            "engine": cfg.priors.engine,
+            "k": cfg.priors.k,
+            "needed": any(from_config(r.target).needs_prior for r in runs),
+        },
+        "eval": {"sets": [s.name for s in cfg.eval.sets] or ["embedded"], "n": cfg.eval.n, "engine": cfg.eval.engine},
+        "runs": [
+            {"name": r.run_name, "target": r.label, "needs_prior": from_config(r.target).needs_prior} for r in runs
+        ],
+    }

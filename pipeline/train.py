@@ -10,11 +10,15 @@ process reads only its share of each global batch, and gradients are averaged by
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -30,7 +34,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import data
-from pipeline.config import RunConfig, TrainConfig, to_dict
+from pipeline.config import RunConfig, TrainConfig, load_config, to_dict
 from pipeline.loss import TargetStats, fused_q_target_loss
 from pipeline.prior_cache import CacheError, PriorStore
 from pipeline.prior_engines import PriorRecord, aligned_prior
@@ -138,6 +142,29 @@ def lr_lambda(cfg: TrainConfig) -> Any:
     return factor
 
 
+def launch(config: str | Path | None, overrides: list[str], processes: int, resume: bool) -> Path:
+    """Train under `torchrun --standalone` with `processes` local processes; returns the final model.
+
+    Raises:
+        TrainError: the processes failed; the message carries the end of their output.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    command += ["-m", "pipeline.cli", "train", str(config or os.devnull)]  # /dev/null: an empty YAML, the defaults
+    command += [f"--set={item}" for item in overrides] + (["--resume"] if resume else [])
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate()
+    except BaseException:  # interrupted or cancelled: take the launcher and every worker down with us
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    if proc.returncode != 0:
+        raise TrainError(f"torchrun with {processes} processes failed (exit {proc.returncode}):\n{output[-3000:]}")
+    cfg = load_config(RunConfig, config, overrides)
+    return run_dir(cfg) / "final"
+
+
 def run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.storage_root) / "runs" / cfg.train.name
 
@@ -169,6 +196,8 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     prepared = data.prepare(cfg.data, inputs.data_path, tokenizer)
     if len(prepared.examples) < tc.batch_size:
         raise TrainError(f"{len(prepared.examples)} examples cannot fill one batch of train.batch_size={tc.batch_size}")
+    if tc.epochs is not None:
+        tc = dataclasses.replace(tc, max_steps=max(1, int(tc.epochs * len(prepared.examples)) // tc.batch_size))
     priors, prior_key = _load_priors(cfg, prepared, spec) if spec.needs_prior else (None, None)
     heldout = _heldout_examples(cfg, inputs.heldout_path, tokenizer)
     model: Any = AutoModelForCausalLM.from_pretrained(inputs.model_path, dtype=torch.float32)
