@@ -155,6 +155,13 @@ class TrainConfig:
     """Examples per optimizer step, over all processes."""
     micro_batch_size: int = 4
     """Examples per forward/backward on one process; accumulation = batch / (micro × processes)."""
+    micro_batch_tokens: int | None = None
+    """Padded-token budget per micro-batch. Set, it replaces micro_batch_size: each process splits its
+    share of a step into the fewest length-sorted micro-batches of at most this many padded tokens
+    (every process runs the same number). The update is the same; only memory and padding change."""
+    group_by_length: bool = False
+    """Length-grouped sampling: global batches come from mega-batches of 50 × batch_size examples
+    sorted by length (similar lengths per step, little padding); the order of the steps stays random."""
     max_steps: int = 100
     """Optimizer steps (ignored when `epochs` is set)."""
     epochs: float | None = None

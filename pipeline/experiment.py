@@ -247,7 +247,7 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
 
     tc, runs = cfg.train, expand_grid(cfg.experiment)
     processes = tc.processes
-    per_step = tc.micro_batch_size * processes
+    per_step = processes if tc.micro_batch_tokens else tc.micro_batch_size * processes
     problems = []
     if tc.batch_size % per_step:
         problems.append(
@@ -271,7 +271,7 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
         raise ConfigError("; ".join(problems))
     return {
         "processes": processes,
-        "accumulation_steps": tc.batch_size // per_step,
+        "accumulation_steps": "by token budget" if tc.micro_batch_tokens else tc.batch_size // per_step,
         "max_tokens_per_step": tc.batch_size * cfg.data.max_length,
         "steps": f"{tc.epochs} epoch(s)" if tc.epochs is not None else tc.max_steps,
         "priors": {

@@ -20,13 +20,14 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import prior_schema
@@ -303,18 +304,35 @@ class PriorReader:
         for shard in self.manifest["shards"]:
             yield from self.read_shard(shard)
 
-    def read_shard(self, shard: dict[str, Any]) -> list[PriorRecord]:
+    def read_shard(self, shard: dict[str, Any], indices: pa.Array | None = None) -> list[PriorRecord]:
+        """One shard's records (only the examples in `indices`, when given), after its checksum."""
         data = self.store.fs.cat_file(f"{self.store.dir(self.key)}/{shard['file']}")
         if hashlib.sha256(data).hexdigest() != shard["sha256"]:
             raise CacheError(
                 f"prior set {self.key}: {shard['file']} fails its checksum (corrupted); "
                 f"run `target-sft cache verify {self.key}` and recapture"
             )
-        return decode_shard(pq.read_table(io.BytesIO(data)), self.k)
+        table = pq.read_table(io.BytesIO(data))
+        if indices is not None:  # drop other examples before decoding: memory and work stay per share
+            table = table.filter(pc.is_in(table.column("example_index"), value_set=indices))
+        return decode_shard(table, self.k)
 
     def load_all(self) -> dict[int, PriorRecord]:
         """Every record keyed by example index (fine for sets that fit in memory)."""
         return {r.example_index: r for r in self.iter_records()}
+
+    def load(self, indices: Collection[int]) -> dict[int, PriorRecord]:
+        """The records of the given examples only (one training process's share), keyed by index.
+
+        Every shard is still read once, since its checksum covers the whole file, but only the
+        wanted rows are decoded and kept.
+        """
+        wanted = pa.array(sorted(indices), type=pa.int64())
+        records = {r.example_index: r for shard in self.manifest["shards"] for r in self.read_shard(shard, wanted)}
+        missing = set(indices) - set(records)
+        if missing:
+            raise CacheError(f"prior set {self.key} has no records for examples {sorted(missing)[:5]}...")
+        return records
 
 
 def decode_shard(table: pa.Table, k: int) -> list[PriorRecord]:

@@ -120,16 +120,78 @@ def step_batches(examples: list[data.Example], cfg: TrainConfig) -> list[list[da
     """Global batches for every step: seeded shuffle per epoch, each batch sorted by length.
 
     Sorting inside a global batch keeps its set of examples (so any micro-batch split gives the
-    same update) while micro-batches of similar lengths need little padding.
+    same update) while micro-batches of similar lengths need little padding. With
+    `group_by_length`, batches are cut from length-sorted mega-batches and then shuffled.
     """
     generator = torch.Generator().manual_seed(cfg.seed)
     batches: list[list[data.Example]] = []
     while len(batches) < cfg.max_steps:
         order = torch.randperm(len(examples), generator=generator).tolist()
+        if cfg.group_by_length:
+            mega = 50 * cfg.batch_size
+            order = [
+                i
+                for s in range(0, len(order), mega)
+                for i in sorted(order[s : s + mega], key=lambda i: len(examples[i].input_ids))
+            ]
+        epoch = []
         for start in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
             chunk = [examples[i] for i in order[start : start + cfg.batch_size]]
-            batches.append(sorted(chunk, key=lambda e: (len(e.input_ids), e.index)))
+            epoch.append(sorted(chunk, key=lambda e: (len(e.input_ids), e.index)))
+        if cfg.group_by_length:
+            epoch = [epoch[i] for i in torch.randperm(len(epoch), generator=generator).tolist()]
+        batches += epoch
     return batches[: cfg.max_steps]
+
+
+def micro_batches(
+    global_batch: list[data.Example], rank: int, world: int, cfg: TrainConfig
+) -> list[list[data.Example]]:
+    """This process's share of a step (every world-th example), split into micro-batches.
+
+    By `micro_batch_size`, or by the padded-token budget `micro_batch_tokens`: then every process
+    computes every share's split and all use the largest count, since FSDP needs the same number of
+    forward passes on each process.
+    """
+    shares = [global_batch[r::world] for r in range(world)]
+    if cfg.micro_batch_tokens is None:
+        size = cfg.micro_batch_size
+        return [shares[rank][i : i + size] for i in range(0, len(shares[rank]), size)]
+    count = max(len(_split_by_tokens(share, cfg.micro_batch_tokens)) for share in shares)
+    groups = _split_by_tokens(shares[rank], cfg.micro_batch_tokens)
+    while len(groups) < count:  # halve the costliest group until the counts agree
+        i = max(
+            range(len(groups)),
+            key=lambda j: len(groups[j]) * len(groups[j][-1].input_ids) if len(groups[j]) > 1 else -1,
+        )
+        half = len(groups[i]) // 2
+        groups[i : i + 1] = [groups[i][:half], groups[i][half:]]
+    return groups
+
+
+def _split_by_tokens(share: list[data.Example], budget: int) -> list[list[data.Example]]:
+    """Fewest contiguous groups of a length-sorted share with (size × longest) ≤ budget each."""
+    groups: list[list[data.Example]] = []
+    for e in share:
+        if groups and (len(groups[-1]) + 1) * len(e.input_ids) <= budget:
+            groups[-1].append(e)
+        else:
+            groups.append([e])
+    return groups
+
+
+def _check_batch_shape(tc: TrainConfig, world: int) -> None:
+    if tc.micro_batch_tokens is not None:
+        if tc.micro_batch_tokens < 1 or tc.batch_size % world:
+            raise TrainError(
+                f"train.micro_batch_tokens={tc.micro_batch_tokens} must be >= 1 and train.batch_size={tc.batch_size} "
+                f"a multiple of the {world} processes"
+            )
+    elif tc.batch_size % (tc.micro_batch_size * world) != 0:
+        raise TrainError(
+            f"train.batch_size={tc.batch_size} is not a multiple of micro_batch_size × processes = "
+            f"{tc.micro_batch_size} × {world}; change one of them"
+        )
 
 
 def lr_lambda(cfg: TrainConfig) -> Any:
@@ -178,11 +240,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     spec = from_config(tc.target)  # unknown presets and parameters fail here, before anything runs
-    if tc.batch_size % (tc.micro_batch_size * world) != 0:
-        raise TrainError(
-            f"train.batch_size={tc.batch_size} is not a multiple of micro_batch_size × processes = "
-            f"{tc.micro_batch_size} × {world}; change one of them"
-        )
+    _check_batch_shape(tc, world)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -198,7 +256,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         raise TrainError(f"{len(prepared.examples)} examples cannot fill one batch of train.batch_size={tc.batch_size}")
     if tc.epochs is not None:
         tc = dataclasses.replace(tc, max_steps=max(1, int(tc.epochs * len(prepared.examples)) // tc.batch_size))
-    priors, prior_key = _load_priors(cfg, prepared, spec) if spec.needs_prior else (None, None)
+    batches = step_batches(prepared.examples, tc)
+    own = {e.index for b in batches for e in b[rank::world]}  # this process's share of every step
+    priors, prior_key = _load_priors(cfg, prepared, spec, own) if spec.needs_prior else (None, None)
     heldout = _heldout_examples(cfg, inputs.heldout_path, tokenizer)
     model: Any = AutoModelForCausalLM.from_pretrained(inputs.model_path, dtype=torch.float32)
     model = model.to(device)
@@ -214,7 +274,6 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         loss_model = nn.parallel.DistributedDataParallel(loss_model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
-    batches = step_batches(prepared.examples, tc)
     start_step = _load_checkpoint(out, model, optimizer, scheduler, fsdp) if resume else 0
     if rank == 0:
         _write_run_info(out, cfg, prior_key, prepared.fingerprint, start_step)
@@ -234,13 +293,12 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         model.train()
         global_batch = batches[step]
         normaliser = float(sum(e.num_scored for e in global_batch)) / world  # DDP averages over ranks
-        mine = global_batch[rank::world]
-        micro_batches = [mine[i : i + tc.micro_batch_size] for i in range(0, len(mine), tc.micro_batch_size)]
+        micro = micro_batches(global_batch, rank, world, tc)
         step_loss = torch.zeros((), dtype=torch.float64)
         stats = TargetStats(torch.zeros(5, dtype=torch.float64))
-        for i, micro in enumerate(micro_batches):
-            batch = collate(micro, tokenizer.pad_token_id, priors).to(device)
-            with _gradient_sync(loss_model, world, last=i == len(micro_batches) - 1), autocast:
+        for i, examples in enumerate(micro):
+            batch = collate(examples, tokenizer.pad_token_id, priors).to(device)
+            with _gradient_sync(loss_model, world, last=i == len(micro) - 1), autocast:
                 loss, micro_stats = loss_model(batch, normaliser)
                 loss.backward()
             step_loss += loss.detach().double().cpu() / world
@@ -329,8 +387,11 @@ def _init_distributed() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def _load_priors(cfg: RunConfig, prepared: data.PreparedData, spec: TargetSpec) -> tuple[dict[int, PriorRecord], str]:
-    """The prior records of this data, after checking the set matches this run's inputs."""
+def _load_priors(
+    cfg: RunConfig, prepared: data.PreparedData, spec: TargetSpec, indices: set[int]
+) -> tuple[dict[int, PriorRecord], str]:
+    """The prior records of the examples `indices` (this process's share), after checking the set
+    matches this run's inputs."""
     from pipeline import priors
 
     store = PriorStore(cfg.storage_root)
@@ -357,7 +418,7 @@ def _load_priors(cfg: RunConfig, prepared: data.PreparedData, spec: TargetSpec) 
             f"prior set {key} does not match this run ({', '.join(mismatched)} differ); "
             "capture priors for this configuration with `target-sft priors`"
         )
-    return reader.load_all(), key
+    return reader.load(indices), key
 
 
 def _heldout_examples(cfg: RunConfig, path: Path | None, tokenizer: Any) -> list[data.Example]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -78,6 +79,73 @@ def test_accumulation_invariance_1x8_equals_8x1(tiny_build, captured):
     assert len(la) == 3
     assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) < 1e-5
     assert_same_weights(one, eight, tol=1e-5)
+
+
+def test_token_budget_micro_batches_give_the_same_update(tiny_build, captured):
+    """A padded-token budget only changes how a step is split, not the update."""
+    common = ("train.target={preset: target_sft, eta: 0.5}", "train.batch_size=8", "train.max_steps=3")
+    by_count = train.train(
+        cfg_for(tiny_build, captured, *common, "train.micro_batch_size=8", "train.name=a"), progress=False
+    )
+    budget = cfg_for(tiny_build, captured, *common, "train.micro_batch_tokens=300", "train.name=b")
+    by_tokens = train.train(budget, progress=False)
+    la, lb = losses(by_count.parent), losses(by_tokens.parent)
+    assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) < 1e-5
+    assert_same_weights(by_count, by_tokens, tol=1e-5)
+
+
+def _examples(lengths: list[int]):
+    from pipeline.data import Example
+
+    return [Example(index=i, input_ids=[1] * n, labels=[1] * n) for i, n in enumerate(lengths)]
+
+
+def test_micro_batch_split_by_token_budget_is_balanced_across_processes():
+    from pipeline.config import TrainConfig
+
+    rng = random.Random(0)
+    batch = sorted(_examples([rng.randint(10, 200) for _ in range(32)]), key=lambda e: len(e.input_ids))
+    cfg = TrainConfig(batch_size=32, micro_batch_tokens=600)
+    splits = [train.micro_batches(batch, rank, 4, cfg) for rank in range(4)]
+    assert len({len(s) for s in splits}) == 1, "every process must run the same number of forward passes"
+    for s in splits:
+        for group in s:
+            assert len(group) == 1 or len(group) * max(len(e.input_ids) for e in group) <= 600
+    seen = sorted(e.index for s in splits for group in s for e in group)
+    assert seen == sorted(e.index for e in batch)
+
+
+def test_length_grouped_sampling_cuts_padding_and_keeps_every_example(tiny_build):
+    from pipeline.config import TrainConfig
+
+    rng = random.Random(1)
+    examples = _examples([rng.randint(5, 300) for _ in range(400)])
+    plain = TrainConfig(batch_size=8, max_steps=50, seed=3)
+    grouped = TrainConfig(batch_size=8, max_steps=50, seed=3, group_by_length=True)
+
+    def padding(batches):
+        return sum(len(b) * max(len(e.input_ids) for e in b) - sum(len(e.input_ids) for e in b) for b in batches)
+
+    a, b = train.step_batches(examples, plain), train.step_batches(examples, grouped)
+    assert padding(b) < 0.5 * padding(a)
+    assert len({e.index for batch in b for e in batch}) == 400  # one epoch: every example exactly once
+    assert train.step_batches(examples, grouped) == b  # seeded
+
+
+def test_each_process_decodes_only_its_share_of_the_priors(tiny_build, captured):
+    from pipeline.prior_cache import PriorStore
+
+    cfg = cfg_for(tiny_build, captured)
+    key = priors.plan(cfg, progress=False).key
+    reader = PriorStore(str(captured)).open(key)
+    everything = reader.load_all()
+    share = set(sorted(everything)[::2])
+    mine = reader.load(share)
+    assert set(mine) == share
+    for index in share:
+        assert (mine[index].topk_ids == everything[index].topk_ids).all()
+    with pytest.raises(CacheError, match="no records for examples"):
+        reader.load({10**6})
 
 
 TRAIN_SCRIPT = "from pipeline.cli import main; raise SystemExit(main())"
