@@ -11,6 +11,7 @@ or a divergence, which would only fail again; a retried training resumes from it
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,6 @@ def publish(
     config: str | None, overrides: list[str], runs: list[dict], base_report: str | None, prior: dict | None
 ) -> dict:
     """Table, plot and summary into `<storage>/experiments/<name>/`, and a Prefect markdown artifact."""
-    import json
-
     cfg = load_config(RunConfig, config, overrides)
     out = experiment.experiment_dir(cfg)
     base = json.loads(Path(base_report).read_text())["overall"] if base_report else None

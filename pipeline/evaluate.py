@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import data
 from pipeline.config import EvalConfig, EvalSetConfig, RunConfig
-from pipeline.prior_engines import set_vllm_cpu_environment, vllm_available
+from pipeline.prior_engines import set_vllm_cpu_environment, shutdown_vllm, vllm_available
 from pipeline.resolve import resolve_inputs
 from pipeline.storage import atomic_write_text, write_jsonl
 
@@ -208,6 +208,11 @@ class HFGenerator:
                 outputs.append([generated[row * n + j].tolist() for j in range(n)])
         return outputs
 
+    def close(self) -> None:
+        del self.model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
 
 class VLLMGenerator:
     """vLLM's offline `LLM` (continuous batching; the fast path on GPUs)."""
@@ -246,6 +251,10 @@ class VLLMGenerator:
         requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
         results = self.llm.generate(requests, params, use_tqdm=self.progress)
         return [[list(o.token_ids) for o in r.outputs] for r in results]
+
+    def close(self) -> None:
+        shutdown_vllm(self.llm)
+        del self.llm
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -304,26 +313,12 @@ def evaluate(
         "sets": {},
     }
     samples: list[dict[str, Any]] = []
-    for s in sets:
-        prompts = [
-            prompt_ids(tokenizer, s.prompt_template.replace("{question}", p.question), cfg.system_prompt)
-            for p in problems[s.name]
-        ]
-        sampled = engine.generate(prompts, cfg.n, sampling, cfg.max_new_tokens)
-        greedy = engine.generate(prompts, 1, {}, cfg.max_new_tokens) if cfg.greedy else None
-        correct, greedy_correct = [], []
-        for i, problem in enumerate(problems[s.name]):
-            texts = tokenizer.batch_decode(sampled[i], skip_special_tokens=True)
-            row = [is_correct(t, problem.answer, s.answer_type) for t in texts]
-            correct.append(row)
-            record: dict[str, Any] = {"set": s.name, "question": problem.question, "answer": problem.answer}
-            record.update(samples=texts, correct=row)
-            if greedy is not None:
-                text = str(tokenizer.decode(greedy[i][0], skip_special_tokens=True))
-                greedy_correct.append(is_correct(text, problem.answer, s.answer_type))
-                record.update(greedy=text, greedy_correct=greedy_correct[-1])
-            samples.append(record)
-        report["sets"][s.name] = summarize(correct, greedy_correct if greedy is not None else None)
+    try:
+        for s in sets:
+            report["sets"][s.name], records = evaluate_set(engine, tokenizer, s, problems[s.name], cfg, sampling)
+            samples += records
+    finally:
+        engine.close()
     report["overall"] = overall(report["sets"])
     report["seconds"] = round(time.time() - started, 1)
 
@@ -333,6 +328,34 @@ def evaluate(
     atomic_write_text(out_dir / "report.md", markdown_report(report))
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))  # last: its presence means done
     return report
+
+
+def evaluate_set(
+    engine: HFGenerator | VLLMGenerator,
+    tokenizer: Any,
+    s: EvalSetConfig,
+    problems: list[Problem],
+    cfg: EvalConfig,
+    sampling: dict[str, Any],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Sample, decode greedily and verify one set; returns its summary and one record per problem."""
+    prompts = [
+        prompt_ids(tokenizer, s.prompt_template.replace("{question}", p.question), cfg.system_prompt) for p in problems
+    ]
+    sampled = engine.generate(prompts, cfg.n, sampling, cfg.max_new_tokens)
+    greedy = engine.generate(prompts, 1, {}, cfg.max_new_tokens) if cfg.greedy else None
+    correct, greedy_correct, records = [], [], []
+    for i, problem in enumerate(problems):
+        texts = tokenizer.batch_decode(sampled[i], skip_special_tokens=True)
+        correct.append([is_correct(t, problem.answer, s.answer_type) for t in texts])
+        record: dict[str, Any] = {"set": s.name, "question": problem.question, "answer": problem.answer}
+        record.update(samples=texts, correct=correct[-1])
+        if greedy is not None:
+            text = str(tokenizer.decode(greedy[i][0], skip_special_tokens=True))
+            greedy_correct.append(is_correct(text, problem.answer, s.answer_type))
+            record.update(greedy=text, greedy_correct=greedy_correct[-1])
+        records.append(record)
+    return summarize(correct, greedy_correct if greedy is not None else None), records
 
 
 def load_problems(s: EvalSetConfig, limit: int | None) -> list[Problem]:

@@ -246,12 +246,19 @@ class VLLMEngine:
         return PriorRecord(example.index, len(example.input_ids), positions, top_ids, top_lp, obs_lp, obs_rank)
 
     def close(self) -> None:
-        """Shut the engine down explicitly: vLLM can abort at interpreter exit otherwise."""
-        engine = getattr(self.llm, "llm_engine", None)
-        shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        shutdown_vllm(self.llm)
         del self.llm
+
+
+def shutdown_vllm(llm: Any) -> None:
+    """Shut an offline `LLM` down explicitly: vLLM can abort at interpreter exit otherwise, and a
+    flow that trains next in the same process needs the GPU memory back."""
+    engine = getattr(llm, "llm_engine", None)
+    shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def vllm_available() -> bool:
