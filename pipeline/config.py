@@ -57,6 +57,9 @@ class DataConfig:
     """Leave malformed rows out and report them, instead of stopping at the first one."""
     limit: int | None = None
     """Use only the first `limit` rows (for smoke runs)."""
+    eval_path: str | None = None
+    """Held-out SFT examples (same format and columns as `path`) for the training-time eval loss;
+    None: the embedded held-out problems when the data is the embedded set, else no eval loss."""
 
 
 @dataclass
@@ -184,7 +187,7 @@ class TrainConfig:
     launch `torchrun --standalone --nproc-per-node <processes>`; under torchrun itself it is ignored."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: DDP (replicated model), or FSDP2 `fully_shard` per decoder layer for
-    models that do not fit on one device. FSDP runs need `eval_every: 0` for now."""
+    models that do not fit on one device."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     chunk_size: int = 1024

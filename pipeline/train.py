@@ -267,8 +267,6 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     loss_model: nn.Module = TargetLossModel(model, spec, tc.tail, tc.chunk_size)
     fsdp = world > 1 and tc.parallel == "fsdp"
     if fsdp:
-        if heldout:
-            raise TrainError("held-out eval under FSDP is not implemented yet: set train.eval_every=0")
         loss_model = _fully_shard(loss_model, model)
     elif world > 1:
         loss_model = nn.parallel.DistributedDataParallel(loss_model)
@@ -318,6 +316,10 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
             )
         checkpoint_now = (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.max_steps
         full_state = _full_state(model, optimizer, fsdp) if checkpoint_now else None  # a collective under FSDP
+        eval_now = bool(heldout) and tc.eval_every > 0 and ((step + 1) % tc.eval_every == 0 or step + 1 == tc.max_steps)
+        eval_loss = None
+        if eval_now and (fsdp or rank == 0):  # FSDP: every process runs the same forwards (all-gathers)
+            eval_loss = evaluate_loss(loss_model, heldout, tokenizer.pad_token_id, device, tc.micro_batch_size, fsdp)
         if rank == 0:
             seconds = time.perf_counter() - started
             record = {
@@ -328,10 +330,8 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
                 "tokens_per_s": float(stats.sums[-1]) / seconds,
                 **stats.means(),
             }
-            if tc.eval_every and ((step + 1) % tc.eval_every == 0 or step + 1 == tc.max_steps) and heldout:
-                record["eval_loss"] = evaluate_loss(
-                    loss_model, heldout, tokenizer.pad_token_id, device=device, micro=tc.micro_batch_size
-                )
+            if eval_loss is not None:
+                record["eval_loss"] = eval_loss
             with (out / "metrics.jsonl").open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{record['loss']:.4f}", ce=f"{record['ce']:.3f}")
@@ -358,22 +358,24 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
 
 @torch.no_grad()
 def evaluate_loss(
-    loss_model: nn.Module,
-    examples: list[data.Example],
-    pad_id: int,
-    device: str,
-    micro: int,
+    loss_model: nn.Module, examples: list[data.Example], pad_id: int, device: str, micro: int, fsdp: bool = False
 ) -> float:
     """Mean per-token held-out CE to the observed token, whatever the run's target: it compares across
-    targets, and held-out examples have no cached priors anyway."""
+    targets, and held-out examples have no cached priors anyway.
+
+    Under FSDP every process must call this (the sharded forward all-gathers); otherwise only one
+    process calls it, on the unwrapped model (a DDP forward would broadcast buffers).
+    """
     module: Any = loss_model.module if isinstance(loss_model, nn.parallel.DistributedDataParallel) else loss_model
+    scorer: Any = loss_model if fsdp else TargetLossModel(module.model, module.spec, module.tail, module.chunk_size)
+    target, scorer.spec = scorer.spec, from_config("sft")
     module.eval()
-    scorer = TargetLossModel(module.model, from_config("sft"), module.tail, module.chunk_size)
     total = sum(e.num_scored for e in examples)
     loss = 0.0
     for i in range(0, len(examples), micro):
         value, _ = scorer(collate(examples[i : i + micro], pad_id, None).to(device), total)
         loss += float(value)
+    scorer.spec = target
     module.train()
     return loss
 
@@ -421,13 +423,16 @@ def _load_priors(
     return reader.load(indices), key
 
 
-def _heldout_examples(cfg: RunConfig, path: Path | None, tokenizer: Any) -> list[data.Example]:
-    if path is None or cfg.train.eval_every == 0:
+def _heldout_examples(cfg: RunConfig, embedded: Path | None, tokenizer: Any) -> list[data.Example]:
+    """`data.eval_path` in the data's own format, else the embedded held-out problems (chat)."""
+    if cfg.train.eval_every == 0 or (cfg.data.eval_path is None and embedded is None):
         return []
+    path = Path(cfg.data.eval_path) if cfg.data.eval_path else embedded
+    fmt = cfg.data.format if cfg.data.eval_path else "messages"
     heldout_cfg = data.DataConfig(
-        **{**to_dict(cfg.data), "path": str(path), "limit": cfg.train.eval_examples, "format": "messages"}
+        **{**to_dict(cfg.data), "path": str(path), "limit": cfg.train.eval_examples, "format": fmt}
     )
-    return data.prepare(heldout_cfg, path, tokenizer).examples
+    return data.prepare(heldout_cfg, cast(Path, path), tokenizer).examples
 
 
 # --- checkpoints ---------------------------------------------------------------------------------

@@ -49,6 +49,11 @@ def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def eval_losses(run: Path) -> list[float]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [m["eval_loss"] for m in lines if "eval_loss" in m]
+
+
 def weights(final: Path) -> dict[str, torch.Tensor]:
     return load_file(str(final / "model.safetensors"))
 
@@ -387,6 +392,9 @@ def test_two_process_fsdp2_matches_single_process_and_resumes(tiny_build, captur
         "train.micro_batch_size=2",
         "train.max_steps=4",
         "train.checkpoint_every=2",
+        f"data.eval_path={tiny_build.sft_heldout}",  # held-out CE under FSDP: every process runs the eval
+        "train.eval_every=2",
+        "train.eval_examples=6",
     )
 
     def torchrun(*more: str) -> None:
@@ -401,6 +409,8 @@ def test_two_process_fsdp2_matches_single_process_and_resumes(tiny_build, captur
     a, b = losses(captured / "runs" / "fsdp"), losses(single.parent)
     assert len(a) == 4 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
     assert_same_weights(captured / "runs" / "fsdp" / "final", single, tol=1e-5)
+    evals = [eval_losses(captured / "runs" / "fsdp"), eval_losses(single.parent)]
+    assert len(evals[0]) == 2 and max(abs(x - y) for x, y in zip(*evals, strict=True)) < 1e-5
     # resume from the step-2 checkpoint (gathered full state, re-sharded on load): same losses again
     run = captured / "runs" / "fsdp"
     (run / "checkpoints" / "latest").write_text("step-000002")
