@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
                 )
             else:
                 final = train.train(cfg, resume=args.resume)
-            print(f"final model: {final}")
+            if os.environ.get("RANK", "0") == "0":  # once, not per torchrun process
+                print(f"final model: {final}")
         elif args.command == "eval":
             model_path, out_dir, default_set = evaluate.eval_target(cfg, base=args.base)
             report = evaluate.evaluate(cfg.eval, model_path, out_dir, default_set)
