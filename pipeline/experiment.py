@@ -166,14 +166,15 @@ def comparison_markdown(
 
 
 def comparison_plot(path: Path, n: int, base: dict[str, Any] | None, runs: list[dict[str, Any]]) -> None:
-    """PNG: Average@n per target with every seed's point; CE to the observed token over training."""
+    """PNG: Average@n per target with every seed's point; each run's training loss and its CE to the
+    observed token (the one curve that compares across targets) over the steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = list(dict.fromkeys(r["label"] for r in runs))
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (acc_ax, own_ax, loss_ax) = plt.subplots(1, 3, figsize=(17, 4.5))
     for x, label in enumerate(labels):
         values = [r["eval"]["average_at_n"] for r in runs if r["label"] == label and r["status"] == "ok" and r["eval"]]
         if values:
@@ -192,17 +193,17 @@ def comparison_plot(path: Path, n: int, base: dict[str, Any] | None, runs: list[
     for i, label in enumerate(labels):
         for r in runs:
             if r["label"] == label and r["status"] == "ok" and r["loss_curve"]:
-                steps, _, ce = zip(*r["loss_curve"], strict=True)
-                loss_ax.plot(
-                    steps,
-                    ce,
-                    color=f"C{i}",
-                    alpha=0.8,
-                    label=label if r["seed"] == min(x["seed"] for x in runs) else None,
-                )
+                steps, own, ce = zip(*r["loss_curve"], strict=True)
+                legend = label if r["seed"] == min(x["seed"] for x in runs) else None
+                own_ax.plot(steps, own, color=f"C{i}", alpha=0.8, label=legend)
+                loss_ax.plot(steps, ce, color=f"C{i}", alpha=0.8, label=legend)
+    own_ax.set_xlabel("step")
+    own_ax.set_ylabel("training loss (each target's own objective)")
+    own_ax.set_title("training loss curves (one line per seed)")
+    own_ax.legend()
     loss_ax.set_xlabel("step")
     loss_ax.set_ylabel("training CE to the observed token")
-    loss_ax.set_title("training curves (one line per seed)")
+    loss_ax.set_title("CE to the observed token (comparable across targets)")
     loss_ax.legend()
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")

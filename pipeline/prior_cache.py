@@ -117,9 +117,21 @@ class PriorStore:
         try:
             self.fs.pipe_file(tmp, data)
             self.fs.mv(tmp, path)
+        except FileNotFoundError:
+            # finalize swept our temporary away because another worker had already written this
+            # file; the content is identical (shards depend on their content alone), so we are done
+            if not self.fs.exists(path):
+                raise
         finally:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)
+
+    def remove_stale_temporaries(self, key: str) -> None:
+        """Delete temporary files a killed writer left in the shard folder (run once every shard exists)."""
+        if _is_object_store(self.fs):
+            return
+        for path in self.fs.glob(f"{self.dir(key)}/shards/.*.tmp-*"):
+            self.fs.rm(path)
 
     def write_key_inputs(self, key: str, inputs: dict[str, Any]) -> None:
         path = f"{self.dir(key)}/key.json"
@@ -134,6 +146,7 @@ class PriorStore:
 
     def finalize(self, key: str, inputs: dict[str, Any], num_shards: int, engine: str) -> dict[str, Any]:
         """Checksum every shard, write manifest.json, then _SUCCESS. Idempotent."""
+        self.remove_stale_temporaries(key)
         shards, totals = (
             [],
             {"examples": 0, "scored_tokens": 0, "bytes": 0, "seconds": 0.0, "prior_mass": 0.0, "outside_topk": 0},

@@ -476,3 +476,19 @@ def test_empty_dataset_is_refused(tiny_build, tmp_path):
     with pytest.raises(DataError, match="holds no rows"):
         priors.capture(make_cfg(tiny_build, tmp_path / "s", f"data.path={empty}"), progress=False)
     assert priors_dir_is_clean(tmp_path / "s")
+
+
+def test_finalize_sweeps_temporaries_a_killed_writer_left(tmp_path):
+    """A SIGKILL between writing a shard's temporary file and renaming it leaves the temporary
+    behind; once every shard exists, finalize removes it (and never a real shard)."""
+    store = PriorStore(str(tmp_path))
+    key = "0123456789abcdef0123"
+    shards = tmp_path / "priors" / key / "shards"
+    shards.mkdir(parents=True)
+    (shards / ".00003.parquet.tmp-1a2b3c4d").write_bytes(b"half")
+    (shards / "00003.parquet").write_bytes(b"whole")
+    store.remove_stale_temporaries(key)
+    assert sorted(p.name for p in shards.iterdir()) == ["00003.parquet"]
+    # rewriting an existing shard with the same bytes (what overlapping workers do) is harmless
+    store.write_bytes_atomic(str(shards / "00003.parquet"), b"whole")
+    assert (shards / "00003.parquet").read_bytes() == b"whole"
