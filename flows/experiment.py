@@ -44,9 +44,7 @@ def train_run(config: str | None, overrides: list[str], progress: bool = False) 
     """Train one run of the grid (a retry or a re-run resumes it); returns the final model folder."""
     cfg = load_config(RunConfig, config, overrides)
     resume = train.run_dir(cfg).joinpath("run.json").exists()
-    if cfg.train.processes > 1:  # one process per GPU under torchrun
-        return str(train.launch(config, overrides, cfg.train.processes, resume))
-    return str(train.train(cfg, resume=resume, progress=progress))
+    return str(train.train_or_launch(cfg, config, overrides, resume, progress))
 
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=transient_only)

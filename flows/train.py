@@ -26,9 +26,7 @@ def train_model(config: str | None, overrides: list[str], resume: bool) -> str:
     """Train (resuming from the last checkpoint on a retry); returns the final model folder."""
     cfg = load_config(RunConfig, config, overrides)
     resume = resume or train.run_dir(cfg).joinpath("run.json").exists()
-    if cfg.train.processes > 1:  # one process per GPU under torchrun
-        return str(train.launch(config, overrides, cfg.train.processes, resume))
-    return str(train.train(cfg, resume=resume, progress=False))
+    return str(train.train_or_launch(cfg, config, overrides, resume, progress=False))
 
 
 @flow(name="target-sft-train")

@@ -119,15 +119,7 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
         elif args.command == "train":
             if args.nproc:
                 cfg.train.processes = args.nproc
-            if cfg.train.processes > 1 and "WORLD_SIZE" not in os.environ:
-                final = train.launch(
-                    config_path,
-                    [*args.overrides, f"train.processes={cfg.train.processes}"],
-                    cfg.train.processes,
-                    args.resume,
-                )
-            else:
-                final = train.train(cfg, resume=args.resume)
+            final = train.train_or_launch(cfg, config_path, args.overrides, args.resume, progress=True)
             if os.environ.get("RANK", "0") == "0":  # once, not per torchrun process
                 print(f"final model: {final}")
         elif args.command == "eval":

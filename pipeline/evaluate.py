@@ -27,7 +27,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import data
 from pipeline.config import EvalConfig, EvalSetConfig, RunConfig
-from pipeline.prior_engines import set_vllm_cpu_environment, shutdown_vllm, vllm_available
+from pipeline.prior_engines import set_vllm_cpu_environment, shutdown_vllm
+from pipeline.priors import resolve_device, resolve_dtype, resolve_engine
 from pipeline.resolve import resolve_inputs
 from pipeline.storage import atomic_write_text, write_jsonl
 
@@ -174,9 +175,10 @@ class HFGenerator:
     name = "hf"
 
     def __init__(self, model_path: Path, dtype: str, batch_size: int, progress: bool) -> None:
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch_dtype = resolve_dtype(dtype, self.device)
-        model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+        self.device = resolve_device("auto")
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=getattr(torch, resolve_dtype(dtype, self.device))
+        )
         self.model = model.to(self.device).eval()
         self.pad_id = self.model.generation_config.pad_token_id or self.model.config.eos_token_id or 0
         self.batch_size, self.progress = batch_size, progress
@@ -224,11 +226,10 @@ class VLLMGenerator:
         from vllm import LLM
 
         limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", cfg.max_model_len)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         self.llm = LLM(
             model=str(model_path),
             tokenizer=str(model_path),
-            dtype=cast(Any, str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")),
+            dtype=cast(Any, resolve_dtype(cfg.dtype, resolve_device("auto"))),
             seed=cfg.seed,  # per-request seeds are not supported by the CPU build; the engine seed is
             max_model_len=min(cfg.max_model_len, limit),
             tensor_parallel_size=cfg.tensor_parallel_size,
@@ -255,12 +256,6 @@ class VLLMGenerator:
     def close(self) -> None:
         shutdown_vllm(self.llm)
         del self.llm
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return cast(torch.dtype, getattr(torch, dtype))
 
 
 # --- the evaluation --------------------------------------------------------------------------------
@@ -295,7 +290,7 @@ def evaluate(
     if not (Path(model_path) / "config.json").exists():
         raise EvalError(f"no model at {model_path} (config.json missing); train it first or fix eval.model_path")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    engine_name = "vllm" if cfg.engine == "vllm" or (cfg.engine == "auto" and vllm_available()) else "hf"
+    engine_name = resolve_engine(cfg.engine)
     started = time.time()
     engine: HFGenerator | VLLMGenerator
     if engine_name == "vllm":

@@ -18,6 +18,7 @@ from typing import Any
 from pipeline.config import ExperimentConfig, RunConfig
 from pipeline.storage import atomic_write_text
 from pipeline.targets import TargetError, from_config
+from pipeline.train import batch_shape_problem
 
 
 @dataclass
@@ -247,13 +248,8 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
     from pipeline.config import ConfigError
 
     tc, runs = cfg.train, expand_grid(cfg.experiment)
-    processes = tc.processes
-    per_step = processes if tc.micro_batch_tokens else tc.micro_batch_size * processes
-    problems = []
-    if tc.batch_size % per_step:
-        problems.append(
-            f"train.batch_size={tc.batch_size} is not a multiple of micro_batch_size × processes = {per_step}"
-        )
+    shape = batch_shape_problem(tc, tc.processes)
+    problems = [shape] if shape else []
     if cfg.data.max_length < 2:
         problems.append(f"data.max_length={cfg.data.max_length} leaves no completion token")
     if tc.epochs is None and tc.max_steps < 1:
@@ -271,8 +267,10 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
     if problems:
         raise ConfigError("; ".join(problems))
     return {
-        "processes": processes,
-        "accumulation_steps": "by token budget" if tc.micro_batch_tokens else tc.batch_size // per_step,
+        "processes": tc.processes,
+        "accumulation_steps": "by token budget"
+        if tc.micro_batch_tokens
+        else tc.batch_size // (tc.micro_batch_size * tc.processes),
         "max_tokens_per_step": tc.batch_size * cfg.data.max_length,
         "steps": f"{tc.epochs} epoch(s)" if tc.epochs is not None else tc.max_steps,
         "priors": {

@@ -180,18 +180,20 @@ def _split_by_tokens(share: list[data.Example], budget: int) -> list[list[data.E
     return groups
 
 
-def _check_batch_shape(tc: TrainConfig, world: int) -> None:
+def batch_shape_problem(tc: TrainConfig, world: int) -> str | None:
+    """Why a step's batch cannot be split over `world` processes, or None when it can."""
     if tc.micro_batch_tokens is not None:
         if tc.micro_batch_tokens < 1 or tc.batch_size % world:
-            raise TrainError(
+            return (
                 f"train.micro_batch_tokens={tc.micro_batch_tokens} must be >= 1 and train.batch_size={tc.batch_size} "
                 f"a multiple of the {world} processes"
             )
     elif tc.batch_size % (tc.micro_batch_size * world) != 0:
-        raise TrainError(
+        return (
             f"train.batch_size={tc.batch_size} is not a multiple of micro_batch_size × processes = "
             f"{tc.micro_batch_size} × {world}; change one of them"
         )
+    return None
 
 
 def lr_lambda(cfg: TrainConfig) -> Any:
@@ -227,6 +229,16 @@ def launch(config: str | Path | None, overrides: list[str], processes: int, resu
     return run_dir(cfg) / "final"
 
 
+def train_or_launch(
+    cfg: RunConfig, config: str | Path | None, overrides: list[str], resume: bool, progress: bool
+) -> Path:
+    """Train in this process, or under torchrun when `train.processes` > 1 and this is not already a
+    torchrun worker; `config` and `overrides` are what built `cfg` (torchrun's workers rebuild it)."""
+    if cfg.train.processes > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(config, [*overrides, f"train.processes={cfg.train.processes}"], cfg.train.processes, resume)
+    return train(cfg, resume=resume, progress=progress)
+
+
 def run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.storage_root) / "runs" / cfg.train.name
 
@@ -240,7 +252,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     spec = from_config(tc.target)  # unknown presets and parameters fail here, before anything runs
-    _check_batch_shape(tc, world)
+    problem = batch_shape_problem(tc, world)
+    if problem:
+        raise TrainError(problem)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
