@@ -35,6 +35,20 @@ TINY = BaseModelConfig(
 )
 
 
+def tiny_args(build: base_model.BaseModelPaths, storage: Path | str, *extra: str) -> list[str]:
+    """`--set`-style overrides for a run on a tiny build: its model and SFT set, short examples, the hf
+    prior engine with k=8, storage under `storage`; `extra` comes last and wins."""
+    return [
+        f"storage_root={storage}",
+        f"model.path={build.model}",
+        f"data.path={build.sft_train}",
+        "data.max_length=128",
+        "priors.engine=hf",
+        "priors.k=8",
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory) -> base_model.BaseModelPaths:
     return base_model.build(TINY, tmp_path_factory.mktemp("tiny-storage"), progress=False)

@@ -9,6 +9,7 @@ import pytest
 from pipeline import experiment
 from pipeline.config import ExperimentConfig
 from pipeline.targets import TargetError
+from tests.conftest import tiny_args
 
 
 def test_grid_expands_lists_and_seeds_with_readable_names():
@@ -50,13 +51,9 @@ def test_bad_grids_fail_before_anything_runs(targets, seeds, message):
 
 def _overrides(build, storage, name, targets, seeds, evaluate_base):
     eval_set = json.dumps([{"name": "arith", "path": str(build.sft_heldout), "answer_type": "numeric"}])
-    return [
-        f"storage_root={storage}",
-        f"model.path={build.model}",
-        f"data.path={build.sft_train}",
-        "data.max_length=128",
-        "priors.engine=hf",
-        "priors.k=8",
+    return tiny_args(
+        build,
+        storage,
         "train.batch_size=4",
         "train.micro_batch_size=2",
         "train.max_steps=3",
@@ -70,7 +67,7 @@ def _overrides(build, storage, name, targets, seeds, evaluate_base):
         f"experiment.targets={json.dumps(targets)}",
         f"experiment.seeds={json.dumps(seeds)}",
         f"experiment.evaluate_base={json.dumps(evaluate_base)}",
-    ]
+    )
 
 
 def test_experiment_flow_end_to_end_then_zero_prior_passes(prefect_server, tiny_build, tmp_path):

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 from pipeline.prior_cache import PriorStore
+from tests.conftest import tiny_args
 
 
 def test_priors_flow_on_two_dask_workers_then_reuse(prefect_server, tiny_build, tmp_path):
     from flows.priors import dask_runner, priors_flow
 
-    overrides = [
-        f"storage_root={tmp_path}",
-        f"model.path={tiny_build.model}",
-        f"data.path={tiny_build.sft_train}",
-        "data.max_length=128",
-        "priors.engine=hf",
-        "priors.k=8",
-        "priors.shard_size=8",
-    ]
+    overrides = tiny_args(tiny_build, tmp_path, "priors.shard_size=8")
     first = priors_flow.with_options(task_runner=dask_runner(2))(None, overrides, 2)
     assert first["forward_passes"] > 0
     store = PriorStore(str(tmp_path))
@@ -32,19 +25,15 @@ def test_train_flow_captures_priors_once_then_trains(prefect_server, tiny_build,
 
     from flows.train import train_flow
 
-    common = [
-        f"storage_root={tmp_path}",
-        f"model.path={tiny_build.model}",
-        f"data.path={tiny_build.sft_train}",
-        "data.max_length=128",
-        "priors.engine=hf",
-        "priors.k=8",
+    common = tiny_args(
+        tiny_build,
+        tmp_path,
         "train.target={preset: target_sft, eta: 0.5}",
         "train.batch_size=4",
         "train.micro_batch_size=2",
         "train.max_steps=2",
         "train.eval_every=0",
-    ]
+    )
     first = train_flow(None, [*common, "train.name=a"])
     assert first["priors"]["forward_passes"] > 0
     assert (Path(first["final_model"]) / "model.safetensors").exists()

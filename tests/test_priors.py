@@ -22,21 +22,13 @@ from pipeline import prior_schema, priors
 from pipeline.config import RunConfig, load_config
 from pipeline.prior_cache import CacheError, PriorStore, cache_key
 from pipeline.prior_engines import PriorError
+from tests.conftest import tiny_args
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def make_cfg(tiny_build, storage: Path, *overrides: str) -> RunConfig:
-    base = [
-        f"storage_root={storage}",
-        f"model.path={tiny_build.model}",
-        f"data.path={tiny_build.sft_train}",
-        "data.max_length=128",
-        "priors.engine=hf",
-        "priors.k=8",
-        "priors.shard_size=8",
-    ]
-    return load_config(RunConfig, None, [*base, *overrides])
+    return load_config(RunConfig, None, tiny_args(tiny_build, storage, "priors.shard_size=8", *overrides))
 
 
 def shard_bytes(storage: Path, key: str) -> dict[str, bytes]:
@@ -155,16 +147,7 @@ def capture_and_kill(cfg_args: list[str], shards: Path, after: int, delay: float
 
 
 def cfg_args(tiny_build, storage: Path, *extra: str) -> list[str]:
-    return [
-        f"storage_root={storage}",
-        f"model.path={tiny_build.model}",
-        f"data.path={tiny_build.sft_train}",
-        "data.max_length=128",
-        "priors.engine=hf",
-        "priors.k=8",
-        "priors.shard_size=4",
-        *extra,
-    ]
+    return tiny_args(tiny_build, storage, "priors.shard_size=4", *extra)
 
 
 def test_sigkill_at_random_points_then_resume_gives_identical_content(tiny_build, tmp_path):
@@ -378,17 +361,14 @@ def test_vllm_and_hf_engines_agree(default_build, tmp_path):
     """Same model and data: same top-k id sets (up to near-ties), logprobs within 1e-3 (fp32)."""
     from pipeline.prior_engines import HFEngine, VLLMEngine
 
-    cfg = load_config(
-        RunConfig,
-        None,
-        [
-            f"storage_root={tmp_path}",
-            f"model.path={default_build.model}",
-            f"data.path={default_build.sft_train}",
-            "data.limit=48",
-            "priors.k=20",
-        ],
-    )
+    args = [
+        f"storage_root={tmp_path}",
+        f"model.path={default_build.model}",
+        f"data.path={default_build.sft_train}",
+        "data.limit=48",
+        "priors.k=20",
+    ]
+    cfg = load_config(RunConfig, None, args)
     examples = priors.plan(cfg, progress=False).prepared.examples
     hf_engine = HFEngine(default_build.model, k=20)
     hf = hf_engine.score(examples)
@@ -412,18 +392,7 @@ def test_vllm_and_hf_engines_agree(default_build, tmp_path):
     assert near_ties <= 0.01 * total
     # and through the cache, with the vllm engine end to end
     result = priors.capture(
-        load_config(
-            RunConfig,
-            None,
-            [
-                f"storage_root={tmp_path}",
-                f"model.path={default_build.model}",
-                f"data.path={default_build.sft_train}",
-                "data.limit=48",
-                "priors.k=20",
-                "priors.engine=vllm",
-            ],
-        ),
+        load_config(RunConfig, None, [*args, "priors.engine=vllm"]),
         progress=False,
     )
     manifest = PriorStore(str(tmp_path)).manifest(result.key)

@@ -13,6 +13,7 @@ import pytest
 from pipeline import priors
 from pipeline.config import RunConfig, load_config
 from pipeline.prior_cache import CacheError, PriorStore
+from tests.conftest import tiny_args
 
 
 @pytest.fixture
@@ -51,15 +52,7 @@ def s3_server(monkeypatch):
 
 
 def overrides(tiny_build, root):
-    return [
-        f"storage_root={root}",
-        f"model.path={tiny_build.model}",
-        f"data.path={tiny_build.sft_train}",
-        "data.max_length=128",
-        "priors.engine=hf",
-        "priors.k=8",
-        "priors.shard_size=16",
-    ]
+    return tiny_args(tiny_build, root, "priors.shard_size=16")
 
 
 def test_s3_round_trip_matches_local(s3_server, tiny_build, tmp_path):

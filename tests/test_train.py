@@ -22,23 +22,13 @@ from pipeline import priors, train
 from pipeline.config import RunConfig, load_config
 from pipeline.prior_cache import CacheError
 from pipeline.targets import TargetError
+from tests.conftest import tiny_args
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def args_for(tiny_build, storage: Path, *extra: str) -> list[str]:
-    return [
-        f"storage_root={storage}",
-        f"model.path={tiny_build.model}",
-        f"data.path={tiny_build.sft_train}",
-        "data.max_length=128",
-        "priors.engine=hf",
-        "priors.k=8",
-        "train.lr=0.002",
-        "train.eval_every=0",
-        "train.threads=1",
-        *extra,
-    ]
+    return tiny_args(tiny_build, storage, "train.lr=0.002", "train.eval_every=0", "train.threads=1", *extra)
 
 
 def cfg_for(tiny_build, storage: Path, *extra: str) -> RunConfig:
