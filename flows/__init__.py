@@ -1,14 +1,56 @@
 """Thin Prefect flows over the `pipeline` library: they pass paths and manifests, never tensors.
 
 This package initialiser runs before any flow module imports prefect, so the settings below
-apply to every flow.
-
-Prefect is configured for offline use before it is imported anywhere in this package.
+apply to every flow: offline use (no analytics), and a Prefect home only where the user has none.
 """
 
+from __future__ import annotations
+
+import importlib.metadata
 import os
 from pathlib import Path
+from typing import Any
+
+# Settings that mean "this user already chose where Prefect keeps its state or sends its runs".
+USER_PREFECT_SETTINGS = ("PREFECT_HOME", "PREFECT_API_URL", "PREFECT_PROFILES_PATH", "PREFECT_PROFILE")
+
+
+def default_prefect_home(
+    environ: os._Environ[str] | dict[str, str], user_home: Path, cwd: Path, version: str
+) -> str | None:
+    """The project-local Prefect home to use, or None where the user has a profile or an API URL.
+
+    One home per Prefect version (`./.prefect/<version>/`): a server never opens a database that
+    another Prefect version migrated (an older server cannot read a newer schema, and
+    `make demo` / `make test` on two versions once broke each other that way).
+    """
+    if any(environ.get(name) for name in USER_PREFECT_SETTINGS):
+        return None
+    if (user_home / ".prefect" / "profiles.toml").exists():
+        return None
+    return str(cwd / ".prefect" / version)
+
+
+def retry_unexpected(task: Any, task_run: Any, state: Any) -> bool:
+    """Every task's retry condition: retry what may pass next time (a lost GPU, a full node), never
+    an input error or a divergence (`TargetSFTError`), which would only fail again."""
+    from pipeline.errors import TargetSFTError
+
+    try:
+        state.result()
+    except TargetSFTError:
+        return False
+    except BaseException:
+        return True
+    return False
+
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+# The library's own loggers (training progress: step, loss, tokens/s, ETA) go into the flow logs.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # the library also runs outside flows
+_home = default_prefect_home(os.environ, Path.home(), Path.cwd(), importlib.metadata.version("prefect"))
+if _home is not None:
+    Path(_home).mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level itself
+    os.environ["PREFECT_HOME"] = _home
