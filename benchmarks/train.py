@@ -52,8 +52,9 @@ def build_model(args):
 def run_one(args) -> dict:
     import torch
 
+    from pipeline.batching import Batch
     from pipeline.targets import preset
-    from pipeline.train import Batch, TargetLossModel
+    from pipeline.train import TargetLossModel
 
     torch.manual_seed(0)
     if args.device == "cpu":

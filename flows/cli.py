@@ -9,7 +9,8 @@ from pathlib import Path
 
 import flows  # noqa: F401  (offline Prefect settings before prefect is imported)
 from pipeline import base_model, cli
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, SafeName
+from pipeline.errors import ConfigError
 from pipeline.prior_cache import PriorStore
 
 
@@ -26,10 +27,20 @@ def run(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) -> 
 
 def serve(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) -> int:
     """`target-sft serve CONFIG --cron ...`: register the deployment and run its schedule (blocks)."""
+    from prefect.client.schemas.schedules import CronSchedule
+
     from flows.experiment import experiment_flow
 
     cron = args.cron or cfg.experiment.schedule
     name = args.name or cfg.experiment.name
+    problem = SafeName().problem(name)
+    if problem:
+        raise ConfigError(f"deployment name {name!r}: {problem}")
+    if cron is not None:
+        try:
+            CronSchedule(cron=cron)
+        except ValueError:
+            raise ConfigError(f"--cron {cron!r} is not a cron schedule; e.g. '0 3 * * *' (daily at 03:00)") from None
     parameters = {"config": str(Path(config).resolve()) if config else None, "overrides": args.overrides}
     experiment_flow.serve(name=name, cron=cron, parameters=parameters)
     return 0

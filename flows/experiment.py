@@ -18,43 +18,33 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows import retry_unexpected
 from flows.train import capture_priors
-from pipeline import evaluate, experiment, train
-from pipeline.config import ConfigError, RunConfig, load_config
-from pipeline.prior_cache import CacheError
-from pipeline.resolve import resolve_inputs
-from pipeline.targets import TargetError, from_config
-
-NOT_RETRIED = (ConfigError, TargetError, CacheError, train.TrainError, evaluate.EvalError)
+from pipeline import evaluate, experiment, launch
+from pipeline.config import RunConfig, load_config
+from pipeline.resolve import experiment_dir, resolve_inputs, run_dir
+from pipeline.targets import from_config
 
 
-def transient_only(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry condition: retry unexpected failures, not errors that would only repeat."""
-    return not isinstance(state.data, NOT_RETRIED)
-
-
-@task(retries=2, retry_delay_seconds=5)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unexpected)
 def prepare_base(config: str | None, overrides: list[str]) -> str:
     """Build (or reuse) the embedded base model, or check the configured one; returns its path."""
     return str(resolve_inputs(load_config(RunConfig, config, overrides), progress=False).model_path)
 
 
-@task(retries=1, retry_delay_seconds=10, retry_condition_fn=transient_only)
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unexpected)
 def train_run(config: str | None, overrides: list[str], progress: bool = False) -> str:
     """Train one run of the grid (a retry or a re-run resumes it); returns the final model folder."""
     cfg = load_config(RunConfig, config, overrides)
-    resume = train.run_dir(cfg).joinpath("run.json").exists()
-    return str(train.train_or_launch(cfg, config, overrides, resume, progress))
+    resume = run_dir(cfg).joinpath("run.json").exists()
+    return str(launch.train_or_launch(cfg, config, overrides, resume, progress))
 
 
-@task(retries=1, retry_delay_seconds=10, retry_condition_fn=transient_only)
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unexpected)
 def evaluate_model(config: str | None, overrides: list[str], base: bool, out_dir: str | None = None) -> str:
     """Evaluate the run's final model (or the base model); returns the report.json path."""
     cfg = load_config(RunConfig, config, overrides)
-    model, default_out, default_set = evaluate.eval_target(cfg, base=base)
-    out = Path(out_dir) if out_dir else default_out
-    evaluate.evaluate(cfg.eval, model, out, default_set, progress=False)
-    return str(out / "report.json")
+    return str(evaluate.evaluate_run(cfg, base, Path(out_dir) if out_dir else None, progress=False))
 
 
 @task
@@ -63,7 +53,7 @@ def publish(
 ) -> dict:
     """Table, plot and summary into `<storage>/experiments/<name>/`, and a Prefect markdown artifact."""
     cfg = load_config(RunConfig, config, overrides)
-    out = experiment.experiment_dir(cfg)
+    out = experiment_dir(cfg)
     base = json.loads(Path(base_report).read_text())["overall"] if base_report else None
     markdown = experiment.write_comparison(out, cfg.experiment.name, cfg.eval.n, base, runs, prior)
     key = "experiment-" + experiment.slug(cfg.experiment.name).lower().replace("_", "-").replace(".", "-")
@@ -86,7 +76,7 @@ def experiment_flow(config: str | None = None, overrides: list[str] | None = Non
         overrides = [*overrides, f"train.prior_key={prior['key']}"]
     base_report = None
     if cfg.experiment.evaluate_base:
-        base_out = str(experiment.experiment_dir(cfg) / "base")
+        base_out = str(experiment_dir(cfg) / "base")
         base_report = evaluate_model.with_options(task_run_name="eval-base")(config, overrides, True, base_out)
 
     results = []
@@ -106,8 +96,7 @@ def experiment_flow(config: str | None = None, overrides: list[str] | None = Non
                 error = "evaluation failed: " + _message(evaluated)
             else:
                 report = evaluated.result()
-        run_dir = Path(cfg.storage_root) / "runs" / spec.run_name
-        results.append(experiment.run_summary(spec, run_dir, report, error))
+        results.append(experiment.run_summary(spec, run_dir(cfg, spec.run_name), report, error))
         print(f"{spec.run_name}: {'failed: ' + error if error else 'done'}")
     published = publish(config, overrides, results, base_report, prior)
     failed = [r["run"] for r in results if r["status"] == "failed"]

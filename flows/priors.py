@@ -3,9 +3,10 @@
     python -m flows.priors configs/demo.yaml --workers 2          # local Dask cluster, 2 workers
 
 Each task is one capture worker (`priors.worker_index` of `priors.num_workers`) and returns the
-manifest path it writes to; the last task writes the manifest once every shard exists. On a GPU
-node run one Dask worker per GPU (CUDA_VISIBLE_DEVICES per worker); across nodes, pass the
-address of an existing Dask cluster (`--address tcp://scheduler:8786`). vLLM's own tensor
+manifest path it writes to; the last task writes the manifest once every shard exists. On one
+node, `target-sft priors` and the other flows already run one worker process per GPU
+(`priors.workers`, pipeline.launch); this flow is for several nodes: pass the address of an
+existing Dask cluster (`--address tcp://scheduler:8786`) whose workers each see one GPU. vLLM's own tensor
 parallelism (`priors.tensor_parallel_size`) covers a model that needs several GPUs.
 """
 
@@ -17,11 +18,14 @@ from prefect import flow, task
 from prefect.futures import wait
 from prefect_dask import DaskTaskRunner
 
+from flows import retry_unexpected
 from pipeline import priors
 from pipeline.config import RunConfig, load_config
 
 
-@task(retries=2, retry_delay_seconds=5, task_run_name="capture-worker-{worker_index}")
+@task(
+    retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unexpected, task_run_name="capture-worker-{worker_index}"
+)
 def capture_worker(config: str | None, overrides: list[str], worker_index: int, num_workers: int) -> dict:
     """One worker's share of the shards; returns the manifest path and its forward passes."""
     cfg = load_config(
@@ -40,7 +44,7 @@ def finalize(config: str | None, overrides: list[str]) -> dict:
     return {"key": result.key, "manifest": result.manifest_path, "forward_passes": result.forward_passes}
 
 
-@flow(name="target-sft-priors")
+@flow(name="target-sft-priors", log_prints=True)
 def priors_flow(config: str | None = None, overrides: list[str] | None = None, workers: int = 1) -> dict:
     """Capture (or reuse) the priors of a run config; returns key, manifest path, forward passes."""
     overrides = list(overrides or [])

@@ -9,27 +9,29 @@ import argparse
 
 from prefect import flow, task
 
-from pipeline import priors, train
+from flows import retry_unexpected
+from pipeline import launch
 from pipeline.config import RunConfig, load_config
+from pipeline.resolve import run_dir
 from pipeline.targets import from_config
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unexpected)
 def capture_priors(config: str | None, overrides: list[str]) -> dict:
-    """Capture or reuse the prior set; returns its key, manifest path and forward passes."""
-    result = priors.capture(load_config(RunConfig, config, overrides), progress=False)
+    """Capture or reuse the prior set (one worker per GPU); returns its key, manifest path and forward passes."""
+    result = launch.capture_priors(load_config(RunConfig, config, overrides), config, overrides, progress=False)
     return {"key": result.key, "manifest": result.manifest_path, "forward_passes": result.forward_passes}
 
 
-@task(retries=1, retry_delay_seconds=5)
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unexpected)
 def train_model(config: str | None, overrides: list[str], resume: bool) -> str:
     """Train (resuming from the last checkpoint on a retry); returns the final model folder."""
     cfg = load_config(RunConfig, config, overrides)
-    resume = resume or train.run_dir(cfg).joinpath("run.json").exists()
-    return str(train.train_or_launch(cfg, config, overrides, resume, progress=False))
+    resume = resume or run_dir(cfg).joinpath("run.json").exists()
+    return str(launch.train_or_launch(cfg, config, overrides, resume, progress=False))
 
 
-@flow(name="target-sft-train")
+@flow(name="target-sft-train", log_prints=True)
 def train_flow(config: str | None = None, overrides: list[str] | None = None, resume: bool = False) -> dict:
     """Priors when the target needs them, then training; returns paths, never tensors."""
     overrides = list(overrides or [])
@@ -39,7 +41,7 @@ def train_flow(config: str | None = None, overrides: list[str] | None = None, re
         prior = capture_priors(config, overrides)
         overrides = [*overrides, f"train.prior_key={prior['key']}"]
     final = train_model(config, overrides, resume)
-    return {"final_model": final, "metrics": str(train.run_dir(cfg) / "metrics.jsonl"), "priors": prior}
+    return {"final_model": final, "metrics": str(run_dir(cfg) / "metrics.jsonl"), "priors": prior}
 
 
 def main() -> None:

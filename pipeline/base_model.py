@@ -9,7 +9,6 @@ finished build with the same config is reused. `evaluate` reports greedy held-ou
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ from transformers import (
 
 from pipeline import synthetic
 from pipeline.config import BaseModelConfig, to_dict
+from pipeline.schedule import warmup_cosine
 from pipeline.storage import atomic_dir, sha256_json, write_jsonl
 
 EOS, PAD, END = "<|endoftext|>", "<|pad|>", "<|end|>"
@@ -185,12 +185,6 @@ def pretrain(
     order = torch.randperm(n_seq, generator=generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
 
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-
     use_bf16 = resolve_precision(cfg.precision) == "bf16"
     model.train()
     losses = []
@@ -202,7 +196,7 @@ def pretrain(
             start = 0
         batch = sequences[order[start : start + cfg.batch_size]]
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = cfg.lr * warmup_cosine(step, cfg.warmup_steps, cfg.steps)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()

@@ -10,15 +10,16 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import base_model, data, evaluate, experiment, priors, train
-from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline import base_model, data, evaluate, experiment, launch
+from pipeline.config import RunConfig, load_config
+from pipeline.errors import CacheError, ConfigError, TargetSFTError
+from pipeline.models import load_tokenizer
 from pipeline.prior_cache import PriorStore
-from pipeline.prior_engines import PriorError
 from pipeline.resolve import resolve_inputs
-from pipeline.targets import TargetError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -119,34 +120,39 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
         elif args.command == "train":
             if args.nproc:
                 cfg.train.processes = args.nproc
-            final = train.train_or_launch(cfg, config_path, args.overrides, args.resume, progress=True)
+            final = launch.train_or_launch(cfg, config_path, args.overrides, args.resume, progress=True)
             if os.environ.get("RANK", "0") == "0":  # once, not per torchrun process
                 print(f"final model: {final}")
         elif args.command == "eval":
-            model_path, out_dir, default_set = evaluate.eval_target(cfg, base=args.base)
-            report = evaluate.evaluate(cfg.eval, model_path, out_dir, default_set)
-            print(evaluate.markdown_report(report) + f"\nreport: {out_dir / 'report.json'}")
+            report_path = evaluate.evaluate_run(cfg, base=args.base)
+            report = json.loads(report_path.read_text())
+            print(evaluate.markdown_report(report) + f"\nreport: {report_path}")
         elif args.command == "check":
             print(json.dumps(experiment.dry_run(cfg), indent=2))
         elif args.command == "priors":
-            result = priors.capture(cfg)
+            if cfg.priors.num_workers > 1:
+                gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+                print(f"prior worker {cfg.priors.worker_index} of {cfg.priors.num_workers}, CUDA_VISIBLE_DEVICES={gpu}")
+            result = launch.capture_priors(cfg, config_path, args.overrides, progress=True)
             state = "complete" if result.complete else "this worker's shards done; others still missing"
             print(f"prior set {result.key}: {state}")
             print(f"manifest: {result.manifest_path}\nforward passes: {result.forward_passes}")
         elif args.command == "cache":
             return cache_command(args.action, getattr(args, "key", None), PriorStore(cfg.storage_root))
-    except (
-        ConfigError,
-        data.DataError,
-        PriorError,
-        TargetError,
-        train.TrainError,
-        evaluate.EvalError,
-        RuntimeError,
-        FileNotFoundError,
-    ) as e:
+    except TargetSFTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished outputs and the last checkpoint are intact", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(
+            "error: the above is not an input error target-sft knows; if your config and data look right, "
+            "please report it with this traceback",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -164,10 +170,8 @@ def print_base_eval(cfg: RunConfig, formats: list[str]) -> list[dict]:
 
 
 def inspect_data(cfg: RunConfig) -> None:
-    from transformers import AutoTokenizer
-
     inputs = resolve_inputs(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(inputs.model_path)
+    tokenizer = load_tokenizer(inputs.model_path, cfg.model.trust_remote_code)
     prepared = data.prepare(cfg.data, inputs.data_path, tokenizer)
     print(f"dataset: {inputs.data_path}\ntokenizer: {inputs.model_path}")
     for key, value in data.summary(prepared).items():
@@ -183,7 +187,11 @@ def cache_command(action: str, key: str | None, store: PriorStore) -> int:
         print("| key | complete | examples | scored tokens | engine | B/token |\n|---|---|---:|---:|---|---:|")
         for k in store.list_keys():
             if store.complete(k):
-                m = store.manifest(k)
+                try:
+                    m = store.manifest(k)
+                except CacheError as e:  # one broken set must not hide the others
+                    print(f"| {k} | corrupted: {e} | | | | |")
+                    continue
                 print(
                     f"| {k} | yes | {m['counts']['examples']} | {m['counts']['scored_tokens']} | {m['engine']} | "
                     f"{m['statistics']['bytes_per_scored_token']:.1f} |"

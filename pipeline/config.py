@@ -9,15 +9,18 @@ the CLI reads YAML.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, cast, get_args, get_origin
 
 import yaml
+
+from pipeline.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -25,8 +28,44 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 DEFAULT_STORAGE = os.environ.get("TARGET_SFT_STORAGE", "storage")
 
 
-class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message names the key."""
+@dataclass(frozen=True)
+class Range:
+    """A bound on a number: low ≤ x (or low < x when `low_open`) and x ≤ high."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def problem(self, value: float) -> str | None:
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        if not below and (self.high is None or value <= self.high):
+            return None
+        if self.high is None:
+            return f"must be {'>' if self.low_open else '>='} {self.low}"
+        return f"must be in {'(' if self.low_open else '['}{self.low}, {self.high}]"
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class SafeName:
+    """One safe path component: letters, digits, `.`, `_`, `-`; not `.` or `..`."""
+
+    def problem(self, value: str) -> str | None:
+        if not SAFE_NAME.fullmatch(value) or value in (".", ".."):
+            return "a name must be one folder name of letters, digits, '.', '_' and '-' (not '.' or '..')"
+        return None
+
+
+PositiveInt = Annotated[int, Range(1)]
+NonNegativeInt = Annotated[int, Range(0)]
+PositiveFloat = Annotated[float, Range(0, low_open=True)]
+NonNegativeFloat = Annotated[float, Range(0)]
+Fraction = Annotated[float, Range(0, 1)]
+OpenFraction = Annotated[float, Range(0, 1, low_open=True)]
+"""A share in (0, 1]."""
+Name = Annotated[str, SafeName()]
 
 
 @dataclass
@@ -35,6 +74,9 @@ class ModelConfig:
 
     path: str | None = None
     """Local `from_pretrained` folder. None means the embedded base model (built on demand)."""
+    trust_remote_code: bool = False
+    """Let model folders (this model, the prior model, evaluated models) run their own Python code
+    (`auto_map`). Off: such a folder is refused before anything in it is read as code."""
 
 
 @dataclass
@@ -42,20 +84,36 @@ class DataConfig:
     """Where the SFT examples come from and how they become token ids and label masks."""
 
     path: str | None = None
-    """A .jsonl/.json/.parquet file or a `datasets.save_to_disk` folder. None means the embedded
-    synthetic SFT set (train split) of the embedded base model."""
-    format: Literal["auto", "messages", "prompt_completion", "question_answer"] = "auto"
-    """Row layout; `auto` detects it from the columns of the first row."""
+    """Where the rows are, read through `datasets`: a local Hub snapshot folder (its README
+    `configs:`, as `huggingface-cli download --repo-type dataset` leaves it), a folder of data
+    files, one file (.jsonl/.json/.parquet/.csv/.arrow), a glob (`/data/train-*.parquet`), a
+    `save_to_disk` folder, or a Hub name (only when the Hub is reachable). None: the embedded
+    synthetic SFT set of the embedded base model."""
+    split: str = "train"
+    """Split to read from a folder or Hub dataset with several splits."""
+    subset: str | None = None
+    """Config name of a dataset with several (`name=` of `datasets.load_dataset`)."""
+    data_files: list[str] | None = None
+    """Files (or globs) inside `path` to read instead of its default configuration."""
+    format: Literal["auto", "messages", "prompt_completion", "question_answer", "conversations"] = "auto"
+    """Row layout; `auto` detects it from the column names: `messages` (role/content chats),
+    `prompt`+`completion` (strings, or message lists as in TRL's conversational form),
+    `question`+`answer`, or ShareGPT-style `conversations` (from/value turns)."""
     columns: dict[str, str] = field(default_factory=dict)
-    """Maps canonical names (messages, prompt, completion, question, answer) to the dataset's own
-    column names, e.g. {prompt: instruction, completion: output}."""
-    max_length: int = 512
+    """Maps canonical names (messages, prompt, completion, question, answer, conversations) to the
+    dataset's own column names, e.g. {prompt: instruction, completion: output}."""
+    message_keys: dict[str, str] = field(default_factory=dict)
+    """Keys of a turn in `conversations`: {role: from, content: value} by default."""
+    roles: dict[str, str] = field(default_factory=dict)
+    """Extra role names mapped to user/assistant/system (ShareGPT's human/gpt are built in),
+    e.g. {patient: user, doctor: assistant}."""
+    max_length: PositiveInt = 512
     """Longest tokenised example, prompt plus completion."""
     truncation: Literal["truncate", "drop"] = "truncate"
     """What to do with longer examples: cut the tail off, or leave the example out (counted)."""
     skip_invalid: bool = False
     """Leave malformed rows out and report them, instead of stopping at the first one."""
-    limit: int | None = None
+    limit: PositiveInt | None = None
     """Use only the first `limit` rows (for smoke runs)."""
     eval_path: str | None = None
     """Held-out SFT examples (same format and columns as `path`) for the training-time eval loss;
@@ -66,78 +124,81 @@ class DataConfig:
 class BaseModelConfig:
     """The embedded base model: synthetic data, tokenizer, architecture and pretraining budget."""
 
-    name: str = "tiny-arith"
+    name: Name = "tiny-arith"
     """Folder name under `<storage>/models/` and `<storage>/datasets/`."""
     seed: int = 0
     """Seeds data generation, initialisation and batch order."""
-    threads: int = 2
+    threads: PositiveInt = 2
     """torch CPU threads; fixed because float reductions depend on the thread count."""
-    max_number: int = 20
+    max_number: PositiveInt = 20
     """Operands are drawn from 1..max_number."""
-    max_steps_per_problem: int = 3
+    max_steps_per_problem: PositiveInt = 3
     """Each problem has 1..max_steps_per_problem +/- operations."""
-    pretrain_problems: int = 50000
+    pretrain_problems: PositiveInt = 50000
     """Plain-text problems in the pretraining corpus."""
-    sft_train_problems: int = 4000
+    sft_train_problems: PositiveInt = 4000
     """Chat-format SFT demonstrations."""
-    heldout_problems: int = 200
+    heldout_problems: PositiveInt = 200
     """Held-out evaluation problems; never seen in pretraining or SFT."""
-    sft_noise_fraction: float = 0.3
+    sft_noise_fraction: Fraction = 0.3
     """Share of SFT demonstrations with a systematic error (one step off by one, carried on)."""
-    vocab_size: int = 512
+    vocab_size: PositiveInt = 512
     """Target BPE vocabulary size (byte-level, digits split)."""
-    hidden_size: int = 128
+    hidden_size: PositiveInt = 128
     """Model width."""
-    num_layers: int = 4
+    num_layers: PositiveInt = 4
     """Transformer blocks."""
-    num_heads: int = 4
+    num_heads: PositiveInt = 4
     """Attention heads; head_dim = hidden_size / num_heads must be >= 32 for vLLM's CPU build."""
-    intermediate_size: int = 512
+    intermediate_size: PositiveInt = 512
     """MLP width."""
-    seq_len: int = 256
+    seq_len: PositiveInt = 256
     """Packed pretraining sequence length."""
-    batch_size: int = 16
+    batch_size: PositiveInt = 16
     """Sequences per pretraining step."""
-    steps: int = 700
+    steps: PositiveInt = 700
     """Pretraining steps (fixed, not time-based, so the build is deterministic)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Pretraining matmul precision: bf16 autocast (fp32 master weights) is about 1.3x faster on
     CPUs with AVX512-BF16/AMX; `auto` picks it where the CPU has it, fp32 elsewhere."""
-    lr: float = 3e-3
+    lr: PositiveFloat = 3e-3
     """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
-    warmup_steps: int = 30
+    warmup_steps: NonNegativeInt = 30
     """Linear warmup steps."""
 
 
 @dataclass
 class PriorsConfig:
-    """Stage 1: how sparse priors are captured (DESIGN §3-§4)."""
+    """Stage 1: how sparse priors are captured (docs/design.md §3-§4)."""
 
     engine: Literal["auto", "vllm", "hf"] = "auto"
     """`vllm` (offline LLM, prompt logprobs), `hf` (transformers reference), or `auto`: vllm
     wherever it imports, hf otherwise."""
     model_path: str | None = None
     """The prior (teacher) model; None means the run's own model. It must share the tokenizer."""
-    k: int = 20
+    k: PositiveInt = 20
     """Top-k entries stored per scored position."""
-    shard_size: int = 256
+    shard_size: PositiveInt = 256
     """Examples per Parquet shard (the unit of resumption and of fan-out)."""
-    batch_tokens: int = 8192
+    batch_tokens: PositiveInt = 8192
     """hf engine: padded tokens per forward batch."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Prior model precision; auto is float32 on CPU (vLLM matches transformers to 4e-6 there),
     bfloat16 on GPU."""
     device: str = "auto"
     """hf engine device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: PositiveInt = 1
     """vllm engine: GPUs per model replica."""
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: OpenFraction = 0.9
     """vllm engine: share of GPU memory vLLM may take."""
-    trust_remote_code: bool = False
-    """Allow model repositories to run their own Python code (off unless you turn it on)."""
-    num_workers: int = 1
-    """Workers sharing this capture; worker i computes shards i, i+n, i+2n, ..."""
-    worker_index: int = 0
+    workers: PositiveInt | Literal["auto"] = "auto"
+    """Capture processes on this node, each pinned to its own GPU (CUDA_VISIBLE_DEVICES=i); `auto`:
+    one per visible GPU, a single in-process capture on CPU. `target-sft priors`, `target-sft run`
+    and the flows all fan out this way."""
+    num_workers: PositiveInt = 1
+    """Workers sharing this capture; worker i computes shards i, i+n, i+2n, ... (set by the fan-out,
+    or by hand for workers on several nodes)."""
+    worker_index: NonNegativeInt = 0
     """This worker's index in [0, num_workers)."""
 
 
@@ -145,44 +206,44 @@ class PriorsConfig:
 class TrainConfig:
     """Stage 2: training the student toward Q-targets."""
 
-    name: str = "run"
+    name: Name = "run"
     """Run folder: `<storage>/runs/<name>/` (checkpoints, metrics.jsonl, final model)."""
     target: str | dict[str, Any] = "sft"
     """A preset name (`sft`, `dft`, `target_sft`, ...), `{preset: target_sft, eta: 0.5}`, or a free
     composition `{gamma: ..., residual: ..., weight: ...}` (pipeline.targets)."""
     tail: Literal["student_tail", "renormalize"] = "student_tail"
-    """How the prior mass outside the stored top-k is treated (DESIGN §3)."""
+    """How the prior mass outside the stored top-k is treated (docs/design.md §3)."""
     prior_key: str | None = None
     """Prior set to read; None: the key this config's priors section produces."""
-    batch_size: int = 16
+    batch_size: PositiveInt = 16
     """Examples per optimizer step, over all processes."""
-    micro_batch_size: int = 4
+    micro_batch_size: PositiveInt = 4
     """Examples per forward/backward on one process; accumulation = batch / (micro × processes)."""
-    micro_batch_tokens: int | None = None
+    micro_batch_tokens: PositiveInt | None = None
     """Padded-token budget per micro-batch. Set, it replaces micro_batch_size: each process splits its
     share of a step into the fewest length-sorted micro-batches of at most this many padded tokens
     (every process runs the same number). The update is the same; only memory and padding change."""
     group_by_length: bool = False
     """Length-grouped sampling: global batches come from mega-batches of 50 × batch_size examples
     sorted by length (similar lengths per step, little padding); the order of the steps stays random."""
-    max_steps: int = 100
+    max_steps: PositiveInt = 100
     """Optimizer steps (ignored when `epochs` is set)."""
-    epochs: float | None = None
+    epochs: PositiveFloat | None = None
     """Passes over the data; sets max_steps = floor(epochs × examples / batch_size) once the data is
     tokenised (the paper's recipes train 1 epoch)."""
-    lr: float = 1e-3
+    lr: PositiveFloat = 1e-3
     """Peak AdamW learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegativeFloat = 0.0
     """AdamW weight decay."""
-    warmup_steps: int = 5
+    warmup_steps: NonNegativeInt = 5
     """Linear warmup, then cosine decay to 10% of the peak."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: PositiveFloat = 1.0
     """Gradient clipping (global L2 norm)."""
     seed: int = 0
     """Seeds the data order and everything random."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """bf16 autocast on GPU, fp32 on CPU (auto)."""
-    processes: int = 1
+    processes: PositiveInt = 1
     """Training processes on this node (one per GPU). Above 1, `target-sft train`/`run` and the flows
     launch `torchrun --standalone --nproc-per-node <processes>`; under torchrun itself it is ignored."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
@@ -190,16 +251,21 @@ class TrainConfig:
     models that do not fit on one device."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
-    chunk_size: int = 1024
+    chunk_size: PositiveInt = 1024
     """Scored tokens per chunk of the fused loss."""
-    checkpoint_every: int = 50
-    """Write a resumable checkpoint every N steps (and at the end)."""
-    eval_every: int = 50
+    checkpoint_every: PositiveInt = 50
+    """Write a resumable checkpoint every N steps (and at the end): a Hugging Face model folder plus
+    the trainer state, under `<run>/checkpoints/step-N/`; the last two are kept."""
+    eval_every: NonNegativeInt = 50
     """Held-out loss every N steps (0: never)."""
-    eval_examples: int = 64
+    eval_examples: PositiveInt = 64
     """Held-out examples for the eval loss."""
-    threads: int = 2
+    threads: PositiveInt = 2
     """torch CPU threads per process."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
+    """Experiment trackers that get every step's metrics, the run config and the final eval report:
+    `tensorboard` (built in, `<run>/tensorboard/`), `mlflow`, `wandb` (optional extras, configured by
+    their own environment variables such as MLFLOW_TRACKING_URI or WANDB_PROJECT)."""
 
 
 @dataclass
@@ -209,7 +275,7 @@ class EvalSetConfig:
     name: str
     """Label in reports (e.g. `math500`)."""
     path: str
-    """A .jsonl/.json/.parquet file or a `datasets.save_to_disk` folder, one problem per row."""
+    """Where the problems are, one per row: any form `data.path` accepts."""
     question_column: str = "question"
     """Column holding the problem text."""
     answer_column: str = "answer"
@@ -218,8 +284,13 @@ class EvalSetConfig:
     """How answers are checked: `numeric` (exact number after `####`, or the last `\\boxed{}`),
     `math` (math-verify: `\\boxed{}`, `#### x`, LaTeX forms), `choice` (the option letter)."""
     prompt_template: str = "{question}"
-    """The user turn; `{question}` is replaced by the problem text (other braces stay as they are)."""
-    limit: int | None = None
+    """The user turn: `{question}` is the question column, `{name}` any other column of the set (a
+    dict or list column, such as options, renders as `A. ...` lines); other braces stay as written."""
+    split: str | None = None
+    """Split of a folder or Hub dataset; None: its only split, or `train`."""
+    subset: str | None = None
+    """Config name of a dataset with several."""
+    limit: PositiveInt | None = None
     """Use only the first `limit` problems."""
 
 
@@ -233,13 +304,13 @@ class EvalConfig:
     """Model to evaluate; None means this config's trained run (`<storage>/runs/<train.name>/final`)."""
     engine: Literal["auto", "vllm", "hf"] = "auto"
     """`vllm` (offline LLM), `hf` (transformers `generate`), or `auto`: vllm wherever it imports."""
-    n: int = 4
+    n: PositiveInt = 4
     """Sampled completions per problem (Average@n, pass@n)."""
-    temperature: float = 0.7
+    temperature: NonNegativeFloat = 0.7
     """Sampling temperature of the n samples."""
-    top_p: float = 1.0
+    top_p: OpenFraction = 1.0
     """Nucleus sampling threshold."""
-    max_new_tokens: int = 128
+    max_new_tokens: PositiveInt = 128
     """Longest completion."""
     seed: int = 0
     """Seeds the sampling."""
@@ -247,17 +318,17 @@ class EvalConfig:
     """Also decode greedily once per problem and report greedy accuracy."""
     system_prompt: str | None = None
     """Optional system turn before each problem."""
-    limit: int | None = None
+    limit: PositiveInt | None = None
     """Use only the first `limit` problems of every set (smoke runs)."""
-    batch_size: int = 64
+    batch_size: PositiveInt = 64
     """hf engine: prompts per `generate` call."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Generation precision; auto is float32 on CPU, bfloat16 on GPU."""
-    max_model_len: int = 4096
+    max_model_len: PositiveInt = 4096
     """vllm engine: longest prompt plus completion."""
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: PositiveInt = 1
     """vllm engine: GPUs per model replica."""
-    gpu_memory_utilization: float = 0.85
+    gpu_memory_utilization: OpenFraction = 0.85
     """vllm engine: share of GPU memory vLLM may take."""
 
 
@@ -265,7 +336,7 @@ class EvalConfig:
 class ExperimentConfig:
     """An experiment: capture priors once, train a grid of targets over seeds, evaluate, compare."""
 
-    name: str = "experiment"
+    name: Name = "experiment"
     """Folder `<storage>/experiments/<name>/` (table, plot, summary); runs are `<name>-<target>-s<seed>`."""
     targets: list[Any] = field(default_factory=lambda: ["sft", "dft", {"preset": "target_sft", "eta": 0.5}])
     """The grid: presets or `{preset: ..., param: ...}` mappings; a list of values expands to one run
@@ -308,21 +379,16 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     Args:
         cls: The dataclass to build.
         path: YAML file; None starts from the defaults.
-        overrides: `dotted.key=value` strings; values are parsed as YAML scalars.
+        overrides: `dotted.key=value` strings; values are parsed as YAML. `section={...}` merges
+            into the section instead of replacing it.
 
     Raises:
-        ConfigError: Unknown key, wrong type or unreadable file, naming the key.
+        ConfigError: Unreadable file, or every unknown key, wrong type and out-of-range value at
+            once, each named.
     """
     raw: dict[str, Any] = {}
     if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file not found: {path}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        raw = _read_yaml_file(Path(path))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -333,48 +399,142 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        target[leaf] = yaml.safe_load(value)
-    return _build(cls, raw, prefix="")
+        parsed = parse_yaml(value, f"override {item!r}")
+        if not parents and isinstance(parsed, dict) and isinstance(target.get(leaf), dict):
+            parsed = {**target[leaf], **parsed}  # `--set train={lr: 1}` changes lr, not the whole section
+        target[leaf] = parsed
+    errors: list[str] = []
+    built = _build(cls, raw, "", errors)
+    if isinstance(built, RunConfig) and not errors:  # cross-field checks need every field well-formed
+        errors += cross_field_problems(built)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return built
 
 
-def _build(cls: type[T], raw: Any, prefix: str) -> T:
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases (a 700-byte alias bomb expands to gigabytes) and duplicate keys
+    (a second `train:` section would silently replace the first)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"YAML aliases (*{event.anchor}) are not allowed in configs{event.start_mark}")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        duplicated = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if duplicated:
+            raise yaml.YAMLError(f"key {duplicated[0]!r} appears twice in one mapping{node.start_mark}")
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML through the strict loader; any YAML problem is a ConfigError naming `what`."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} is not valid YAML: {' '.join(str(e).split())}") from None
+
+
+def _read_yaml_file(path: Path) -> dict[str, Any]:
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is over {MAX_CONFIG_BYTES >> 20} MiB; is it really a config?")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path {path} is a folder; give a YAML file (see configs/)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; give a YAML file (see configs/)") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    raw = parse_yaml(text, f"config file {path}") or {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        where = f" in section {prefix.rstrip('.')!r}" if prefix else ""
-        raise ConfigError(f"unknown config key {unknown[0]!r}{where}; valid keys: {sorted(names)}")
-    required = [
-        f.name
-        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    missing = [name for name in required if name not in raw]
-    if missing:
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: missing required key {missing[0]!r}")
-    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
-    return cls(**kwargs)
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return raw
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    """Check (and minimally convert) `value` against the annotation `tp`."""
+def cross_field_problems(cfg: RunConfig) -> list[str]:
+    """Constraints between fields that no single field's type can express."""
+    problems = []
+    bm = cfg.base_model
+    if bm.hidden_size % bm.num_heads:
+        problems.append(f"base_model.num_heads={bm.num_heads} must divide base_model.hidden_size={bm.hidden_size}")
+    if cfg.priors.worker_index >= cfg.priors.num_workers:
+        problems.append(
+            f"priors.worker_index={cfg.priors.worker_index} must be below priors.num_workers={cfg.priors.num_workers}"
+        )
+    if "::" in cfg.storage_root:
+        problems.append(f"storage_root={cfg.storage_root!r}: '::' would chain two filesystems; rename the folder")
+    for i, s in enumerate(cfg.eval.sets):
+        if not re.search(r"\{[A-Za-z_][A-Za-z0-9_]*\}", s.prompt_template):
+            problems.append(
+                f"eval.sets[{i}].prompt_template names no column (e.g. {{question}}); every problem would get "
+                "the same prompt"
+            )
+    return problems
+
+
+def _build(cls: type[T], raw: Any, prefix: str, errors: list[str]) -> T:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    names = {f.name for f in fields}
+    for key in sorted(set(raw) - names, key=str):
+        section = f" in section {where!r}" if prefix else ""
+        errors.append(f"unknown config key {key!r}{section}; valid keys: {sorted(names)}")
+    for f in fields:
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw:
+            errors.append(f"{where}: missing required key {f.name!r}")
+    kwargs = {}
+    for name, value in raw.items():
+        if name not in names:
+            continue
+        try:
+            kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}", errors)
+        except ConfigError as e:
+            errors.append(str(e))
+    try:
+        return cls(**kwargs)
+    except TypeError:  # a required key is missing: already reported
+        if not errors:
+            raise
+        return cast(T, None)
+
+
+def _coerce(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
+    """Check (and minimally convert) `value` against the annotation `tp`; sections add to `errors`."""
     origin = get_origin(tp)
+    if origin is Annotated:
+        base, *checks = get_args(tp)
+        value = _coerce(base, value, key, errors)
+        for check in checks:
+            problem = check.problem(value)
+            if problem:
+                raise ConfigError(f"{key}={value!r}: {problem}")
+        return value
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, prefix=f"{key}.")  # type: ignore[arg-type]
+        return _build(tp, value, f"{key}.", errors)  # type: ignore[arg-type]
     if origin in (Union, types.UnionType):
         if value is None and type(None) in get_args(tp):
             return None
-        errors = []
+        failures = []
         for arg in get_args(tp):
             if arg is type(None):
                 continue
             try:
-                return _coerce(arg, value, key)
+                return _coerce(arg, value, key, errors)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches no type")
+                failures.append(str(e))
+        raise ConfigError(failures[0] if len(failures) == 1 else f"{key}: {value!r} matches no type")
     if origin is Literal:
         if value not in get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
@@ -383,23 +543,36 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         kt, vt = get_args(tp)
-        return {_coerce(kt, k, key): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
+        return {_coerce(kt, k, key, errors): _coerce(vt, v, f"{key}.{k}", errors) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (it,) = get_args(tp)
-        return [_coerce(it, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(it, v, f"{key}[{i}]", errors) for i, v in enumerate(value)]
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads `5e-5` (no dot) as a string
+        value = float(value)  # YAML 1.1 reads `5e-5` (no dot) as a string
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{key}: expected {tp.__name__}, got bool {value!r}")
     if not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value} is not a finite number")
     return value
+
+
+def flatten(data: dict[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of `section.key` names (`data.columns.prompt`, ...)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, sep, f"{prefix}{key}{sep}"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def to_dict(config: Any) -> dict[str, Any]:

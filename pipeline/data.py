@@ -11,8 +11,12 @@ with `labels[t + 1] != -100`.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,14 +25,11 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import DataConfig
+from pipeline.errors import DataError
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
-CANONICAL_COLUMNS = ("messages", "prompt", "completion", "question", "answer")
-
-
-class DataError(ValueError):
-    """A dataset or row is unusable; the message says which and why."""
+CANONICAL_COLUMNS = ("messages", "prompt", "completion", "question", "answer", "conversations")
 
 
 @dataclass
@@ -64,89 +65,235 @@ class PreparedData:
     skipped: list[tuple[int, str]] = field(default_factory=list)
     """(row index, reason) of malformed rows left out because `skip_invalid` was set."""
 
-
-def load_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Read rows from .jsonl, .json, .parquet or a `datasets.save_to_disk` folder."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(
-            f"dataset not found: {path} (set data.path to a .jsonl/.json/.parquet file or a save_to_disk folder)"
-        )
-    if path.is_dir():
-        import datasets
-
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if "train" not in loaded:
-                raise DataError(f"{path} holds splits {list(loaded)}; point data.path at one split folder")
-            loaded = loaded["train"]
-        return loaded.to_list()
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(path.read_text().splitlines()):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {i + 1} is not valid JSON: {e}") from e
-        return rows
-    if suffix == ".json":
-        data = json.loads(path.read_text())
-        if not isinstance(data, list):
-            raise DataError(f"{path} must hold a JSON list of rows")
-        return data
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or a save_to_disk folder")
+    def counts(self) -> dict[str, int]:
+        """What the rows came to: kept, truncated, dropped and skipped (for run.json and manifests)."""
+        return {
+            "rows": self.rows,
+            "examples": len(self.examples),
+            "truncated": self.truncated,
+            "dropped_too_long": self.dropped_too_long,
+            "dropped_no_completion": self.dropped_no_completion,
+            "skipped_invalid": len(self.skipped),
+        }
 
 
-def detect_format(row: dict[str, Any], columns: dict[str, str]) -> str:
-    """`messages`, `prompt_completion` or `question_answer`, from the first row's columns."""
-    unknown = set(columns) - set(CANONICAL_COLUMNS)
-    if unknown:
-        raise DataError(f"data.columns has unknown names {sorted(unknown)}; use {list(CANONICAL_COLUMNS)}")
+DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
-    def has(name: str) -> bool:
-        return columns.get(name, name) in row
 
-    if has("messages"):
-        return "messages"
-    if has("prompt") and has("completion"):
-        return "prompt_completion"
-    if has("question") and has("answer"):
-        return "question_answer"
+@dataclass
+class Source:
+    """A dataset opened for reading: its column names now, its rows (only the needed columns) later."""
+
+    where: str
+    columns: list[str]
+    read: Callable[[list[str] | None], list[dict[str, Any]]]
+    """`read(columns)`: every row, restricted to `columns` (None: all)."""
+
+
+def open_source(
+    path: str | Path, split: str | None = "train", subset: str | None = None, data_files: Any = None
+) -> Source:
+    """Open the rows at `path` (see `DataConfig.path` for every accepted form).
+
+    Raises:
+        DataError: missing path, unreadable file, unknown split or subset, offline Hub name.
+    """
+    text = str(path)
+    local = Path(text)
+    if local.is_file() and data_files is None:
+        rows = _read_file(local)
+        return Source(text, list(rows[0]) if rows else [], lambda cols: _only(rows, cols))
+    if local.is_dir() and any((local / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
+        return _from_disk(local, split)
+    if local.is_dir() or data_files is not None:
+        return _load_dataset(text, split, subset, data_files)
+    if glob.has_magic(text):
+        builder = DATA_SUFFIXES.get(Path(text).suffix.lower())
+        if builder is None or not glob.glob(text):
+            raise DataError(f"no data files match {text} (a glob must end in one of {sorted(DATA_SUFFIXES)})")
+        return _load_dataset(builder, "train", None, text)
+    if HUB_NAME.fullmatch(text) and Path(text).suffix.lower() not in DATA_SUFFIXES:
+        if _hub_offline():
+            raise DataError(
+                f"{text!r} is not a local path, and the Hub is offline (HF_HUB_OFFLINE); download it first "
+                f"(`huggingface-cli download --repo-type dataset {text} --local-dir /data/NAME`) and set "
+                "data.path to that folder"
+            )
+        return _load_dataset(text, split, subset, data_files)
     raise DataError(
-        f"cannot detect the format from the first row's columns {sorted(row)}; expected `messages`, "
-        "`prompt`+`completion` or `question`+`answer` (map other names with data.columns)"
+        f"dataset not found: {text} (set data.path to a data file, a folder, a glob, a save_to_disk folder "
+        "or a Hub name)"
     )
 
 
-def to_messages(row: Any, fmt: str, columns: dict[str, str]) -> list[dict[str, str]]:
+def load_rows(path: str | Path, split: str | None = "train", subset: str | None = None) -> list[dict[str, Any]]:
+    """Every row at `path` with every column."""
+    return open_source(path, split, subset).read(None)
+
+
+def _only(rows: list[dict[str, Any]], columns: list[str] | None) -> list[dict[str, Any]]:
+    if columns is None:
+        return rows
+    return [{k: row[k] for k in columns if k in row} if isinstance(row, dict) else row for row in rows]
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        text = _read_utf8(path)
+        if suffix == ".json":
+            data = _parse_json(text, f"{path}")
+            if not isinstance(data, list):
+                raise DataError(f"{path} must hold a JSON list of rows")
+            return data
+        # split on "\n" only: str.splitlines() would also split inside strings at U+2028 and friends
+        return [_parse_json(line, f"{path} line {i + 1}") for i, line in enumerate(text.split("\n")) if line.strip()]
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path} is not a readable Parquet file: {str(e).splitlines()[0]}") from None
+    if suffix in DATA_SUFFIXES:  # csv, arrow
+        return _load_dataset(DATA_SUFFIXES[suffix], "train", None, str(path)).read(None)
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(DATA_SUFFIXES)} or a folder")
+
+
+def _from_disk(path: Path, split: str | None) -> Source:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(f"{path} is not a `save_to_disk` dataset folder: {str(e).splitlines()[0]}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = _pick_split(loaded, split, str(path))
+    return _dataset_source(str(path), loaded)
+
+
+def _load_dataset(path: str, split: str | None, subset: str | None, data_files: Any) -> Source:
+    """`datasets.load_dataset` on a local folder (README configs or data files), a builder with data
+    files, or a Hub name; every failure becomes one DataError."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(path, name=subset, data_files=data_files)
+    except Exception as e:  # datasets raises many kinds (ValueError, FileNotFoundError, DatasetNotFoundError, ...)
+        raise DataError(f"cannot load the dataset {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return _dataset_source(path, _pick_split(loaded, split, path))
+
+
+def _pick_split(loaded: Any, split: str | None, where: str) -> Any:
+    if split in loaded:
+        return loaded[split]
+    if split is None and len(loaded) == 1:
+        return next(iter(loaded.values()))
+    raise DataError(f"{where} has splits {sorted(loaded)}, not {split!r}; set data.split (or the eval set's split)")
+
+
+def _dataset_source(where: str, dataset: Any) -> Source:
+    def read(columns: list[str] | None) -> list[dict[str, Any]]:
+        keep = dataset if columns is None else dataset.select_columns([c for c in columns if c in dataset.column_names])
+        return list(keep.to_list())
+
+    return Source(where, list(dataset.column_names), read)
+
+
+def _hub_offline() -> bool:
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} line {line} is not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8"
+        ) from None
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where} is not valid JSON: {e}") from None
+
+
+ROLE_NAMES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
+FORMAT_COLUMNS = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "question_answer": ("question", "answer"),
+    "conversations": ("conversations",),
+}
+
+
+def detect_format(column_names: list[str], columns: dict[str, str]) -> str:
+    """`messages`, `prompt_completion`, `question_answer` or `conversations`, from the column names."""
+    unknown = set(columns) - set(CANONICAL_COLUMNS)
+    if unknown:
+        raise DataError(f"data.columns has unknown names {sorted(unknown)}; use {list(CANONICAL_COLUMNS)}")
+    for fmt, needed in FORMAT_COLUMNS.items():
+        if all(columns.get(name, name) in column_names for name in needed):
+            return fmt
+    raise DataError(
+        f"cannot detect the format from the columns {sorted(column_names)}; expected `messages`, "
+        "`prompt`+`completion`, `question`+`answer` or `conversations` (map other names with data.columns)"
+    )
+
+
+def needed_columns(fmt: str, columns: dict[str, str]) -> list[str]:
+    """The dataset columns a format reads (nothing else is loaded)."""
+    return [columns.get(name, name) for name in FORMAT_COLUMNS[fmt]]
+
+
+def to_messages(row: Any, fmt: str, cfg: DataConfig) -> list[dict[str, str]]:
     """Validate one row and return it as a chat. Raises DataError with the reason."""
     if not isinstance(row, dict):
         raise DataError(f"row is a {type(row).__name__}, not a mapping")
 
     def get(name: str) -> Any:
-        column = columns.get(name, name)
+        column = cfg.columns.get(name, name)
         if column not in row or row[column] is None:
             raise DataError(f"missing field {column!r}")
         return row[column]
 
-    if fmt == "messages":
-        messages = get("messages")
+    if fmt in ("messages", "conversations"):
+        messages = get(fmt)
         if not isinstance(messages, list) or not messages:
-            raise DataError("`messages` must be a non-empty list")
+            raise DataError(f"`{fmt}` must be a non-empty list")
+        if fmt == "conversations":
+            messages = [_turn(m, i, cfg) for i, m in enumerate(messages)]
     else:
         first, second = ("prompt", "completion") if fmt == "prompt_completion" else ("question", "answer")
         prompt, completion = get(first), get(second)
         if fmt == "question_answer" and isinstance(completion, (int, float)) and not isinstance(completion, bool):
             completion = str(completion)
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        if isinstance(prompt, list) or isinstance(completion, list):  # TRL's conversational prompt/completion
+            if not (isinstance(prompt, list) and isinstance(completion, list)):
+                raise DataError("prompt and completion must both be strings or both be message lists")
+            messages = [*prompt, *completion]
+        else:
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
     _check_chat(messages)
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _turn(message: Any, i: int, cfg: DataConfig) -> dict[str, Any]:
+    """A ShareGPT turn ({from, value}) as {role, content}, through data.message_keys and data.roles."""
+    role_key, content_key = cfg.message_keys.get("role", "from"), cfg.message_keys.get("content", "value")
+    if not isinstance(message, dict) or role_key not in message or content_key not in message:
+        raise DataError(f"turn {i} must be a mapping with {role_key!r} and {content_key!r} (see data.message_keys)")
+    names = {**ROLE_NAMES, **cfg.roles}
+    if message[role_key] not in names:
+        raise DataError(f"turn {i} has role {message[role_key]!r}; map it with data.roles (e.g. {{name: user}})")
+    return {"role": names[message[role_key]], "content": message[content_key]}
 
 
 def _check_chat(messages: list[Any]) -> None:
@@ -219,12 +366,13 @@ def prepare(cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedTokeniz
     """
     if tokenizer.chat_template is None:
         raise DataError("the tokenizer has no chat template; set one (tokenizer.chat_template) before training")
-    rows = load_rows(data_path)
+    source = open_source(data_path, cfg.split, cfg.subset, cfg.data_files)
+    if not source.columns:
+        raise DataError(f"{data_path} holds no rows")
+    fmt = cfg.format if cfg.format != "auto" else detect_format(source.columns, cfg.columns)
+    rows = source.read(needed_columns(fmt, cfg.columns))
     if cfg.limit is not None:
         rows = rows[: cfg.limit]
-    if not rows:
-        raise DataError(f"{data_path} holds no rows")
-    fmt = cfg.format if cfg.format != "auto" else detect_format(rows[0], cfg.columns)
     tok_hash = tokenizer_hash(tokenizer)
     digest = hashlib.sha256()
     for part in (tok_hash, tokenizer.chat_template, fmt, str(cfg.max_length), cfg.truncation):
@@ -232,7 +380,7 @@ def prepare(cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedTokeniz
     out = PreparedData(examples=[], fingerprint="", tokenizer_hash=tok_hash, format=fmt, rows=len(rows))
     for index, row in enumerate(rows):
         try:
-            ids, labels = tokenize_chat(to_messages(row, fmt, cfg.columns), tokenizer)
+            ids, labels = tokenize_chat(to_messages(row, fmt, cfg), tokenizer)
         except DataError as e:
             if not cfg.skip_invalid:
                 raise DataError(f"row {index}: {e} (set data.skip_invalid=true to skip and report bad rows)") from e
@@ -252,6 +400,12 @@ def prepare(cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedTokeniz
         digest.update(np.asarray([index, len(ids)], dtype=np.int64).tobytes())
         digest.update(np.asarray(ids, dtype=np.int64).tobytes())
         digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+    if not out.examples:
+        raise DataError(
+            f"no examples left in {data_path} ({out.rows} rows: {out.dropped_too_long} too long, "
+            f"{out.dropped_no_completion} without completion tokens, {len(out.skipped)} invalid); "
+            "raise data.max_length, use data.truncation=truncate, or fix the data"
+        )
     out.fingerprint = digest.hexdigest()
     return out
 

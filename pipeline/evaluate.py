@@ -14,30 +14,27 @@ import json
 import logging
 import math
 import re
-import threading
 import time
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import data
-from pipeline.config import EvalConfig, EvalSetConfig, RunConfig
+from pipeline.answers import LETTERS, check_answers
+from pipeline.config import EvalConfig, EvalSetConfig, RunConfig, to_dict
+from pipeline.errors import EvalError
+from pipeline.models import load_model, load_model_config, load_tokenizer, pad_id
 from pipeline.prior_engines import set_vllm_cpu_environment, shutdown_vllm
-from pipeline.priors import resolve_device, resolve_dtype, resolve_engine
-from pipeline.resolve import resolve_inputs
-from pipeline.storage import atomic_write_text, write_jsonl
+from pipeline.resolve import eval_dir, resolve_device, resolve_dtype, resolve_engine, resolve_inputs, run_dir
+from pipeline.storage import atomic_write_text, sha256_json, write_jsonl
+from pipeline.tracking import Trackers
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_SET = "arith-heldout"
-LETTERS = "ABCDEFGHIJ"
-
-
-class EvalError(ValueError):
-    """Evaluation cannot run as configured; the message says what to change."""
 
 
 @dataclass
@@ -46,98 +43,8 @@ class Problem:
 
     question: str
     answer: str
-
-
-# --- answer checking -------------------------------------------------------------------------------
-
-_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
-
-
-def last_boxed(text: str) -> str | None:
-    r"""Content of the last `\boxed{...}` (nested braces allowed), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1 : j]
-    return None
-
-
-def to_number(text: str) -> Decimal | None:
-    """`1,000` -> 1000, `-3.50` -> -3.5; None for anything that is not just a number."""
-    cleaned = text.strip().strip("$").rstrip(".").replace(",", "").strip()
-    if not re.fullmatch(r"-?\d+(?:\.\d+)?", cleaned):
-        return None
-    try:
-        return Decimal(cleaned)
-    except InvalidOperation:
-        return None
-
-
-def extract_number(completion: str) -> Decimal | None:
-    """The number after the first `####` (the embedded task's answer line), else the last box."""
-    match = re.search(rf"####\s*({_NUMBER})", completion)
-    if match:
-        return to_number(match.group(1))
-    boxed = last_boxed(completion)
-    return to_number(boxed) if boxed is not None else None
-
-
-def normalize_choice(reference: str) -> str | None:
-    """`B`, `(b)`, `B)`, `B. some text` -> `B`."""
-    match = re.match(rf"^\s*\(?([{LETTERS}{LETTERS.lower()}])\)?(?:[.:)\s]|$)", str(reference))
-    return match.group(1).upper() if match else None
-
-
-def extract_choice(completion: str) -> str | None:
-    """The chosen option letter: a boxed letter, `answer is (B)`, `#### B`, or a lone letter."""
-    boxed = last_boxed(completion)
-    if boxed is not None:
-        letters = re.findall(rf"\b([{LETTERS}])\b", boxed)
-        if letters:
-            return letters[0]
-    for pattern in (
-        rf"[Aa]nswer(?: is)?\s*[:：]?\s*\(?([{LETTERS}])\)?(?![A-Za-z])",
-        rf"####\s*\(?([{LETTERS}])\)?(?![A-Za-z])",
-        rf"^\s*\(?([{LETTERS}])\)?[.)]?\s*$",
-        rf"\(([{LETTERS}])\)",
-    ):
-        found = re.findall(pattern, completion, flags=re.MULTILINE)
-        if found:
-            return str(found[-1])
-    return None
-
-
-def verify_math(completion: str, reference: str) -> bool:
-    """math-verify equivalence of the completion's final answer and the reference."""
-    from math_verify import parse, verify
-
-    # math-verify's timeouts use SIGALRM, which only the main thread may set (flows run tasks in threads).
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    boxed = last_boxed(completion)
-    if boxed is not None:  # the last box is the final answer (earlier ones may be drafts)
-        completion = f"\\boxed{{{boxed}}}"
-    else:
-        completion = re.sub(r"####\s*(.+)", lambda m: f"\\boxed{{{m.group(1).strip()}}}", completion, count=1)
-    gold_text = reference if ("$" in reference or "\\boxed" in reference) else f"${reference}$"
-    gold = parse(gold_text, parsing_timeout=cast(int, timeout))
-    predicted = parse(completion, parsing_timeout=cast(int, timeout))
-    return bool(gold) and bool(predicted) and verify(gold, predicted, timeout_seconds=timeout)
-
-
-def is_correct(completion: str, reference: str, answer_type: str) -> bool:
-    """Whether a completion's answer matches the reference under the set's answer type."""
-    if answer_type == "numeric":
-        got, want = extract_number(completion), to_number(str(reference))
-        return got is not None and want is not None and got == want
-    if answer_type == "choice":
-        want_letter = normalize_choice(str(reference))
-        return want_letter is not None and extract_choice(completion) == want_letter
-    return verify_math(completion, str(reference))
+    prompt: str
+    """The user turn: the set's prompt_template filled from the row."""
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -174,13 +81,14 @@ class HFGenerator:
 
     name = "hf"
 
-    def __init__(self, model_path: Path, dtype: str, batch_size: int, progress: bool) -> None:
+    def __init__(
+        self, model_path: Path, dtype: str, batch_size: int, progress: bool, trust_remote_code: bool, pad: int
+    ) -> None:
         self.device = resolve_device("auto")
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=getattr(torch, resolve_dtype(dtype, self.device))
-        )
+        dtype = resolve_dtype(dtype, self.device)
+        model: Any = load_model(model_path, trust_remote_code, dtype=getattr(torch, dtype))
         self.model = model.to(self.device).eval()
-        self.pad_id = self.model.generation_config.pad_token_id or self.model.config.eos_token_id or 0
+        self.pad_id = pad  # left padding under the attention mask: never generated from
         self.batch_size, self.progress = batch_size, progress
 
     @torch.no_grad()
@@ -221,15 +129,16 @@ class VLLMGenerator:
 
     name = "vllm"
 
-    def __init__(self, model_path: Path, cfg: EvalConfig, progress: bool) -> None:
+    def __init__(self, model_path: Path, cfg: EvalConfig, progress: bool, trust_remote_code: bool) -> None:
+        limit = getattr(load_model_config(model_path, trust_remote_code), "max_position_embeddings", cfg.max_model_len)
         set_vllm_cpu_environment()
         from vllm import LLM
 
-        limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", cfg.max_model_len)
         self.llm = LLM(
             model=str(model_path),
             tokenizer=str(model_path),
             dtype=cast(Any, resolve_dtype(cfg.dtype, resolve_device("auto"))),
+            trust_remote_code=trust_remote_code,
             seed=cfg.seed,  # per-request seeds are not supported by the CPU build; the engine seed is
             max_model_len=min(cfg.max_model_len, limit),
             tensor_parallel_size=cfg.tensor_parallel_size,
@@ -267,6 +176,7 @@ def evaluate(
     out_dir: Path,
     default_set: EvalSetConfig | None = None,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Evaluate one model on every configured set; write report.json, report.md, samples.jsonl.
 
@@ -276,6 +186,7 @@ def evaluate(
         out_dir: Where the report files go (created; files replaced atomically).
         default_set: The set to use when `cfg.sets` is empty (the embedded held-out problems).
         progress: Show progress bars.
+        trust_remote_code: Let the model folder run its own code (`model.trust_remote_code`).
 
     Returns:
         The report: per set and overall Average@n, pass@n and greedy accuracy.
@@ -286,23 +197,31 @@ def evaluate(
         raise EvalError("no evaluation sets: list them under eval.sets (name, path, answer_type)")
     if cfg.n < 1 or cfg.max_new_tokens < 1:
         raise EvalError(f"eval.n={cfg.n} and eval.max_new_tokens={cfg.max_new_tokens} must both be >= 1")
-    problems = {s.name: load_problems(s, cfg.limit) for s in sets}
     if not (Path(model_path) / "config.json").exists():
         raise EvalError(f"no model at {model_path} (config.json missing); train it first or fix eval.model_path")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    engine_name = resolve_engine(cfg.engine)
+    fingerprint = report_fingerprint(cfg, Path(model_path), sets)
+    previous = _read_report(out_dir / "report.json")
+    if previous is not None and previous.get("fingerprint") == fingerprint:
+        log.info("reusing %s: same model files, eval settings and sets", out_dir / "report.json")
+        return previous
+    problems = {s.name: load_problems(s, cfg.limit) for s in sets}
+    tokenizer = load_tokenizer(Path(model_path), trust_remote_code)
+    engine_name = resolve_engine(cfg.engine, "eval.engine")
     started = time.time()
     engine: HFGenerator | VLLMGenerator
     if engine_name == "vllm":
-        engine = VLLMGenerator(Path(model_path), cfg, progress)
+        engine = VLLMGenerator(Path(model_path), cfg, progress, trust_remote_code)
     else:
-        engine = HFGenerator(Path(model_path), cfg.dtype, cfg.batch_size, progress)
+        engine = HFGenerator(
+            Path(model_path), cfg.dtype, cfg.batch_size, progress, trust_remote_code, pad_id(tokenizer)
+        )
     torch.manual_seed(cfg.seed)
     sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
 
     # --- loop: generate and verify, set by set ---------------------------------------------------------
     report: dict[str, Any] = {
         "model": str(model_path),
+        "fingerprint": fingerprint,
         "engine": engine_name,
         **{k: getattr(cfg, k) for k in ("n", "temperature", "top_p", "max_new_tokens", "seed")},
         "sets": {},
@@ -325,6 +244,27 @@ def evaluate(
     return report
 
 
+def report_fingerprint(cfg: EvalConfig, model_path: Path, sets: list[EvalSetConfig]) -> str:
+    """Identity of an evaluation: its settings plus the name, size and mtime of every model and set file.
+
+    A retrained model is written to a new folder and renamed into place, so its files get new
+    mtimes; an unchanged model and unchanged settings give the same fingerprint and the report is reused.
+    """
+    files = [p for p in sorted(model_path.iterdir()) if p.is_file()]
+    for s in sets:
+        path = Path(s.path)
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.exists()]
+    return sha256_json({"eval": to_dict(cfg), "sets": [to_dict(s) for s in sets], "files": stats})
+
+
+def _read_report(path: Path) -> dict[str, Any] | None:
+    try:
+        return cast(dict[str, Any], json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
 def evaluate_set(
     engine: HFGenerator | VLLMGenerator,
     tokenizer: Any,
@@ -334,41 +274,79 @@ def evaluate_set(
     sampling: dict[str, Any],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Sample, decode greedily and verify one set; returns its summary and one record per problem."""
-    prompts = [
-        prompt_ids(tokenizer, s.prompt_template.replace("{question}", p.question), cfg.system_prompt) for p in problems
-    ]
+    prompts = [prompt_ids(tokenizer, p.prompt, cfg.system_prompt) for p in problems]
     sampled = engine.generate(prompts, cfg.n, sampling, cfg.max_new_tokens)
     greedy = engine.generate(prompts, 1, {}, cfg.max_new_tokens) if cfg.greedy else None
-    correct, greedy_correct, records = [], [], []
+    texts = [tokenizer.batch_decode(sampled[i], skip_special_tokens=True) for i in range(len(problems))]
+    greedy_texts = [str(tokenizer.decode(g[0], skip_special_tokens=True)) for g in greedy] if greedy else []
+    verdicts = check_answers(
+        [(t, p.answer) for p, row in zip(problems, texts, strict=True) for t in row]
+        + [(t, p.answer) for p, t in zip(problems, greedy_texts, strict=False)],
+        s.answer_type,
+    )
+    correct = [verdicts[i * cfg.n : (i + 1) * cfg.n] for i in range(len(problems))]
+    greedy_correct = verdicts[len(problems) * cfg.n :]
+    records = []
     for i, problem in enumerate(problems):
-        texts = tokenizer.batch_decode(sampled[i], skip_special_tokens=True)
-        correct.append([is_correct(t, problem.answer, s.answer_type) for t in texts])
         record: dict[str, Any] = {"set": s.name, "question": problem.question, "answer": problem.answer}
-        record.update(samples=texts, correct=correct[-1])
+        record.update(samples=texts[i], correct=correct[i])
         if greedy is not None:
-            text = str(tokenizer.decode(greedy[i][0], skip_special_tokens=True))
-            greedy_correct.append(is_correct(text, problem.answer, s.answer_type))
-            record.update(greedy=text, greedy_correct=greedy_correct[-1])
+            record.update(greedy=greedy_texts[i], greedy_correct=greedy_correct[i])
         records.append(record)
     return summarize(correct, greedy_correct if greedy is not None else None), records
 
 
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
 def load_problems(s: EvalSetConfig, limit: int | None) -> list[Problem]:
-    """Rows of one set as problems; a missing column is an error that names the column."""
+    """Rows of one set as problems, each with its prompt rendered from the template.
+
+    `{question}` is the question column whatever its name; `{name}` is any other column of the set
+    (a dict or list column, such as multiple-choice options, renders as `A. ...` lines). Other
+    braces stay as they are. A template naming a missing column, or the answer column, is refused.
+    """
     try:
-        rows = data.load_rows(s.path)
+        source = data.open_source(s.path, s.split, s.subset)
     except data.DataError as e:
         raise EvalError(f"eval set {s.name!r}: {e}") from None
+    used = {name for name in PLACEHOLDER.findall(s.prompt_template) if name != "question"}
+    for column in sorted({s.question_column, s.answer_column} | used):
+        if column not in source.columns:
+            raise EvalError(
+                f"eval set {s.name!r}: column {column!r} not found (columns: {sorted(source.columns)}); "
+                "set question_column/answer_column or fix prompt_template"
+            )
+    if s.answer_column in used:
+        raise EvalError(f"eval set {s.name!r}: prompt_template names the answer column {s.answer_column!r}")
+    rows = source.read(sorted({s.question_column, s.answer_column} | used))
     rows = rows[: min(x for x in (limit, s.limit, len(rows)) if x is not None)]
     if not rows:
         raise EvalError(f"eval set {s.name!r} ({s.path}) has no rows")
-    for column in (s.question_column, s.answer_column):
-        if column not in rows[0]:
-            raise EvalError(
-                f"eval set {s.name!r}: column {column!r} not found (columns: {sorted(rows[0])}); "
-                "set question_column/answer_column"
-            )
-    return [Problem(str(r[s.question_column]), str(r[s.answer_column])) for r in rows]
+    missing = [i for i, r in enumerate(rows) if r[s.answer_column] is None or str(r[s.answer_column]).strip() == ""]
+    if missing:
+        raise EvalError(
+            f"eval set {s.name!r}: rows {missing[:5]} have no reference answer in column {s.answer_column!r}; "
+            "fix or drop them (every problem needs an answer to score)"
+        )
+    return [Problem(str(r[s.question_column]), str(r[s.answer_column]), render_prompt(s, r)) for r in rows]
+
+
+def render_prompt(s: EvalSetConfig, row: dict[str, Any]) -> str:
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return _as_text(row[s.question_column] if name == "question" else row[name])
+
+    return PLACEHOLDER.sub(value, s.prompt_template)
+
+
+def _as_text(value: Any) -> str:
+    """Options as people write them: a dict {A: ..} or a list renders as `A. ...` lines."""
+    if isinstance(value, dict):
+        return "\n".join(f"{k}. {v}" for k, v in value.items())
+    if isinstance(value, list):
+        return "\n".join(f"{LETTERS[i]}. {v}" for i, v in enumerate(value[: len(LETTERS)]))
+    return str(value)
 
 
 def prompt_ids(tokenizer: Any, user_text: str, system: str | None) -> list[int]:
@@ -418,8 +396,7 @@ def eval_target(cfg: RunConfig, base: bool = False) -> tuple[Path, Path, EvalSet
     Default: the trained run `<storage>/runs/<train.name>/final`, reported into that run's `eval/`.
     `base=True`: the untrained base model, reported into `<storage>/evals/base-<model folder>/`.
     """
-    storage = Path(cfg.storage_root)
-    run = storage / "runs" / cfg.train.name
+    run = run_dir(cfg)
     if not base and not cfg.eval.model_path and not (run / "final" / "config.json").exists():
         raise EvalError(
             f"run {cfg.train.name!r} has no final model at {run / 'final'}; train it first "
@@ -429,8 +406,23 @@ def eval_target(cfg: RunConfig, base: bool = False) -> tuple[Path, Path, EvalSet
     default = embedded_set(inputs.heldout_path) if inputs and inputs.heldout_path else None
     if base:
         assert inputs is not None
-        return inputs.model_path, storage / "evals" / f"base-{inputs.model_path.name}", default
+        return inputs.model_path, eval_dir(cfg, f"base-{inputs.model_path.name}"), default
     if cfg.eval.model_path:
         model = Path(cfg.eval.model_path)
-        return model, storage / "evals" / model.name, default
+        return model, eval_dir(cfg, model.name), default
     return run / "final", run / "eval", default
+
+
+def evaluate_run(cfg: RunConfig, base: bool = False, out_dir: Path | None = None, progress: bool = True) -> Path:
+    """`target-sft eval` and the flows: evaluate the run (or the base model), report it to the run's
+    trackers, and return the report.json path. An unchanged model and settings reuse the report."""
+    model, default_out, default_set = eval_target(cfg, base=base)
+    out = out_dir or default_out
+    report = evaluate(cfg.eval, model, out, default_set, progress, cfg.model.trust_remote_code)
+    run = run_dir(cfg)
+    if not base and not cfg.eval.model_path and cfg.train.report_to:
+        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        trackers = Trackers(cfg.train.report_to, run, cfg.train.name, to_dict(cfg))
+        trackers.log_report(report, steps[-1] if steps else 0)
+        trackers.close()
+    return out / "report.json"

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.batching import batch_shape_problem
 from pipeline.config import ExperimentConfig, RunConfig
 from pipeline.storage import atomic_write_text
 from pipeline.targets import TargetError, from_config
-from pipeline.train import batch_shape_problem
 
 
 @dataclass
@@ -94,10 +94,6 @@ def slug(label: str) -> str:
     """A folder-safe form of a label: `target_sft(eta=0.5)` -> `target_sft-eta0.5`."""
     text = re.sub(r"[=\s]+", "", label.replace("(", "-").replace(",", "-").rstrip(")"))
     return re.sub(r"[^A-Za-z0-9_.\-]+", "_", text)
-
-
-def experiment_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.storage_root) / "experiments" / cfg.experiment.name
 
 
 # --- comparison --------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The Q-target loss: a dense reference and a fused, chunked lm_head + loss.
 
 Both compute loss_t = w_t · CE(Q_t, p_t) with Q and w detached, so that the gradient with
-respect to the logits is exactly w·(p − Q) (DESIGN §2).
+respect to the logits is exactly w·(p − Q) (docs/design.md §2).
 
 * `q_target_loss` works on full logits [N, V] through autograd: the readable reference.
 * `fused_q_target_loss` works on hidden states [N, H] and the lm_head weight [V, H]. It walks
@@ -13,7 +13,7 @@ Both return `QLoss(loss, stats)`; `stats` holds detached per-batch sums (γ, ent
 mass captured by the stored top-k, CE to the observed token, scored-token count) that can be
 added across micro-batches and all-reduced across ranks before `means()`.
 
-Prior inputs (DESIGN §3): `prior_ids`/`prior_logprobs` [N, k] are the prior's top-k, and
+Prior inputs (docs/design.md §3): `prior_ids`/`prior_logprobs` [N, k] are the prior's top-k, and
 `prior_obs_logprob` [N] its log-probability of the observed token. Ids < 0 mark padding.
 """
 
@@ -26,6 +26,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from pipeline.errors import TargetError
 from pipeline.targets import Coefficients, SupportStats, TailPolicy, TargetSpec, coefficients
 
 IGNORE = -100
@@ -143,7 +144,7 @@ def q_target_loss(
         spec: The target design (`pipeline.targets.preset(...)`).
         prior_ids, prior_logprobs: [N, k] the prior's top-k, required when `spec.needs_prior`.
         prior_obs_logprob: [N] the prior's log-probability of the observed token.
-        tail: `student_tail` or `renormalize` (DESIGN §3).
+        tail: `student_tail` or `renormalize` (docs/design.md §3).
         reduction: `none` gives [N] (0 where ignored), `sum`, or `mean` over scored tokens.
         num_items: Normaliser for `mean` (e.g. the global scored-token count); default: local count.
     """
@@ -156,7 +157,7 @@ def q_target_loss(
         labels[rows], sel(prior_ids), sel(prior_logprobs), sel(prior_obs_logprob), dtype
     )
     if spec.needs_prior and prior_lp is None:
-        raise ValueError(f"target {spec.name!r} needs a prior: pass prior_ids, prior_logprobs and prior_obs_logprob")
+        raise TargetError(f"target {spec.name!r} needs a prior: pass prior_ids, prior_logprobs and prior_obs_logprob")
     stats = _support_stats(spec, logp.detach(), ids, valid, prior_lp)
     coef = coefficients(spec, stats, tail)
     q = dense_target(coef, logp.detach().exp(), ids, valid)
@@ -337,7 +338,7 @@ def fused_q_target_loss(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if spec.needs_prior and prior_ids is None:
-        raise ValueError(f"target {spec.name!r} needs a prior: pass prior_ids, prior_logprobs and prior_obs_logprob")
+        raise TargetError(f"target {spec.name!r} needs a prior: pass prior_ids, prior_logprobs and prior_obs_logprob")
     if reduction == "mean":
         count = num_items if num_items is not None else max(int((labels != IGNORE).sum()), 1)
         scale: float | Tensor = 1.0 / count

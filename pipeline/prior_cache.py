@@ -1,4 +1,4 @@
-"""The content-addressed prior cache on shared storage (DESIGN §4), through fsspec.
+"""The content-addressed prior cache on shared storage (docs/design.md §4), through fsspec.
 
     <root>/priors/<key>/key.json           the key inputs (written first, identical for every worker)
     <root>/priors/<key>/shards/NNNNN.parquet   one shard = a contiguous block of examples
@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import fsspec
 import numpy as np
@@ -31,15 +31,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import prior_schema
-from pipeline.prior_engines import PriorError, PriorRecord
+from pipeline.errors import CacheError
+from pipeline.prior_engines import PriorRecord
 
 KEY_RE = re.compile(r"^[0-9a-f]{20}$")
+SHARD_FILE_RE = re.compile(r"shards/[0-9]{5,}\.parquet")
 SHARD_RE = re.compile(r"^\d{5}\.parquet$")
 FORMAT_VERSION = 1
-
-
-class CacheError(PriorError):
-    """A prior set is missing, incomplete, corrupted or does not match what the run expects."""
 
 
 def cache_key(inputs: dict[str, Any]) -> str:
@@ -103,12 +101,26 @@ class PriorStore:
             raise CacheError(
                 f"prior set {key} has no manifest; it is incomplete (rerun `target-sft priors` to finish it)"
             )
-        return json.loads(self.fs.cat_file(path))
+        try:
+            manifest = json.loads(self.fs.cat_file(path))
+            files = [shard["file"] for shard in manifest["shards"]]
+        except (ValueError, KeyError, TypeError):
+            raise CacheError(
+                f"the manifest of prior set {key} is corrupted (not the JSON a capture writes); "
+                f"`target-sft cache rm {key}` and capture again"
+            ) from None
+        for name in files:  # a manifest must never lead the reader outside its own set
+            if not isinstance(name, str) or not SHARD_FILE_RE.fullmatch(name):
+                raise CacheError(
+                    f"the manifest of prior set {key} names shard file {name!r}, which is not a shard of the set; "
+                    f"`target-sft cache rm {key}` and capture again"
+                )
+        return cast(dict[str, Any], manifest)
 
     # writing ---------------------------------------------------------------------------------
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         """Temporary name + rename on filesystems; one PUT (already atomic) on object stores."""
-        if _is_object_store(self.fs):
+        if is_object_store(self.fs):
             self.fs.pipe_file(path, data)
             return
         parent = path.rsplit("/", 1)[0]
@@ -128,7 +140,7 @@ class PriorStore:
 
     def remove_stale_temporaries(self, key: str) -> None:
         """Delete temporary files a killed writer left in the shard folder (run once every shard exists)."""
-        if _is_object_store(self.fs):
+        if is_object_store(self.fs):
             return
         for path in self.fs.glob(f"{self.dir(key)}/shards/.*.tmp-*"):
             self.fs.rm(path)
@@ -255,10 +267,10 @@ def storage_error(root: str, error: Exception) -> CacheError:
         )
     if isinstance(error, PermissionError):
         return CacheError(f"storage root {root} is not writable (permission denied)")
-    return CacheError(f"cannot write to storage root {root}: {name}")
+    return CacheError(f"cannot write to storage root {root}: {name}: {error}")
 
 
-def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     return bool(protocols & {"s3", "s3a", "gs", "gcs", "az", "abfs", "memory"})
 

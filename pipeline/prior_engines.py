@@ -7,7 +7,7 @@ Two engines produce the same `PriorRecord`s:
   never formed. Batches are built by a token budget over length-sorted examples.
 * `VLLMEngine`: vLLM's offline `LLM` with prompt logprobs (`max_tokens=1`, `prompt_logprobs=k`).
 
-Alignment (DESIGN §3): the prior row for position t is the distribution of token t+1 given
+Alignment (docs/design.md §3): the prior row for position t is the distribution of token t+1 given
 tokens ≤ t; only positions whose next token is a completion token are scored.
 """
 
@@ -23,10 +23,8 @@ import numpy as np
 import torch
 
 from pipeline.data import IGNORE, Example
-
-
-class PriorError(ValueError):
-    """The prior stage cannot run as configured; the message says why and how to fix it."""
+from pipeline.errors import PriorError
+from pipeline.models import check_remote_code, load_model
 
 
 @dataclass
@@ -104,9 +102,7 @@ class HFEngine:
         chunk_size: int = 1024,
         trust_remote_code: bool = False,
     ) -> None:
-        from transformers import AutoModelForCausalLM
-
-        model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model: Any = load_model(Path(model_path), trust_remote_code, dtype=dtype)
         self.model = model.to(device)
         self.model.eval()
         vocab = self.model.get_output_embeddings().weight.shape[0]
@@ -196,6 +192,7 @@ class VLLMEngine:
         trust_remote_code: bool = False,
         seed: int = 0,
     ) -> None:
+        check_remote_code(Path(model_path), trust_remote_code)
         set_vllm_cpu_environment()
         from vllm import LLM
 

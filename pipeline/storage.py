@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import ConfigError
+
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
@@ -38,6 +40,18 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def inside(root: str | Path, *parts: str) -> Path:
+    """`root/parts...`, refused unless it stays inside `root` (lexically: shared storage may be a symlink).
+
+    Every writer builds its folder through this, so no name can lead a write or a delete elsewhere.
+    """
+    base = os.path.normpath(root)
+    path = os.path.normpath(os.path.join(base, *parts))
+    if os.path.commonpath([base, path]) != base or path == base:
+        raise ConfigError(f"{'/'.join(parts)!r} would leave the storage root {root}; use a plain name")
+    return Path(path)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename."""
     path = Path(path)
@@ -52,6 +66,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    """sha256 of a file's bytes, read in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def sha256_json(obj: Any) -> str:

@@ -1,4 +1,4 @@
-"""Q-targets: Q = γ·δ(y) + (1 − γ)·π̃, trained with loss = w·CE(Q, p) (DESIGN §2).
+"""Q-targets: Q = γ·δ(y) + (1 − γ)·π̃, trained with loss = w·CE(Q, p) (docs/design.md §2).
 
 A `TargetSpec` is three plain choices: a label trust γ, a residual π̃ and a weight w. The eleven
 published methods are presets; any other combination can be written in a config mapping:
@@ -9,7 +9,7 @@ published methods are presets; any other combination can be written in a config 
 This module only describes targets and computes their per-position coefficients from detached
 student statistics; `pipeline.loss` turns the coefficients into a loss and a gradient.
 
-Sparse prior and tail (DESIGN §3). At each position the prior is known on the support
+Sparse prior and tail (docs/design.md §3). At each position the prior is known on the support
 S = top-k ∪ {y}; r = 1 − π_T(S) is the tail mass. `renormalize` drops r; `student_tail` spreads
 r over V \\ S in proportion to the detached student p. When the student puts (numerically) no
 mass outside S, `student_tail` falls back to `renormalize`, since there is nothing to spread over.
@@ -26,14 +26,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from pipeline.errors import TargetError
+
 GammaKind = Literal["const", "p", "pow", "threshold", "ratio", "topk_entropy"]
 ResidualKind = Literal["uniform", "self", "prior", "guided"]
 TailPolicy = Literal["renormalize", "student_tail"]
 TAIL_POLICIES = ("renormalize", "student_tail")
-
-
-class TargetError(ValueError):
-    """An invalid target: unknown preset or key, or a parameter out of range."""
 
 
 @dataclass(frozen=True)
@@ -146,13 +144,15 @@ def preset(name: str, **params: float) -> TargetSpec:
     presets = _presets()
     if name not in presets:
         raise TargetError(f"unknown target preset {name!r}; choose one of {list(presets)}")
-    try:
-        return presets[name](**params)
-    except TypeError as e:
-        import inspect
+    import inspect
 
-        allowed = list(inspect.signature(presets[name]).parameters)
-        raise TargetError(f"preset {name!r} takes parameters {allowed}, got {sorted(params)}") from e
+    allowed = list(inspect.signature(presets[name]).parameters)
+    if set(params) - set(allowed):
+        raise TargetError(f"preset {name!r} takes parameters {allowed}, got {sorted(params)}")
+    not_numbers = {k: v for k, v in params.items() if isinstance(v, bool) or not isinstance(v, int | float)}
+    if not_numbers:
+        raise TargetError(f"preset {name!r}: parameters must be numbers, got {not_numbers}")
+    return presets[name](**params)
 
 
 def from_config(config: str | dict[str, Any]) -> TargetSpec:

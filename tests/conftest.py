@@ -35,6 +35,15 @@ TINY = BaseModelConfig(
 )
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for test servers and torchrun rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny_args(build: base_model.BaseModelPaths, storage: Path | str, *extra: str) -> list[str]:
     """`--set`-style overrides for a run on a tiny build: its model and SFT set, short examples, the hf
     prior engine with k=8, storage under `storage`; `extra` comes last and wins."""

@@ -9,9 +9,7 @@ from pathlib import Path
 
 from pipeline import cli
 
-from .conftest import TINY
-
-REPO = Path(__file__).resolve().parent.parent
+from .conftest import REPO, TINY
 
 
 def tiny_overrides(storage: Path) -> list[str]:

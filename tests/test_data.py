@@ -101,13 +101,12 @@ def test_truncate_and_drop(tmp_path, tokenizer):
     assert dropped.dropped_too_long == 1 and len(dropped.examples) == 1
     assert [e.index for e in dropped.examples] == [1]
     # a cut that leaves no completion token drops the example and says so
-    prompt_heavy = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "word " * 80, "completion": "A."}])
-    none_left = data.prepare(
-        DataConfig(max_length=16),
-        prompt_heavy,
-        tokenizer,
-    )
-    assert none_left.dropped_no_completion == 1 and not none_left.examples
+    prompt_heavy = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "word " * 80, "completion": "A."}, short])
+    one_left = data.prepare(DataConfig(max_length=16), prompt_heavy, tokenizer)
+    assert one_left.dropped_no_completion == 1 and [e.index for e in one_left.examples] == [1]
+    # and when nothing is left, one clear error says why (not an empty set that fails later)
+    with pytest.raises(data.DataError, match=r"no examples left .* \(2 rows: 2 too long"):
+        data.prepare(DataConfig(max_length=8, truncation="drop"), path, tokenizer)
 
 
 MALFORMED = [

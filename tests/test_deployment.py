@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_train import free_port
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO, free_port
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:

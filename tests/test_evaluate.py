@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
-from pipeline import base_model, evaluate
+from pipeline import answers, base_model, evaluate
 from pipeline.config import EvalConfig, EvalSetConfig, RunConfig, load_config
 
 # (completion, reference, answer_type, expected)
@@ -52,16 +53,31 @@ TRICKY = [
 
 @pytest.mark.parametrize("completion,reference,answer_type,expected", TRICKY)
 def test_answer_verification_on_tricky_forms(completion, reference, answer_type, expected):
-    assert evaluate.is_correct(completion, reference, answer_type) is expected
+    assert answers.is_correct(completion, reference, answer_type) is expected
 
 
 def test_math_verification_works_off_the_main_thread():
     """Flows run tasks in worker threads, where math-verify's SIGALRM timeout cannot be set."""
     results = []
-    thread = threading.Thread(target=lambda: results.append(evaluate.is_correct(r"\boxed{\frac12}", "0.5", "math")))
+    thread = threading.Thread(
+        target=lambda: results.append(answers.check_answers([(r"\boxed{\frac12}", "0.5")], "math"))
+    )
     thread.start()
     thread.join()
-    assert results == [True]
+    assert results == [[True]]
+
+
+def test_a_pathological_answer_cannot_hang_an_evaluation_in_any_thread():
+    """sympy expanding 9^(9^(9^9)) holds the GIL and ignores signals: in-thread it hangs forever.
+    The worker process is killed at the deadline, the answer counts as wrong, the next one is checked."""
+    items = [(r"\boxed{9^{9^{9^{9}}}}", "1"), (r"\boxed{\frac12}", "0.5"), (r"\boxed{3}", "3")]
+    results = []
+    started = time.monotonic()
+    thread = threading.Thread(target=lambda: results.append(answers.check_answers(items, "math", deadline_s=5)))
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive() and results == [[False, True, True]]
+    assert time.monotonic() - started < 60
 
 
 def test_average_and_pass_at_n_on_a_hand_computed_example():

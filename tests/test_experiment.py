@@ -88,7 +88,7 @@ def test_experiment_flow_end_to_end_then_zero_prior_passes(prefect_server, tiny_
     assert all("diverged" in r["error"] for r in failed)
     assert summary["base"]["problems"] == 6
     table = (tmp_path / "experiments" / "e1" / "comparison.md").read_text()
-    assert "| e1-dft-s0 | 0 | failed: TrainError: run e1-dft-s0 diverged" in table
+    assert "| e1-dft-s0 | 0 | failed: DivergedError: run e1-dft-s0 diverged" in table
     assert "| target_sft(eta=0.5) | 2 |" in table and "| base model (untrained) |" in table
     assert (tmp_path / "experiments" / "e1" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "runs" / "e1-sft-s1" / "eval" / "report.json").exists()
@@ -104,3 +104,11 @@ def test_experiment_flow_end_to_end_then_zero_prior_passes(prefect_server, tiny_
     assert second["failed_runs"] == []
     table = (tmp_path / "experiments" / "e2" / "comparison.md").read_text()
     assert "reused from the cache (0 prior forward passes)" in table
+
+    # The same experiment again: its runs are finished, so nothing is trained or evaluated again.
+    run = tmp_path / "runs" / "e2-target_sft-eta0.25-s0"
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "final" / "model.safetensors", run / "eval" / "samples.jsonl")}
+    again = experiment_flow(
+        None, _overrides(tiny_build, tmp_path, "e2", [{"preset": "target_sft", "eta": 0.25}], [0], False)
+    )
+    assert again["failed_runs"] == [] and {p: p.stat().st_mtime_ns for p in stamps} == stamps

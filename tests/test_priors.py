@@ -20,11 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import prior_schema, priors
 from pipeline.config import RunConfig, load_config
+from pipeline.errors import DataError, ModelError, PriorError
 from pipeline.prior_cache import CacheError, PriorStore, cache_key
-from pipeline.prior_engines import PriorError
-from tests.conftest import tiny_args
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO, tiny_args
 
 
 def make_cfg(tiny_build, storage: Path, *overrides: str) -> RunConfig:
@@ -294,18 +292,23 @@ def priors_dir_is_clean(storage: Path) -> bool:
     return not folder.exists() or not [p for p in folder.iterdir() if not p.name.startswith(".write-probe")]
 
 
-def test_bad_inputs_fail_clearly_and_leave_no_partial_cache(tiny_build, tmp_path):
+@pytest.mark.parametrize(
+    "overrides,error,message",
+    [
+        (["model.path=/nonexistent/model"], ModelError, "model/tokenizer not found"),
+        (["priors.k=100000"], PriorError, "must be between 1 and the vocabulary size"),
+        (["data.max_length=8", "data.truncation=drop"], DataError, "no examples left"),
+    ],
+)
+def test_bad_inputs_fail_clearly_and_leave_no_partial_cache(tiny_build, tmp_path, overrides, error, message):
     storage = tmp_path / "store"
-    cases = {
-        "model/tokenizer not found": ["model.path=/nonexistent/model"],
-        "must be between 1 and the vocabulary size": ["priors.k=100000"],
-        "no examples left to score": ["data.max_length=8", "data.truncation=drop"],
-    }
-    for message, overrides in cases.items():
-        with pytest.raises((PriorError, CacheError), match=message):
-            priors.capture(make_cfg(tiny_build, storage, *overrides), progress=False)
-        assert priors_dir_is_clean(storage), message
+    with pytest.raises(error, match=message):
+        priors.capture(make_cfg(tiny_build, storage, *overrides), progress=False)
+    assert priors_dir_is_clean(storage), message
 
+
+def test_bad_teacher_or_storage_fail_clearly_and_leave_no_partial_cache(tiny_build, tmp_path):
+    storage = tmp_path / "store"
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_build.model, teacher)
     tok = AutoTokenizer.from_pretrained(teacher)
@@ -433,7 +436,7 @@ def test_remote_code_models_need_an_explicit_opt_in(tiny_build, tmp_path):
     config.update(model_type="my-custom-llm", auto_map={"AutoConfig": "configuration_custom.CustomConfig"})
     (custom / "config.json").write_text(json.dumps(config))
     (custom / "configuration_custom.py").write_text("raise SystemExit('remote code ran')\n")
-    with pytest.raises(PriorError, match="trust_remote_code=true only if you trust it"):
+    with pytest.raises(ModelError, match="trust_remote_code=true only if you trust it"):
         priors.capture(make_cfg(tiny_build, tmp_path / "s", f"priors.model_path={custom}"), progress=False)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from pipeline import experiment
 from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.errors import TargetError
 
 PAPER = Path(__file__).resolve().parent.parent / "configs" / "paper"
 MATH_MODELS = ["qwen3-1.7b", "qwen2.5-math-1.5b", "qwen2.5-math-7b"]
@@ -37,15 +38,15 @@ def test_recipe_dry_run(setting):
 
 
 @pytest.mark.parametrize(
-    "overrides,message",
+    "overrides,error,message",
     [
-        (["train.micro_batch_size=7"], "not a multiple of micro_batch_size × processes"),
-        (["eval.sets=[]"], "list eval.sets"),
-        (["eval.max_new_tokens=5000"], "leaves no room for the prompt"),
-        (["experiment.targets=[{preset: target_sft, eta: 1.5}]"], "eta"),
+        (["train.micro_batch_size=7"], ConfigError, "not a multiple of micro_batch_size × processes"),
+        (["eval.sets=[]"], ConfigError, "list eval.sets"),
+        (["eval.max_new_tokens=5000"], ConfigError, "leaves no room for the prompt"),
+        (["experiment.targets=[{preset: target_sft, eta: 1.5}]"], TargetError, "eta"),
     ],
 )
-def test_dry_run_rejects_impossible_recipes(overrides, message):
+def test_dry_run_rejects_impossible_recipes(overrides, error, message):
     cfg = load_config(RunConfig, PAPER / "numina-qwen3-1.7b.yaml", overrides)
-    with pytest.raises((ConfigError, ValueError), match=message):
+    with pytest.raises(error, match=message):
         experiment.dry_run(cfg)

@@ -13,15 +13,13 @@ import pytest
 from pipeline import priors
 from pipeline.config import RunConfig, load_config
 from pipeline.prior_cache import CacheError, PriorStore
-from tests.conftest import tiny_args
+from tests.conftest import free_port, tiny_args
 
 
 @pytest.fixture
 def s3_server(monkeypatch):
     """moto's S3 server in its own process on 127.0.0.1 (its Flask stack stays out of this one)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

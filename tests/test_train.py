@@ -18,13 +18,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import priors, train
+from pipeline import batching, priors, train
 from pipeline.config import RunConfig, load_config
 from pipeline.prior_cache import CacheError
 from pipeline.targets import TargetError
-from tests.conftest import tiny_args
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO, free_port, tiny_args
 
 
 def args_for(tiny_build, storage: Path, *extra: str) -> list[str]:
@@ -101,7 +99,7 @@ def test_micro_batch_split_by_token_budget_is_balanced_across_processes():
     rng = random.Random(0)
     batch = sorted(_examples([rng.randint(10, 200) for _ in range(32)]), key=lambda e: len(e.input_ids))
     cfg = TrainConfig(batch_size=32, micro_batch_tokens=600)
-    splits = [train.micro_batches(batch, rank, 4, cfg) for rank in range(4)]
+    splits = [batching.micro_batches(batch, rank, 4, cfg) for rank in range(4)]
     assert len({len(s) for s in splits}) == 1, "every process must run the same number of forward passes"
     for s in splits:
         for group in s:
@@ -121,10 +119,10 @@ def test_length_grouped_sampling_cuts_padding_and_keeps_every_example(tiny_build
     def padding(batches):
         return sum(len(b) * max(len(e.input_ids) for e in b) - sum(len(e.input_ids) for e in b) for b in batches)
 
-    a, b = train.step_batches(examples, plain), train.step_batches(examples, grouped)
+    a, b = batching.step_batches(examples, plain), batching.step_batches(examples, grouped)
     assert padding(b) < 0.5 * padding(a)
     assert len({e.index for batch in b for e in batch}) == 400  # one epoch: every example exactly once
-    assert train.step_batches(examples, grouped) == b  # seeded
+    assert batching.step_batches(examples, grouped) == b  # seeded
 
 
 def test_each_process_decodes_only_its_share_of_the_priors(tiny_build, captured):
@@ -181,14 +179,6 @@ def test_resume_after_sigkill_gives_identical_losses(tiny_build, tmp_path):
     assert len(a) == len(b) == 10
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6
     assert_same_weights(tmp_path / "killed" / "runs" / "r" / "final", straight, tol=1e-6)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_torchrun(cli_args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -248,8 +238,10 @@ def test_trained_model_reloads_with_transformers_and_same_logits(tiny_build, tmp
     )
     model = AutoModelForCausalLM.from_pretrained(final).eval()
     tokenizer = AutoTokenizer.from_pretrained(final)
-    checkpoint = AutoModelForCausalLM.from_pretrained(tiny_build.model).eval()
-    checkpoint.load_state_dict(load_file(str(final.parent / "checkpoints" / "step-000002" / "model.safetensors")))
+    # a mid-run checkpoint is a Hugging Face folder too, in the training dtype
+    checkpoint = AutoModelForCausalLM.from_pretrained(final.parent / "checkpoints" / "step-000002").eval()
+    assert checkpoint.dtype == torch.float32
+    assert AutoTokenizer.from_pretrained(final.parent / "checkpoints" / "step-000002").chat_template
     ids = tokenizer("Question: Ana has 3 pens.", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids).logits, checkpoint(ids).logits)
@@ -408,3 +400,87 @@ def test_two_process_fsdp2_matches_single_process_and_resumes(tiny_build, captur
     torchrun("--resume")
     assert max(abs(x - y) for x, y in zip(losses(run), b, strict=True)) < 1e-5
     assert_same_weights(run / "final", single, tol=1e-5)
+
+
+SHORT = ("train.batch_size=4", "train.micro_batch_size=2", "train.checkpoint_every=1", "train.name=strict")
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ("train.lr=0.01", r"train.lr was 0.002, now 0.01"),
+        ("data.max_length=100", r"data.max_length was 128, now 100"),
+        ("train.seed=3", r"train.seed was 0, now 3"),
+        ("train.target=dft", r"train.target was 'sft', now 'dft'"),
+        ("train.batch_size=8", r"train.batch_size was 4, now 8"),
+    ],
+)
+def test_resume_refuses_any_change_that_shapes_training(tiny_build, tmp_path, change, message):
+    train.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=2"), progress=False)
+    before = (tmp_path / "runs" / "strict" / "run.json").read_text()
+    with pytest.raises(train.TrainError, match=rf"cannot resume .*{message}.* start a new run"):
+        train.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=4", change), resume=True, progress=False)
+    assert (tmp_path / "runs" / "strict" / "run.json").read_text() == before  # nothing recorded as true
+
+
+def test_resume_may_extend_a_run_but_not_change_its_data_or_start_from_nothing(tiny_build, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    shutil.copy(tiny_build.sft_train, data)
+    extra = (*SHORT, f"data.path={data}")
+    with pytest.raises(train.TrainError, match="--resume: there is no run 'strict'"):
+        train.train(cfg_for(tiny_build, tmp_path, *extra, "train.max_steps=2"), resume=True, progress=False)
+    train.train(cfg_for(tiny_build, tmp_path, *extra, "train.max_steps=2"), progress=False)
+    longer = train.train(cfg_for(tiny_build, tmp_path, *extra, "train.max_steps=3"), resume=True, progress=False)
+    steps = [json.loads(line)["step"] for line in (longer.parent / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    rows = data.read_text().splitlines()
+    data.write_text("\n".join(rows[1:] + rows[:1]) + "\n")  # same path, different data
+    with pytest.raises(train.TrainError, match=r"its dataset_fingerprint was .*the data or priors under the same"):
+        train.train(cfg_for(tiny_build, tmp_path, *extra, "train.max_steps=4"), resume=True, progress=False)
+
+
+def test_rerun_of_a_finished_run_rewrites_nothing(tiny_build, tmp_path):
+    cfg = cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=2")
+    final = train.train(cfg, progress=False)
+    stamp = (final / "model.safetensors").stat().st_mtime_ns
+    assert train.train(cfg, resume=True, progress=False) == final
+    assert (final / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_divergence_never_reaches_a_checkpoint_or_the_metrics(tiny_build, tmp_path, monkeypatch):
+    """Finite loss and gradients at step 1, but an update that leaves a weight inf (what an overflowing
+    low-precision update does): the run stops before that step's checkpoint and metrics line."""
+    real_step = torch.optim.AdamW.step
+
+    def overflowing_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    with pytest.raises(train.DivergedError, match="diverged: weights inf at step 1"):
+        train.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=3"), progress=False)
+    run = tmp_path / "runs" / "strict"
+    assert not list(run.glob("checkpoints/step-*"))
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()
+
+
+def test_an_lr_whose_update_overflows_is_a_divergence(tiny_build, tmp_path):
+    with pytest.raises(train.DivergedError, match="the update overflowed at step 1"):
+        train.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=3", "train.lr=1e39"), progress=False)
+    assert not list((tmp_path / "runs" / "strict").glob("checkpoints/step-*"))
+
+
+def test_resume_falls_back_past_a_truncated_checkpoint(tiny_build, tmp_path, caplog):
+    cfg = cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=4", "train.target=dft")
+    straight = train.train(cfg_for(tiny_build, tmp_path / "straight", *SHORT, "train.max_steps=4", "train.target=dft"))
+    final = train.train(cfg, progress=False)
+    shutil.rmtree(final)
+    newest = final.parent / "checkpoints" / "step-000004" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a half-written file
+    with caplog.at_level("WARNING"):
+        train.train(cfg, resume=True, progress=False)
+    assert "step-000004 is unusable (model.safetensors does not match its checksum)" in caplog.text
+    assert max(abs(x - y) for x, y in zip(losses(final.parent), losses(straight.parent), strict=True)) < 1e-6
+    assert_same_weights(final, straight, tol=1e-6)

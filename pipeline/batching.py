@@ -1,0 +1,139 @@
+"""Batching for stage 2: global batches per step, each process's micro-batches, and collation.
+
+A step takes `train.batch_size` examples over all processes; each process gets every world-th
+example and splits its share into micro-batches (by count, or by a padded-token budget). The
+update does not depend on the split, because the loss is divided by the step's global count of
+scored tokens. `collate` turns a micro-batch into right-padded tensors with the priors aligned to
+the shifted labels (docs/design.md §3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline import data
+from pipeline.config import TrainConfig
+from pipeline.prior_engines import PriorRecord, aligned_prior
+
+
+@dataclass
+class Batch:
+    """One micro-batch as tensors; labels and priors are already shifted (position t → t+1)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    prior_ids: torch.Tensor | None
+    prior_logprobs: torch.Tensor | None
+    prior_obs_logprob: torch.Tensor | None
+
+    def to(self, device: str) -> Batch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))  # type: ignore[arg-type]
+
+
+def collate(examples: list[data.Example], pad_id: int, priors: dict[int, PriorRecord] | None) -> Batch:
+    """Right-padded tensors; prior tensors aligned with `labels[1:]` of every example."""
+    longest = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full((len(examples), longest - 1), data.IGNORE, dtype=torch.long)
+    prior = None
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        mask[row, :n] = 1
+        labels[row, : n - 1] = torch.tensor(e.labels[1:])
+        if priors is not None:
+            p_ids, p_lp, p_obs = aligned_prior(priors[e.index], n)
+            if prior is None:
+                k = p_ids.shape[1]
+                prior = (
+                    torch.full((len(examples), longest - 1, k), -1, dtype=torch.long),
+                    torch.full((len(examples), longest - 1, k), float("-inf")),
+                    torch.zeros(len(examples), longest - 1),
+                )
+            prior[0][row, : n - 1], prior[1][row, : n - 1], prior[2][row, : n - 1] = p_ids, p_lp, p_obs
+    return Batch(ids, mask, labels, *(prior or (None, None, None)))
+
+
+def step_batches(examples: list[data.Example], cfg: TrainConfig) -> list[list[data.Example]]:
+    """Global batches for every step: seeded shuffle per epoch, each batch sorted by length.
+
+    Sorting inside a global batch keeps its set of examples (so any micro-batch split gives the
+    same update) while micro-batches of similar lengths need little padding. With
+    `group_by_length`, batches are cut from length-sorted mega-batches and then shuffled.
+    """
+    generator = torch.Generator().manual_seed(cfg.seed)
+    batches: list[list[data.Example]] = []
+    while len(batches) < cfg.max_steps:
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        if cfg.group_by_length:
+            mega = 50 * cfg.batch_size
+            order = [
+                i
+                for s in range(0, len(order), mega)
+                for i in sorted(order[s : s + mega], key=lambda i: len(examples[i].input_ids))
+            ]
+        epoch = []
+        for start in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
+            chunk = [examples[i] for i in order[start : start + cfg.batch_size]]
+            epoch.append(sorted(chunk, key=lambda e: (len(e.input_ids), e.index)))
+        if cfg.group_by_length:
+            epoch = [epoch[i] for i in torch.randperm(len(epoch), generator=generator).tolist()]
+        batches += epoch
+    return batches[: cfg.max_steps]
+
+
+def micro_batches(
+    global_batch: list[data.Example], rank: int, world: int, cfg: TrainConfig
+) -> list[list[data.Example]]:
+    """This process's share of a step (every world-th example), split into micro-batches.
+
+    By `micro_batch_size`, or by the padded-token budget `micro_batch_tokens`: then every process
+    computes every share's split and all use the largest count, since FSDP needs the same number of
+    forward passes on each process.
+    """
+    shares = [global_batch[r::world] for r in range(world)]
+    if cfg.micro_batch_tokens is None:
+        size = cfg.micro_batch_size
+        return [shares[rank][i : i + size] for i in range(0, len(shares[rank]), size)]
+    count = max(len(_split_by_tokens(share, cfg.micro_batch_tokens)) for share in shares)
+    groups = _split_by_tokens(shares[rank], cfg.micro_batch_tokens)
+    while len(groups) < count:  # halve the costliest group until the counts agree
+        i = max(
+            range(len(groups)),
+            key=lambda j: len(groups[j]) * len(groups[j][-1].input_ids) if len(groups[j]) > 1 else -1,
+        )
+        half = len(groups[i]) // 2
+        groups[i : i + 1] = [groups[i][:half], groups[i][half:]]
+    return groups
+
+
+def _split_by_tokens(share: list[data.Example], budget: int) -> list[list[data.Example]]:
+    """Fewest contiguous groups of a length-sorted share with (size × longest) ≤ budget each."""
+    groups: list[list[data.Example]] = []
+    for e in share:
+        if groups and (len(groups[-1]) + 1) * len(e.input_ids) <= budget:
+            groups[-1].append(e)
+        else:
+            groups.append([e])
+    return groups
+
+
+def batch_shape_problem(tc: TrainConfig, world: int) -> str | None:
+    """Why a step's batch cannot be split over `world` processes, or None when it can."""
+    if tc.micro_batch_tokens is not None:
+        if tc.micro_batch_tokens < 1 or tc.batch_size % world:
+            return (
+                f"train.micro_batch_tokens={tc.micro_batch_tokens} must be >= 1 and train.batch_size={tc.batch_size} "
+                f"a multiple of the {world} processes"
+            )
+    elif tc.batch_size % (tc.micro_batch_size * world) != 0:
+        return (
+            f"train.batch_size={tc.batch_size} is not a multiple of micro_batch_size × processes = "
+            f"{tc.micro_batch_size} × {world}; change one of them"
+        )
+    return None

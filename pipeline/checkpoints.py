@@ -1,0 +1,249 @@
+"""Checkpoints and the run folder's resume contract (docs/design.md §5).
+
+A checkpoint `<run>/checkpoints/step-N/` is a Hugging Face model folder (vLLM and transformers load
+it directly, in the training dtype) plus `trainer_state.pt` (optimizer, scheduler, every process's
+RNG state; loaded with `weights_only=True`, so it never executes code) and `checkpoint.json` (the
+sha256 of every file). It is written under a temporary name and renamed into place; the last two
+are kept, and resume takes the newest one that verifies.
+
+Resume is strict: the resolved training config, the dataset fingerprint and the prior key must be
+the recorded ones, except `RESUME_MAY_CHANGE`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from pipeline.config import RunConfig, flatten, to_dict
+from pipeline.errors import TrainError
+from pipeline.storage import atomic_write_text, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+def full_state(model: nn.Module, optimizer: Any, fsdp: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Unsharded model and optimizer state (gathered to rank 0 on CPU under FSDP)."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def untied_for_saving(model: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """Gathered states hold tied weights twice; save_pretrained expects the output head left out."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return state
+    head = model.get_output_embeddings()
+    names = {f"{name}.weight" for name, module in model.named_modules() if module is head}
+    return {k: v for k, v in state.items() if k not in names}
+
+
+def rng_states(world: int) -> list[dict[str, Any]]:
+    """Every process's RNG states, gathered (a collective), so a resumed run draws what it would have."""
+    mine = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        mine["cuda"] = torch.cuda.get_rng_state()
+    if world == 1:
+        return [mine]
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def save_checkpoint(
+    out: Path,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    model_state: dict[str, Any],
+    optimizer_state: dict[str, Any],
+    scheduler: Any,
+    rng: list[dict[str, Any]] | None,
+) -> None:
+    """A Hugging Face model folder (vLLM and transformers load it directly, in the training dtype) plus
+    `trainer_state.pt` (optimizer, scheduler, every rank's RNG) and `checkpoint.json` (sha256 of every
+    file), written under a temporary name and renamed into place."""
+    final = out / "checkpoints" / f"step-{step:06d}"
+    tmp = out / "checkpoints" / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        model.save_pretrained(tmp, state_dict=untied_for_saving(model, model_state))
+        tokenizer.save_pretrained(tmp)
+        trainer_state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng, "step": step}
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        atomic_write_text(tmp / "checkpoint.json", json.dumps({"step": step, "sha256": files}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+    except (OSError, RuntimeError, SafetensorError) as e:  # e.g. no space left on device
+        raise TrainError(
+            f"could not write checkpoint step {step} to {out}: {e}; the previous checkpoint is intact"
+        ) from e
+    finally:  # also on Ctrl-C: a half-written checkpoint never stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_text(out / "checkpoints" / "latest", final.name)
+    for old in sorted((out / "checkpoints").glob("step-*"))[:-2]:  # keep the last two
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted (missing or changed file), or None when it verifies."""
+    try:
+        manifest = json.loads((folder / "checkpoint.json").read_text())
+        for name, digest in manifest["sha256"].items():
+            if sha256_file(folder / name) != digest:
+                return f"{name} does not match its checksum"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def newest_good_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint that verifies; a truncated or changed newer one is skipped, with a warning."""
+    for folder in sorted((out / "checkpoints").glob("step-*"), reverse=True):
+        problem = verify_checkpoint(folder)
+        if problem is None:
+            return folder
+        log.warning("checkpoint %s is unusable (%s); trying the one before it", folder, problem)
+    return None
+
+
+def load_checkpoint(out: Path, model: nn.Module, optimizer: Any, scheduler: Any, fsdp: bool, rank: int) -> int:
+    folder = newest_good_checkpoint(out)
+    if folder is None:
+        if list((out / "checkpoints").glob("step-*")):
+            raise TrainError(f"no checkpoint of {out} verifies; start a new run (another train.name)")
+        return 0
+    log.info("resuming %s from %s", out, folder.name)
+    model_state = _retied(model, {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()})
+    state = torch.load(folder / "trainer_state.pt", weights_only=True)  # never executes code
+    if fsdp:  # every rank loads the full state and keeps its own shard
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, cast(dict[str, Any], model_state), options=options)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    else:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"][rank]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    metrics = out / "metrics.jsonl"
+    if metrics.exists() and rank == 0:  # drop steps a killed run logged after its last checkpoint
+        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
+        atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+    return int(state["step"])
+
+
+def _retied(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """save_pretrained leaves a tied output head out of the file; point it back at the embeddings."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return state
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {module: f"{name}.weight" for name, module in model.named_modules() if module in (head, embeddings)}
+    state.setdefault(names[head], state[names[embeddings]])
+    return state
+
+
+# Settings a resumed run may change: when to stop, log, evaluate and checkpoint, and where to report.
+# Everything else that shapes the updates (lr, data, target, seed, batch shape, ...) must stay.
+RESUME_MAY_CHANGE = {
+    "train.max_steps",
+    "train.epochs",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.eval_examples",
+    "train.threads",
+    "train.report_to",
+    "train.prior_key",  # compared as the resolved key instead (_check_resumed_inputs)
+}
+
+
+# Sections that do not shape training: evaluation, the experiment grid, and how priors are computed
+# (the prior set itself is compared by key).
+RESUME_IGNORES = ("storage_root", "eval", "experiment", "priors")
+
+
+def check_resume(out: Path, cfg: RunConfig, resume: bool) -> dict[str, Any] | None:
+    """A new run needs a fresh folder; a resumed one must have the same resolved training config.
+
+    Returns the previous run.json when resuming, None for a new run.
+    """
+    info = out / "run.json"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"cannot create the run folder {out}: {e.strerror}; check storage_root") from None
+    if not info.exists():
+        if resume:
+            raise TrainError(f"--resume: there is no run {cfg.train.name!r} at {out}; drop --resume to start it")
+        if out.exists() and any(out.iterdir()):
+            raise TrainError(f"{out} exists and is not a run of this project (no run.json); pick another train.name")
+        return None
+    if not resume:
+        raise TrainError(f"run folder {out} already exists; pass --resume to continue it or pick another train.name")
+    previous = json.loads(info.read_text())
+    before, now = flatten(previous["config"]), flatten(to_dict(cfg))
+    differ = sorted(
+        key
+        for key in before.keys() | now.keys()
+        if key not in RESUME_MAY_CHANGE and not key.startswith(RESUME_IGNORES) and before.get(key) != now.get(key)
+    )
+    if differ:
+        changes = "; ".join(f"{k} was {before.get(k)!r}, now {now.get(k)!r}" for k in differ)
+        raise TrainError(
+            f"cannot resume {out}: {changes}. Only {sorted(RESUME_MAY_CHANGE - {'train.prior_key'})} may change "
+            "on resume; start a new run (another train.name) instead"
+        )
+    return previous
+
+
+def check_resumed_inputs(out: Path, previous: dict[str, Any], fingerprint: str, prior_key: str | None) -> None:
+    """The data and the prior set a resumed run reads must be the ones it started with."""
+    for name, now in (("dataset_fingerprint", fingerprint), ("prior_key", prior_key)):
+        if previous.get(name) != now:
+            raise TrainError(
+                f"cannot resume {out}: its {name} was {previous.get(name)!r}, now {now!r} (the data or priors "
+                "under the same paths changed); start a new run (another train.name) instead"
+            )
+
+
+def write_run_info(out: Path, cfg: RunConfig, prior_key: str | None, prepared: Any, start: int, device: str) -> None:
+    """run.json: the resolved config, what the data came to, the prior key and where it ran."""
+    info = {
+        "config": to_dict(cfg),
+        "prior_key": prior_key,
+        "dataset_fingerprint": prepared.fingerprint,
+        "data_counts": prepared.counts(),
+        "device": device,
+        "resumed_at": start,
+    }
+    atomic_write_text(out / "run.json", json.dumps(info, indent=2, default=str))
+    log.info("run %s: %s, data %s", out, f"resumed at step {start}" if start else "new", prepared.counts())

@@ -1,0 +1,109 @@
+"""Experiment tracking for `train.report_to`, the way TRL's `report_to` works.
+
+TensorBoard is built in (event files under `<run>/tensorboard/`); MLflow and Weights & Biases are
+optional extras (`pip install target-sft[mlflow]` / `[wandb]`) configured by their own environment
+variables (`MLFLOW_TRACKING_URI`, `WANDB_PROJECT`, `WANDB_MODE`, ...). Each tracker gets every
+metric of `metrics.jsonl` per step, the resolved run config once, and later the final eval report.
+
+The tracker's own run id is kept in `<run>/tracking.json`, so a resumed run and its evaluation log
+into the same tracker run instead of starting a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import flatten
+from pipeline.errors import TrackingError
+from pipeline.storage import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def _numbers(record: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v) for k, v in flatten(record, "/").items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+class Trackers:
+    """The trackers named in `report_to` for one run folder; a no-op when the list is empty."""
+
+    def __init__(self, report_to: Sequence[str], run_dir: Path, run_name: str, config: dict[str, Any]) -> None:
+        self.run_dir, self.names = Path(run_dir), list(report_to)
+        ids_path = self.run_dir / "tracking.json"
+        ids = json.loads(ids_path.read_text()) if ids_path.exists() else {}
+        self._tb = self._mlflow = self._wandb = None
+        if "tensorboard" in self.names:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), flush_secs=10)
+            self._tb.add_text("config", "```json\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
+        if "mlflow" in self.names:
+            mlflow = _import("mlflow", "mlflow")
+            self._mlflow = mlflow.MlflowClient()
+            if "mlflow" not in ids:
+                try:
+                    experiment = mlflow.set_experiment(config.get("experiment", {}).get("name", "target-sft"))
+                except mlflow.exceptions.MlflowException as e:  # e.g. a tracking URI it refuses
+                    raise TrackingError(f"MLflow refused its tracking store: {str(e).splitlines()[0]}") from None
+                run = self._mlflow.create_run(experiment.experiment_id, run_name=run_name)
+                ids["mlflow"] = run.info.run_id
+                params = {k: str(v)[:500] for k, v in flatten(config, "/").items()}
+                self._mlflow.log_batch(ids["mlflow"], params=[mlflow.entities.Param(k, v) for k, v in params.items()])
+        if "wandb" in self.names:
+            wandb = _import("wandb", "wandb")
+            self._wandb = wandb.init(
+                id=ids.get("wandb"), resume="allow", name=run_name, config=config, dir=str(self.run_dir)
+            )
+            ids["wandb"] = self._wandb.id
+        self._ids = ids
+        if ids:
+            atomic_write_text(ids_path, json.dumps(ids, indent=2))
+        log.info("tracking %s to %s", run_name, self.names or "metrics.jsonl only")
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        """One step's metrics (the same record that goes into metrics.jsonl)."""
+        values = {k: v for k, v in _numbers(record).items() if k != "step"}
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(f"train/{key}", value, step)
+        if self._mlflow is not None:
+            for key, value in values.items():
+                self._mlflow.log_metric(self._ids["mlflow"], key, value, step=step)
+        if self._wandb is not None:
+            self._wandb.log({f"train/{k}": v for k, v in values.items()}, step=step)
+
+    def log_report(self, report: dict[str, Any], step: int) -> None:
+        """The final eval report's numbers (per set and overall), at the run's last step."""
+        values = _numbers({"sets": report.get("sets", {}), "overall": report.get("overall", {})})
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(f"eval/{key}", value, step)
+        if self._mlflow is not None:
+            for key, value in values.items():
+                self._mlflow.log_metric(self._ids["mlflow"], f"eval/{key}", value, step=step)
+        if self._wandb is not None:
+            self._wandb.log({f"eval/{k}": v for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._mlflow is not None:
+            self._mlflow.set_terminated(self._ids["mlflow"])
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _import(module: str, extra: str) -> Any:
+    try:
+        return __import__(module)
+    except ImportError:
+        raise TrackingError(
+            f"train.report_to names {module!r} but it is not installed; `pip install target-sft[{extra}]` "
+            f"or remove it from train.report_to"
+        ) from None

@@ -1,0 +1,285 @@
+"""The real path: Hub-like dataset layouts and row formats through `datasets`, a Llama-3-style
+tokenizer without a pad token, and eval prompts from any column. Everything is built locally."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+from pipeline import data, evaluate, train
+from pipeline.config import DataConfig, EvalSetConfig, RunConfig, load_config
+from pipeline.errors import DataError, EvalError
+from tests.conftest import tiny_args
+
+QA = [{"question": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(12)]
+
+
+def rows_in(fmt: str) -> list[dict]:
+    """The same 12 problems in each row format a Hub SFT set comes in."""
+    out = []
+    for r in QA:
+        user, assistant = r["question"], f"{r['answer']} #### {r['answer']}"
+        out.append(
+            {
+                "messages": {
+                    "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+                },
+                "prompt_completion": {"prompt": user, "completion": assistant},
+                "conversational": {
+                    "prompt": [{"role": "user", "content": user}],
+                    "completion": [{"role": "assistant", "content": assistant}],
+                },
+                "question_answer": {"question": user, "answer": assistant},
+                "sharegpt": {"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": assistant}]},
+            }[fmt]
+            | {"source": "synthetic", "id": len(out)}  # extra columns a real set has, never read
+        )
+    return out
+
+
+def hub_snapshot(folder: Path, rows: list[dict], test_rows: list[dict] | None = None) -> Path:
+    """What `huggingface-cli download --repo-type dataset` leaves: README `configs:` plus sharded parquet."""
+    (folder / "data").mkdir(parents=True)
+    half = len(rows) // 2
+    for i, part in enumerate((rows[:half], rows[half:])):
+        pq.write_table(pa.Table.from_pylist(part), folder / "data" / f"train-0000{i}-of-00002.parquet")
+    files = ["  - split: train\n    path: data/train-*"]
+    if test_rows:
+        pq.write_table(pa.Table.from_pylist(test_rows), folder / "data" / "test-00000-of-00001.parquet")
+        files.append("  - split: test\n    path: data/test-*")
+    readme = "---\nconfigs:\n- config_name: default\n  data_files:\n" + "\n".join(files) + "\n---\n# A dataset\n"
+    (folder / "README.md").write_text(readme)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_build):
+    return AutoTokenizer.from_pretrained(tiny_build.model)
+
+
+@pytest.mark.parametrize("fmt", ["messages", "prompt_completion", "conversational", "question_answer", "sharegpt"])
+def test_every_row_format_from_a_hub_snapshot_gives_the_same_examples(tmp_path, tokenizer, fmt):
+    folder = hub_snapshot(tmp_path / "snapshot", rows_in(fmt))
+    prepared = data.prepare(DataConfig(path=str(folder)), folder, tokenizer)
+    reference = data.prepare(DataConfig(), write_jsonl(tmp_path / "ref.jsonl", rows_in("messages")), tokenizer)
+    assert [e.input_ids for e in prepared.examples] == [e.input_ids for e in reference.examples]
+    assert [e.labels for e in prepared.examples] == [e.labels for e in reference.examples]  # same mask rules
+    assert prepared.fingerprint == reference.fingerprint
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_every_path_form_reads_the_same_rows(tmp_path, tokenizer):
+    rows = rows_in("prompt_completion")
+    snapshot = hub_snapshot(tmp_path / "snapshot", rows, test_rows=rows[:3])
+    files = tmp_path / "files"
+    files.mkdir()
+    for i in range(3):
+        pq.write_table(pa.Table.from_pylist(rows[i * 4 : (i + 1) * 4]), files / f"part-{i}.parquet")
+    single = write_jsonl(tmp_path / "all.jsonl", rows)
+    csv = tmp_path / "all.csv"
+    csv.write_text("prompt,completion\n" + "".join(f'"{r["prompt"]}","{r["completion"]}"\n' for r in rows))
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    expected = [(r["prompt"], r["completion"]) for r in rows]
+    for path, split in [
+        (snapshot, "train"),
+        (files, "train"),
+        (single, "train"),
+        (csv, "train"),
+        (str(files / "part-*.parquet"), "train"),
+        (tmp_path / "saved", "train"),
+    ]:
+        source = data.open_source(path, split)
+        got = [(r["prompt"], r["completion"]) for r in source.read(["prompt", "completion"])]
+        assert got == expected or sorted(got) == sorted(expected), path
+    test = data.open_source(snapshot, "test").read(None)
+    assert [r["prompt"] for r in test] == [r["prompt"] for r in rows[:3]]
+    only = data.open_source(snapshot, "train").read(["prompt"])
+    assert set(only[0]) == {"prompt"}  # only the needed columns are read
+
+
+@pytest.mark.parametrize(
+    "path,split,message",
+    [
+        ("some-org/some-dataset", "train", "is not a local path, and the Hub is offline"),
+        ("{tmp}/nothing/*.parquet", "train", "no data files match"),
+        ("{snapshot}", "validation", "has splits ['train'], not 'validation'"),
+        ("{tmp}/missing.jsonl", "train", "dataset not found"),
+    ],
+)
+def test_bad_paths_are_one_clear_error(tmp_path, path, split, message):
+    snapshot = hub_snapshot(tmp_path / "snapshot", rows_in("messages"))
+    with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        data.open_source(path.format(tmp=tmp_path, snapshot=snapshot), split)
+
+
+def test_sharegpt_roles_and_keys_are_mappable(tmp_path, tokenizer):
+    rows = [{"dialog": [{"speaker": "patient", "text": "It hurts."}, {"speaker": "doctor", "text": "Rest."}]}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = DataConfig(
+        format="conversations",
+        columns={"conversations": "dialog"},
+        message_keys={"role": "speaker", "content": "text"},
+        roles={"patient": "user", "doctor": "assistant"},
+    )
+    prepared = data.prepare(cfg, path, tokenizer)
+    assert "Rest." in tokenizer.decode([t for t in prepared.examples[0].labels if t != data.IGNORE])
+    with pytest.raises(DataError, match=r"turn 0 has role 'patient'; map it with data\.roles"):
+        data.prepare(DataConfig(format="conversations", columns={"conversations": "dialog"},
+                                message_keys={"role": "speaker", "content": "text"}), path, tokenizer)  # fmt: skip
+
+
+# --- a Llama-3-style tokenizer: header tokens, no pad token ------------------------------------------
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def llama3_style(tiny_build, tmp_path_factory) -> Path:
+    """The tiny model with a Llama-3-style tokenizer: header and eot special tokens, eos = <|eot_id|>,
+    and no pad token (as Llama 3 ships)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("llama3-style")
+    tok = AutoTokenizer.from_pretrained(tiny_build.model)
+    end_of_text = tok.eos_token_id
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    tok.eos_token = "<|eot_id|>"
+    tok.pad_token = None
+    tok.chat_template = LLAMA3_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(tiny_build.model)
+    model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = None
+    model.generation_config.pad_token_id = None
+    model.config.eos_token_id = model.generation_config.eos_token_id = [tok.eos_token_id, end_of_text]
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    assert AutoTokenizer.from_pretrained(folder).pad_token_id is None
+    return folder
+
+
+def test_a_tokenizer_without_pad_token_trains_and_evaluates(llama3_style, tiny_build, tmp_path):
+    """eos pads (under the attention mask) and stays a scored completion token (<|eot_id|>)."""
+    data_path = hub_snapshot(tmp_path / "sft", rows_in("conversational"))
+    eval_set = json.dumps([{"name": "arith", "path": str(tiny_build.sft_heldout), "answer_type": "numeric"}])
+    cfg = load_config(
+        RunConfig,
+        None,
+        tiny_args(
+            tiny_build,
+            tmp_path,
+            f"model.path={llama3_style}",
+            f"data.path={data_path}",
+            "train.batch_size=4",
+            "train.micro_batch_size=4",
+            "train.max_steps=2",
+            "train.eval_every=0",
+            "train.threads=1",
+            f"eval.sets={eval_set}",
+            "eval.engine=hf",
+            "eval.n=1",
+            "eval.limit=3",
+            "eval.max_new_tokens=4",
+        ),
+    )
+    tok = AutoTokenizer.from_pretrained(llama3_style)
+    example = data.prepare(cfg.data, data_path, tok).examples[0]
+    assert example.labels[-1] == tok.convert_tokens_to_ids("<|eot_id|>")  # eos is scored
+    final = train.train(cfg, progress=False)
+    report = json.loads(evaluate.evaluate_run(cfg, progress=False).read_text())
+    assert (final / "model.safetensors").exists() and report["overall"]["problems"] == 3
+
+
+# --- eval prompts from any column ----------------------------------------------------------------------
+
+
+def test_prompt_template_uses_any_column_and_renders_options(tmp_path):
+    rows = [
+        {"question": "Which is a fruit?", "options": {"A": "Apple", "B": "Brick"}, "answer": "A"},
+        {"question": "Which is blue?", "options": ["Grass", "Sky"], "answer": "B"},
+    ]
+    path = write_jsonl(tmp_path / "mc.jsonl", rows)
+    s = EvalSetConfig(name="mc", path=str(path), answer_type="choice", prompt_template="{question}\n{options}\nAnswer:")
+    problems = evaluate.load_problems(s, None)
+    assert problems[0].prompt == "Which is a fruit?\nA. Apple\nB. Brick\nAnswer:"
+    assert problems[1].prompt == "Which is blue?\nA. Grass\nB. Sky\nAnswer:"
+    for template, message in [
+        ("{question}\n{choices}", "column 'choices' not found"),
+        ("{question} (hint: {answer})", "names the answer column 'answer'"),
+    ]:
+        with pytest.raises(EvalError, match=message):
+            evaluate.load_problems(EvalSetConfig(name="mc", path=str(path), prompt_template=template), None)
+
+
+def test_eval_set_from_a_hub_snapshot_test_split(tmp_path):
+    folder = hub_snapshot(tmp_path / "math", QA[:4], test_rows=QA[4:7])
+    problems = evaluate.load_problems(EvalSetConfig(name="m", path=str(folder), split="test"), None)
+    assert [p.answer for p in problems] == ["5", "6", "7"]
+    shutil.rmtree(folder)
+
+
+# --- one prior worker per GPU ---------------------------------------------------------------------------
+
+
+def test_prior_capture_fans_out_one_worker_per_gpu(tiny_build, tmp_path, monkeypatch, capsys):
+    """Two simulated GPUs: two worker processes, each seeing only its own GPU, share the shards; this
+    process then writes the manifest. (On this CPU the workers fall back to the CPU.)"""
+    from pipeline import launch, priors
+    from pipeline.prior_cache import PriorStore
+
+    monkeypatch.setattr(launch, "visible_gpus", lambda: ["0", "1"])
+    overrides = tiny_args(tiny_build, tmp_path, "priors.shard_size=16")
+    cfg = load_config(RunConfig, None, overrides)
+    result = launch.capture_priors(cfg, None, overrides, progress=False)
+    out = capsys.readouterr().out
+    assert "[gpu 0] prior worker 0 of 2, CUDA_VISIBLE_DEVICES=0" in out
+    assert "[gpu 1] prior worker 1 of 2, CUDA_VISIBLE_DEVICES=1" in out
+    store = PriorStore(str(tmp_path))
+    assert result.complete and store.verify(result.key) == [] and result.forward_passes > 0
+    single = priors.plan(cfg, progress=False)
+    assert single.key == result.key
+    assert launch.capture_priors(cfg, None, overrides, progress=False).forward_passes == 0  # reused
+
+
+# --- weight files are hashed once ----------------------------------------------------------------------
+
+
+def test_weight_hashes_are_memoized_and_still_see_every_change(tiny_build, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from pipeline import priors
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_build.model, model)
+    memo = tmp_path / "file-sha256.json"
+    first = priors.model_content_hash(model, memo)
+    reads = []
+    real = priors.sha256_file
+    monkeypatch.setattr(priors, "sha256_file", lambda path: reads.append(path) or real(path))
+    assert priors.model_content_hash(model, memo) == first and reads == []  # nothing re-read
+    weights = model / "model.safetensors"
+    original = weights.read_bytes()
+    tensors = load_file(str(weights))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 1.0  # a changed tensor, same file size
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert weights.stat().st_size == len(original)
+    assert priors.model_content_hash(model, memo) != first and reads == [weights]
+    weights.write_bytes(original)  # the old bytes again under a new mtime: hashed again, the old key back
+    assert priors.model_content_hash(model, memo) == first and len(reads) == 2
