@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
+from pipeline.storage import sha256_json
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -180,10 +181,34 @@ def _load_dataset(path: str, split: str | None, subset: str | None, data_files: 
     import datasets
 
     try:
-        loaded = datasets.load_dataset(path, name=subset, data_files=data_files)
+        loaded = datasets.load_dataset(path, name=subset, data_files=data_files, cache_dir=_cache_dir(path))
     except Exception as e:  # datasets raises many kinds (ValueError, FileNotFoundError, DatasetNotFoundError, ...)
         raise DataError(f"cannot load the dataset {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     return _dataset_source(path, _pick_split(loaded, split, path))
+
+
+def _cache_dir(path: str) -> str | None:
+    """A datasets cache folder per local source and its files' (name, size, mtime).
+
+    `datasets` keys the Arrow cache of a local folder by its README's relative data-file patterns,
+    so two folders laid out alike (two Hub snapshots, say) would share a cache and one would be read
+    as the other. Keyed by the absolute path and the file stamps, a changed file gets a new cache.
+    """
+    import datasets
+
+    local = Path(path)
+    if local.is_dir():
+        files = sorted(p for p in local.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    elif glob.has_magic(path):
+        files = sorted(Path(p) for p in glob.glob(path))
+    elif local.is_file():
+        files = [local]
+    else:
+        return None  # a Hub name: the default cache is keyed by its revision
+    stamps = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return str(
+        Path(datasets.config.HF_DATASETS_CACHE) / "target-sft" / sha256_json([os.path.abspath(path), stamps])[:20]
+    )
 
 
 def _pick_split(loaded: Any, split: str | None, where: str) -> Any:

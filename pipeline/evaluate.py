@@ -311,7 +311,7 @@ def load_problems(s: EvalSetConfig, limit: int | None) -> list[Problem]:
     except data.DataError as e:
         raise EvalError(f"eval set {s.name!r}: {e}") from None
     used = {name for name in PLACEHOLDER.findall(s.prompt_template) if name != "question"}
-    for column in sorted({s.question_column, s.answer_column} | used):
+    for column in [s.question_column, s.answer_column, *sorted(used)]:
         if column not in source.columns:
             raise EvalError(
                 f"eval set {s.name!r}: column {column!r} not found (columns: {sorted(source.columns)}); "

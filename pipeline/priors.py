@@ -7,6 +7,7 @@ passes; an interrupted capture resumes from the shards already on storage.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -167,7 +168,9 @@ def model_content_hash(path: Path, memo: Path | None = None) -> str:
         learned[entry] = file_hash
         digest.update(file.name.encode() + b"\0" + file_hash.encode())
     if memo is not None and not learned.items() <= known.items():
-        atomic_write_text(memo, json.dumps({**known, **learned}, indent=0, sort_keys=True))
+        # a memo is an optimisation: an unwritable root is reported where the capture itself writes
+        with contextlib.suppress(OSError):
+            atomic_write_text(memo, json.dumps({**known, **learned}, indent=0, sort_keys=True))
     return digest.hexdigest()
 
 

@@ -5,12 +5,15 @@ Tests never download anything: every model and tokenizer here is built locally.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline import base_model
@@ -58,6 +61,26 @@ def tiny_args(build: base_model.BaseModelPaths, storage: Path | str, *extra: str
     ]
 
 
+def hub_snapshot(folder: Path, rows: list[dict], test_rows: list[dict] | None = None) -> Path:
+    """What `huggingface-cli download --repo-type dataset` leaves: README `configs:` plus sharded parquet."""
+    (folder / "data").mkdir(parents=True)
+    half = len(rows) // 2
+    for i, part in enumerate((rows[:half], rows[half:])):
+        pq.write_table(pa.Table.from_pylist(part), folder / "data" / f"train-0000{i}-of-00002.parquet")
+    files = ["  - split: train\n    path: data/train-*"]
+    if test_rows:
+        pq.write_table(pa.Table.from_pylist(test_rows), folder / "data" / "test-00000-of-00001.parquet")
+        files.append("  - split: test\n    path: data/test-*")
+    readme = "---\nconfigs:\n- config_name: default\n  data_files:\n" + "\n".join(files) + "\n---\n# A dataset\n"
+    (folder / "README.md").write_text(readme)
+    return folder
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory) -> base_model.BaseModelPaths:
     return base_model.build(TINY, tmp_path_factory.mktemp("tiny-storage"), progress=False)
@@ -77,3 +100,34 @@ def prefect_server(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def llama3_style(tiny_build, tmp_path_factory) -> Path:
+    """The tiny model with a Llama-3-style tokenizer: header and eot special tokens, eos = <|eot_id|>,
+    and no pad token (as Llama 3 ships)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("llama3-style")
+    tok = AutoTokenizer.from_pretrained(tiny_build.model)
+    end_of_text = tok.eos_token_id
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    tok.eos_token = "<|eot_id|>"
+    tok.pad_token = None
+    tok.chat_template = LLAMA3_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(tiny_build.model)
+    model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = None
+    model.generation_config.pad_token_id = None
+    model.config.eos_token_id = model.generation_config.eos_token_id = [tok.eos_token_id, end_of_text]
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    assert AutoTokenizer.from_pretrained(folder).pad_token_id is None
+    return folder

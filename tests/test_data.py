@@ -67,7 +67,7 @@ def test_format_detection_and_column_mapping(tmp_path, tokenizer, rows, columns,
 
 def test_unknown_format_is_clear(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
-    with pytest.raises(DataError, match=r"cannot detect the format from the first row's columns"):
+    with pytest.raises(DataError, match=r"cannot detect the format from the columns"):
         data.prepare(DataConfig(), path, tokenizer)
 
 

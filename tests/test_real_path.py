@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,7 +14,7 @@ from transformers import AutoTokenizer
 from pipeline import data, evaluate, train
 from pipeline.config import DataConfig, EvalSetConfig, RunConfig, load_config
 from pipeline.errors import DataError, EvalError
-from tests.conftest import tiny_args
+from tests.conftest import hub_snapshot, tiny_args, write_jsonl
 
 QA = [{"question": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(12)]
 
@@ -43,21 +42,6 @@ def rows_in(fmt: str) -> list[dict]:
     return out
 
 
-def hub_snapshot(folder: Path, rows: list[dict], test_rows: list[dict] | None = None) -> Path:
-    """What `huggingface-cli download --repo-type dataset` leaves: README `configs:` plus sharded parquet."""
-    (folder / "data").mkdir(parents=True)
-    half = len(rows) // 2
-    for i, part in enumerate((rows[:half], rows[half:])):
-        pq.write_table(pa.Table.from_pylist(part), folder / "data" / f"train-0000{i}-of-00002.parquet")
-    files = ["  - split: train\n    path: data/train-*"]
-    if test_rows:
-        pq.write_table(pa.Table.from_pylist(test_rows), folder / "data" / "test-00000-of-00001.parquet")
-        files.append("  - split: test\n    path: data/test-*")
-    readme = "---\nconfigs:\n- config_name: default\n  data_files:\n" + "\n".join(files) + "\n---\n# A dataset\n"
-    (folder / "README.md").write_text(readme)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tiny_build):
     return AutoTokenizer.from_pretrained(tiny_build.model)
@@ -71,11 +55,6 @@ def test_every_row_format_from_a_hub_snapshot_gives_the_same_examples(tmp_path, 
     assert [e.input_ids for e in prepared.examples] == [e.input_ids for e in reference.examples]
     assert [e.labels for e in prepared.examples] == [e.labels for e in reference.examples]  # same mask rules
     assert prepared.fingerprint == reference.fingerprint
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_every_path_form_reads_the_same_rows(tmp_path, tokenizer):
@@ -107,6 +86,18 @@ def test_every_path_form_reads_the_same_rows(tmp_path, tokenizer):
     assert [r["prompt"] for r in test] == [r["prompt"] for r in rows[:3]]
     only = data.open_source(snapshot, "train").read(["prompt"])
     assert set(only[0]) == {"prompt"}  # only the needed columns are read
+
+
+def test_two_snapshots_laid_out_alike_never_share_a_cache(tmp_path):
+    """datasets keys a local folder's cache by its README's relative patterns: without our own cache
+    key, the second folder (or a changed file) would be read as the first."""
+    a = hub_snapshot(tmp_path / "a" / "sft", rows_in("prompt_completion")[:4])
+    b = hub_snapshot(tmp_path / "b" / "sft", rows_in("question_answer")[4:8])
+    assert data.open_source(a).columns[:2] == ["prompt", "completion"]
+    assert data.open_source(b).columns[:2] == ["question", "answer"]
+    shard = next((a / "data").glob("train-00001-*"))
+    pq.write_table(pa.Table.from_pylist(rows_in("prompt_completion")[10:12]), shard)
+    assert [r["prompt"] for r in data.open_source(a).read(["prompt"])][-1] == QA[11]["question"]
 
 
 @pytest.mark.parametrize(
@@ -141,36 +132,6 @@ def test_sharegpt_roles_and_keys_are_mappable(tmp_path, tokenizer):
 
 
 # --- a Llama-3-style tokenizer: header tokens, no pad token ------------------------------------------
-
-LLAMA3_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-    "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
-    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def llama3_style(tiny_build, tmp_path_factory) -> Path:
-    """The tiny model with a Llama-3-style tokenizer: header and eot special tokens, eos = <|eot_id|>,
-    and no pad token (as Llama 3 ships)."""
-    from transformers import AutoModelForCausalLM
-
-    folder = tmp_path_factory.mktemp("llama3-style")
-    tok = AutoTokenizer.from_pretrained(tiny_build.model)
-    end_of_text = tok.eos_token_id
-    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
-    tok.eos_token = "<|eot_id|>"
-    tok.pad_token = None
-    tok.chat_template = LLAMA3_TEMPLATE
-    model = AutoModelForCausalLM.from_pretrained(tiny_build.model)
-    model.resize_token_embeddings(len(tok))
-    model.config.pad_token_id = None
-    model.generation_config.pad_token_id = None
-    model.config.eos_token_id = model.generation_config.eos_token_id = [tok.eos_token_id, end_of_text]
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    assert AutoTokenizer.from_pretrained(folder).pad_token_id is None
-    return folder
 
 
 def test_a_tokenizer_without_pad_token_trains_and_evaluates(llama3_style, tiny_build, tmp_path):

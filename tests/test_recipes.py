@@ -50,3 +50,90 @@ def test_dry_run_rejects_impossible_recipes(overrides, error, message):
     cfg = load_config(RunConfig, PAPER / "numina-qwen3-1.7b.yaml", overrides)
     with pytest.raises(error, match=message):
         experiment.dry_run(cfg)
+
+
+# --- every recipe, shrunk, through priors, train and eval on CPU -----------------------------------------
+
+
+def _rows(fmt: str, columns: dict[str, str]) -> list[dict]:
+    """SFT rows in the recipe's own format and column names."""
+    rows = []
+    for i in range(8):
+        question, answer = f"What is {i} plus 1?", f"The answer is {i + 1}. #### {i + 1}"
+        canonical = {
+            "messages": {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]},
+            "prompt_completion": {"prompt": question, "completion": answer},
+            "question_answer": {"question": question, "answer": answer},
+        }[fmt]
+        rows.append({columns.get(k, k): v for k, v in canonical.items()} | {"source": "fixture"})
+    return rows
+
+
+def _eval_rows(s, n: int = 4) -> list[dict]:
+    """Problems with exactly the columns the recipe's eval set reads (its template's included)."""
+    from pipeline.evaluate import PLACEHOLDER
+
+    rows = []
+    for i in range(n):
+        row = {
+            s.question_column: f"What is {i} plus 1?",
+            s.answer_column: "A" if s.answer_type == "choice" else str(i + 1),
+        }
+        for name in PLACEHOLDER.findall(s.prompt_template):
+            if name not in ("question", s.question_column):
+                row[name] = {"A": str(i + 1), "B": str(i + 2)} if name == "options" else f"option {name}"
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_recipe_runs_shrunk_through_priors_train_and_eval(setting, tiny_build, llama3_style, tmp_path):
+    """The recipe as shipped, with its model and data swapped for local fixtures of the same family
+    (a Llama-3-style tokenizer for Llama recipes) and only sizes overridden."""
+    import json
+
+    from pipeline import evaluate, priors, train
+    from tests.conftest import hub_snapshot, write_jsonl
+
+    shipped = load_config(RunConfig, PAPER / f"{setting}.yaml")
+    data_path = hub_snapshot(tmp_path / "sft", _rows(shipped.data.format, shipped.data.columns))
+    sets = []
+    for s in shipped.eval.sets:
+        path = write_jsonl(tmp_path / f"{s.name}.jsonl", _eval_rows(s))
+        sets.append({**{k: getattr(s, k) for k in ("name", "question_column", "answer_column", "answer_type",
+                                                     "prompt_template")}, "path": str(path)})  # fmt: skip
+    model = llama3_style if "llama" in setting else tiny_build.model
+    overrides = [
+        f"storage_root={tmp_path / 'storage'}",
+        f"model.path={model}",
+        f"data.path={data_path}",
+        f"eval.sets={json.dumps(sets)}",
+        "data.max_length=128",
+        "priors.engine=hf",
+        "priors.dtype=float32",
+        "priors.k=8",
+        "train.batch_size=4",
+        "train.micro_batch_size=2",
+        "train.epochs=null",
+        "train.max_steps=2",
+        "train.processes=1",
+        "train.parallel=ddp",
+        "train.precision=fp32",
+        "train.threads=1",
+        "eval.engine=hf",
+        "eval.dtype=float32",
+        "eval.n=2",
+        "eval.limit=4",
+        "eval.max_new_tokens=8",
+        "eval.max_model_len=256",
+    ]
+    cfg = load_config(RunConfig, PAPER / f"{setting}.yaml", overrides)
+    assert (
+        cfg.train.target == shipped.train.target
+        and cfg.eval.sets[0].prompt_template == shipped.eval.sets[0].prompt_template
+    )
+    captured = priors.capture(cfg, progress=False)
+    final = train.train(cfg, progress=False)
+    report = json.loads(evaluate.evaluate_run(cfg, progress=False).read_text())
+    assert captured.complete and (final / "config.json").exists()
+    assert report["overall"]["problems"] == 4 * len(shipped.eval.sets)
