@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipeline.config import ConfigError, RunConfig, load_config
@@ -48,3 +50,21 @@ def test_yaml_exponent_floats_and_required_keys(tmp_path):
         load_config(RunConfig, path, ["train.lr=fast"])
     with pytest.raises(ConfigError, match=r"eval\.sets\[0\]: missing required key 'name'"):
         load_config(RunConfig, None, ["eval.sets=[{path: x}]"])
+
+
+def test_a_section_override_merges_instead_of_replacing(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 0.01\n  max_steps: 7\n")
+    cfg = load_config(RunConfig, path, ["train={batch_size: 8}"])
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.batch_size) == (0.01, 7, 8)
+
+
+def test_jsonl_keeps_a_line_separator_inside_a_string(tmp_path):
+    """U+2028 is a line break for str.splitlines(), but JSON allows it raw inside a string."""
+    from pipeline.data import load_rows
+
+    path = tmp_path / "d.jsonl"
+    rows = [{"prompt": "first\u2028still first", "completion": "ok"}, {"prompt": "second", "completion": "ok"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")
+    assert load_rows(path) == rows
