@@ -336,3 +336,19 @@ def test_ctrl_c_stops_training_cleanly_with_the_last_checkpoint_intact(world):
     newest = sorted(run_dir.glob("checkpoints/step-*"))[-1]
     assert checkpoints.verify_checkpoint(newest) is None
     assert not list(run_dir.rglob("*.tmp*"))
+
+
+def test_a_read_only_storage_root_is_one_clear_error(world, capsys):
+    """A real read-only filesystem as the storage root (a tmpfs mounted ro; mounting needs root, as CI runs)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    world["root"].mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(world["root"])], check=True)
+    try:
+        argv = ["train", DEMO, *local("train.name=r", "train.max_steps=2", *SMALL_BATCH)]
+        code, err = run(argv, world, capsys)
+        assert (code, "cannot create the run folder" in err, "Read-only file system" in err) == (2, True, True), err
+        code, err = run(["priors", DEMO, *local()], world, capsys)
+        assert (code, "is not writable" in err or "Read-only" in err, err.count("\n")) == (2, True, 1), err
+    finally:
+        subprocess.run(["umount", str(world["root"])], check=True)
