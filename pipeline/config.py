@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, cast, get_args, get_
 
 import yaml
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TargetError
 
 T = TypeVar("T")
 
@@ -107,6 +107,15 @@ class DataConfig:
     roles: dict[str, str] = field(default_factory=dict)
     """Extra role names mapped to user/assistant/system (ShareGPT's human/gpt are built in),
     e.g. {patient: user, doctor: assistant}."""
+    chat_template: str | None = None
+    """A chat template (Jinja) to use instead of the tokenizer's own, inline or as a `.jinja` file
+    path; it is saved with the trained model."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra variables for the template, e.g. {enable_thinking: false} for Qwen3; evaluation renders
+    its prompts with them too."""
+    mask_template_text: bool = True
+    """Keep text that the template inserts into an assistant turn before the message (Qwen3's empty
+    `<think>\n\n</think>\n\n`) out of the loss: the mask covers the content and the end-of-turn."""
     max_length: PositiveInt = 512
     """Longest tokenised example, prompt plus completion."""
     truncation: Literal["truncate", "drop"] = "truncate"
@@ -203,14 +212,49 @@ class PriorsConfig:
 
 
 @dataclass
+class TargetConfig:
+    """The Q-target a run trains toward (docs/design.md §2): a preset with its parameter, or a free
+    composition of γ, π̃ and w. In YAML a bare name is a preset: `target: dft` is `{preset: dft}`."""
+
+    SHORTHAND = "preset"  # a plain string in YAML fills this field
+
+    preset: str | None = None
+    """sft, label_smoothing, dft, beyond_log, profit, eaft, sft_kl, asft, kd, hybrid_kd or target_sft;
+    None for a free composition."""
+    eta: float | None = None
+    """target_sft: the prior's weight in the residual p^(1−η)·π_T^η (0 is DFT, 1 distillation)."""
+    lam: float | None = None
+    """label_smoothing, sft_kl, asft, hybrid_kd: the smoothing or prior weight λ."""
+    alpha: float | None = None
+    """beyond_log: the exponent α of γ = p^α."""
+    tau: float | None = None
+    """profit: the threshold τ of γ = 1{p > τ}."""
+    topk: int | None = None
+    """eaft: the k of the top-k entropy."""
+    gamma: Any = None
+    """Composition: the label trust, a name (`p`), a number (constant) or a one-key mapping ({pow: 0.5})."""
+    residual: Any = None
+    """Composition: `uniform`, `self`, `prior` or {guided: η}."""
+    weight: Any = None
+    """Composition: the per-position weight, a number or {p_plus: λ} (default 1)."""
+    name: str | None = None
+    """Composition: the label in reports."""
+
+    def compact(self) -> str | dict[str, Any]:
+        """The shortest config form: `dft`, `{preset: target_sft, eta: 0.5}`, or the composition."""
+        given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return self.preset if given == {"preset": self.preset} and self.preset else given
+
+
+@dataclass
 class TrainConfig:
     """Stage 2: training the student toward Q-targets."""
 
     name: Name = "run"
     """Run folder: `<storage>/runs/<name>/` (checkpoints, metrics.jsonl, final model)."""
-    target: str | dict[str, Any] = "sft"
-    """A preset name (`sft`, `dft`, `target_sft`, ...), `{preset: target_sft, eta: 0.5}`, or a free
-    composition `{gamma: ..., residual: ..., weight: ...}` (pipeline.targets)."""
+    target: TargetConfig = field(default_factory=lambda: TargetConfig(preset="sft"))
+    """The Q-target: a preset name (`sft`, `dft`, `target_sft`, ...), `{preset: target_sft, eta: 0.5}`, or
+    a free composition `{gamma: ..., residual: ..., weight: ...}`; checked when the config loads."""
     tail: Literal["student_tail", "renormalize"] = "student_tail"
     """How the prior mass outside the stored top-k is treated (docs/design.md §3)."""
     prior_key: str | None = None
@@ -460,9 +504,27 @@ def _read_yaml_file(path: Path) -> dict[str, Any]:
     return raw
 
 
+def target_config(value: Any, key: str = "target") -> TargetConfig:
+    """A typed target from its config value (a name or a mapping); ConfigError naming `key` if malformed."""
+    errors: list[str] = []
+    try:
+        target = _coerce(TargetConfig, value, key, errors)
+    except ConfigError as e:
+        errors.append(str(e))
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return cast(TargetConfig, target)
+
+
 def cross_field_problems(cfg: RunConfig) -> list[str]:
     """Constraints between fields that no single field's type can express."""
+    from pipeline.targets import from_config
+
     problems = []
+    try:
+        from_config(cfg.train.target)
+    except TargetError as e:
+        problems.append(f"train.target: {e}")
     bm = cfg.base_model
     if bm.hidden_size % bm.num_heads:
         problems.append(f"base_model.num_heads={bm.num_heads} must divide base_model.hidden_size={bm.hidden_size}")
@@ -522,6 +584,8 @@ def _coerce(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
                 raise ConfigError(f"{key}={value!r}: {problem}")
         return value
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and hasattr(tp, "SHORTHAND"):
+            value = {tp.SHORTHAND: value}
         return _build(tp, value, f"{key}.", errors)  # type: ignore[arg-type]
     if origin in (Union, types.UnionType):
         if value is None and type(None) in get_args(tp):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from transformers import PreTrainedTokenizerBase
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
 from pipeline.storage import sha256_json
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -342,21 +345,35 @@ def _check_chat(messages: list[Any]) -> None:
             raise DataError(f"empty completion in message {i}")
 
 
-def tokenize_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
-    """Render with the chat template; return input_ids and labels (assistant tokens only)."""
-    text = _render(tokenizer, messages, generation_prompt=False)
+def tokenize_chat(
+    messages: list[dict[str, str]],
+    tokenizer: PreTrainedTokenizerBase,
+    template_kwargs: dict[str, Any] | None = None,
+    mask_template_text: bool = True,
+) -> tuple[list[int], list[int]]:
+    """Render with the chat template; return input_ids and labels (assistant tokens only).
+
+    An assistant turn's span runs from the end of the prompt rendered with the generation prompt to
+    the end of the turn. With `mask_template_text`, text the template itself inserts into the turn
+    before the message (Qwen3's empty `<think>\n\n</think>\n\n`) stays out of the loss: the span
+    starts where the message content does, so it covers the content and the end-of-turn marker.
+    """
+    kwargs = template_kwargs or {}
+    text = _render(tokenizer, messages, False, kwargs)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        before = _render(tokenizer, messages[:i], True, kwargs)
+        through = _render(tokenizer, messages[: i + 1], False, kwargs)
         if not (text.startswith(through) and through.startswith(before)):
             raise DataError(
                 "the chat template is not prefix-stable (rendering a conversation's first turns "
                 "is not a prefix of rendering all of it), so completion tokens cannot be located"
             )
-        spans.append((len(before), len(through)))
+        start = len(before)
+        inserted = through.find(message["content"], start) - start if mask_template_text else 0
+        spans.append((start + max(inserted, 0), len(through)))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [
@@ -366,12 +383,24 @@ def tokenize_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizer
     return ids, labels
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+def _render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool, kwargs: dict[str, Any]
+) -> str:
     if not messages:
         return ""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
     assert isinstance(text, str)
     return text
+
+
+def chat_template_text(template: str) -> str:
+    """`data.chat_template`: a Jinja string, or the path of a `.jinja` file."""
+    if template.endswith(".jinja") and "{" not in template:
+        try:
+            return Path(template).read_text(encoding="utf-8")
+        except OSError as e:
+            raise DataError(f"cannot read data.chat_template {template}: {e.strerror}") from None
+    return template
 
 
 def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -389,8 +418,10 @@ def prepare(cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedTokeniz
     Raises:
         DataError: A malformed row (with its index and reason) unless `cfg.skip_invalid`.
     """
+    if cfg.chat_template is not None:
+        tokenizer.chat_template = chat_template_text(cfg.chat_template)
     if tokenizer.chat_template is None:
-        raise DataError("the tokenizer has no chat template; set one (tokenizer.chat_template) before training")
+        raise DataError("the tokenizer has no chat template; set data.chat_template (a string or a .jinja file)")
     source = open_source(data_path, cfg.split, cfg.subset, cfg.data_files)
     if not source.columns:
         raise DataError(f"{data_path} holds no rows")
@@ -402,10 +433,14 @@ def prepare(cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedTokeniz
     digest = hashlib.sha256()
     for part in (tok_hash, tokenizer.chat_template, fmt, str(cfg.max_length), cfg.truncation):
         digest.update(part.encode() + b"\0")
+    if cfg.chat_template_kwargs:  # only when set, so that existing fingerprints (and prior keys) stay
+        digest.update(json.dumps(cfg.chat_template_kwargs, sort_keys=True).encode() + b"\0")
     out = PreparedData(examples=[], fingerprint="", tokenizer_hash=tok_hash, format=fmt, rows=len(rows))
     for index, row in enumerate(rows):
         try:
-            ids, labels = tokenize_chat(to_messages(row, fmt, cfg), tokenizer)
+            ids, labels = tokenize_chat(
+                to_messages(row, fmt, cfg), tokenizer, cfg.chat_template_kwargs, cfg.mask_template_text
+            )
         except DataError as e:
             if not cfg.skip_invalid:
                 raise DataError(f"row {index}: {e} (set data.skip_invalid=true to skip and report bad rows)") from e
@@ -432,6 +467,7 @@ def prepare(cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedTokeniz
             "raise data.max_length, use data.truncation=truncate, or fix the data"
         )
     out.fingerprint = digest.hexdigest()
+    log.info("data %s: %s", data_path, out.counts())
     return out
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline import data
 from pipeline.answers import LETTERS, check_answers
-from pipeline.config import EvalConfig, EvalSetConfig, RunConfig, to_dict
+from pipeline.config import DataConfig, EvalConfig, EvalSetConfig, RunConfig, to_dict
 from pipeline.errors import EvalError
 from pipeline.models import load_model, load_model_config, load_tokenizer, pad_id
 from pipeline.prior_engines import set_vllm_cpu_environment, shutdown_vllm
@@ -177,6 +177,7 @@ def evaluate(
     default_set: EvalSetConfig | None = None,
     progress: bool = True,
     trust_remote_code: bool = False,
+    chat: DataConfig | None = None,
 ) -> dict[str, Any]:
     """Evaluate one model on every configured set; write report.json, report.md, samples.jsonl.
 
@@ -187,6 +188,8 @@ def evaluate(
         default_set: The set to use when `cfg.sets` is empty (the embedded held-out problems).
         progress: Show progress bars.
         trust_remote_code: Let the model folder run its own code (`model.trust_remote_code`).
+        chat: The training data's chat settings (`data.chat_template`, `data.chat_template_kwargs`),
+            so prompts are rendered the way the model was trained.
 
     Returns:
         The report: per set and overall Average@n, pass@n and greedy accuracy.
@@ -199,13 +202,16 @@ def evaluate(
         raise EvalError(f"eval.n={cfg.n} and eval.max_new_tokens={cfg.max_new_tokens} must both be >= 1")
     if not (Path(model_path) / "config.json").exists():
         raise EvalError(f"no model at {model_path} (config.json missing); train it first or fix eval.model_path")
-    fingerprint = report_fingerprint(cfg, Path(model_path), sets)
+    fingerprint = report_fingerprint(cfg, Path(model_path), sets, chat)
     previous = _read_report(out_dir / "report.json")
     if previous is not None and previous.get("fingerprint") == fingerprint:
         log.info("reusing %s: same model files, eval settings and sets", out_dir / "report.json")
         return previous
     problems = {s.name: load_problems(s, cfg.limit) for s in sets}
     tokenizer = load_tokenizer(Path(model_path), trust_remote_code)
+    chat = chat or DataConfig()
+    if chat.chat_template is not None:
+        tokenizer.chat_template = data.chat_template_text(chat.chat_template)
     engine_name = resolve_engine(cfg.engine, "eval.engine")
     started = time.time()
     engine: HFGenerator | VLLMGenerator
@@ -229,7 +235,9 @@ def evaluate(
     samples: list[dict[str, Any]] = []
     try:
         for s in sets:
-            report["sets"][s.name], records = evaluate_set(engine, tokenizer, s, problems[s.name], cfg, sampling)
+            report["sets"][s.name], records = evaluate_set(
+                engine, tokenizer, s, problems[s.name], cfg, sampling, chat.chat_template_kwargs
+            )
             samples += records
     finally:
         engine.close()
@@ -244,7 +252,7 @@ def evaluate(
     return report
 
 
-def report_fingerprint(cfg: EvalConfig, model_path: Path, sets: list[EvalSetConfig]) -> str:
+def report_fingerprint(cfg: EvalConfig, model_path: Path, sets: list[EvalSetConfig], chat: DataConfig | None) -> str:
     """Identity of an evaluation: its settings plus the name, size and mtime of every model and set file.
 
     A retrained model is written to a new folder and renamed into place, so its files get new
@@ -255,7 +263,8 @@ def report_fingerprint(cfg: EvalConfig, model_path: Path, sets: list[EvalSetConf
         path = Path(s.path)
         files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.exists()]
-    return sha256_json({"eval": to_dict(cfg), "sets": [to_dict(s) for s in sets], "files": stats})
+    template = {} if chat is None else {"template": chat.chat_template, "kwargs": chat.chat_template_kwargs}
+    return sha256_json({"eval": to_dict(cfg), "sets": [to_dict(s) for s in sets], "files": stats, **template})
 
 
 def _read_report(path: Path) -> dict[str, Any] | None:
@@ -272,9 +281,10 @@ def evaluate_set(
     problems: list[Problem],
     cfg: EvalConfig,
     sampling: dict[str, Any],
+    template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Sample, decode greedily and verify one set; returns its summary and one record per problem."""
-    prompts = [prompt_ids(tokenizer, p.prompt, cfg.system_prompt) for p in problems]
+    prompts = [prompt_ids(tokenizer, p.prompt, cfg.system_prompt, template_kwargs) for p in problems]
     sampled = engine.generate(prompts, cfg.n, sampling, cfg.max_new_tokens)
     greedy = engine.generate(prompts, 1, {}, cfg.max_new_tokens) if cfg.greedy else None
     texts = [tokenizer.batch_decode(sampled[i], skip_special_tokens=True) for i in range(len(problems))]
@@ -349,12 +359,12 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-def prompt_ids(tokenizer: Any, user_text: str, system: str | None) -> list[int]:
+def prompt_ids(tokenizer: Any, user_text: str, system: str | None, kwargs: dict[str, Any] | None = None) -> list[int]:
     """The chat-formatted prompt (generation prompt opened) as token ids; plain text without a template."""
     if tokenizer.chat_template is None:
         return list(tokenizer(user_text, add_special_tokens=True)["input_ids"])
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(kwargs or {}))
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -418,7 +428,7 @@ def evaluate_run(cfg: RunConfig, base: bool = False, out_dir: Path | None = None
     trackers, and return the report.json path. An unchanged model and settings reuse the report."""
     model, default_out, default_set = eval_target(cfg, base=base)
     out = out_dir or default_out
-    report = evaluate(cfg.eval, model, out, default_set, progress, cfg.model.trust_remote_code)
+    report = evaluate(cfg.eval, model, out, default_set, progress, cfg.model.trust_remote_code, cfg.data)
     run = run_dir(cfg)
     if not base and not cfg.eval.model_path and cfg.train.report_to:
         steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]

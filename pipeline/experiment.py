@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.batching import batch_shape_problem
-from pipeline.config import ExperimentConfig, RunConfig
+from pipeline.config import ExperimentConfig, RunConfig, TargetConfig, target_config
 from pipeline.storage import atomic_write_text
 from pipeline.targets import TargetError, from_config
 
@@ -30,8 +30,8 @@ class RunSpec:
     seed: int
     run_name: str
     """`train.name` of the run: `<experiment>-<target slug>-s<seed>`."""
-    target: str | dict[str, Any]
-    """What goes into `train.target`."""
+    target: TargetConfig
+    """This run's `train.target`."""
     train: dict[str, Any] = field(default_factory=dict)
     """This run's own train settings (from the entry's `train:` mapping)."""
 
@@ -39,7 +39,7 @@ class RunSpec:
         """`--set`-style overrides that turn the experiment's config into this run's config."""
         items = [
             f"train.name={self.run_name}",
-            f"train.target={json.dumps(self.target)}",
+            f"train.target={json.dumps(self.target.compact())}",
             f"train.seed={self.seed}",
             f"eval.seed={self.seed}",
         ]
@@ -55,10 +55,11 @@ def expand_grid(exp: ExperimentConfig) -> list[RunSpec]:
     if not exp.seeds:
         raise TargetError("experiment.seeds is empty; give at least one seed")
     runs, labels = [], set()
-    for entry in exp.targets:
-        for target, train in _expand_entry(entry):
+    for i, entry in enumerate(exp.targets):
+        for raw, train in _expand_entry(entry):
+            target = target_config(raw, f"experiment.targets[{i}]")
             from_config(target)  # unknown presets and parameters fail before anything runs
-            label = target_label(target)
+            label = target_label(target.compact())
             if label in labels:
                 raise TargetError(f"experiment.targets names {label!r} twice")
             labels.add(label)

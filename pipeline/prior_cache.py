@@ -156,8 +156,11 @@ class PriorStore:
         self.write_bytes_atomic(path.replace(".parquet", ".timing.json"), json.dumps({"seconds": seconds}).encode())
         self.write_bytes_atomic(path, encode_shard(records, k))
 
-    def finalize(self, key: str, inputs: dict[str, Any], num_shards: int, engine: str) -> dict[str, Any]:
-        """Checksum every shard, write manifest.json, then _SUCCESS. Idempotent."""
+    def finalize(
+        self, key: str, inputs: dict[str, Any], num_shards: int, engine: str, capture: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Checksum every shard, write manifest.json, then _SUCCESS. Idempotent. `capture` records how the
+        set was made (device, dtype, what the rows came to); it is not part of the key."""
         self.remove_stale_temporaries(key)
         shards, totals = (
             [],
@@ -199,6 +202,7 @@ class PriorStore:
                 "capture_tokens_per_s": totals["scored_tokens"] / max(totals["seconds"], 1e-9),
                 "logprob_max_abs_error": prior_schema.MAX_ABS_ERROR,
             },
+            "capture": capture or {},
             "shards": shards,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,9 @@ from pipeline.resolve import resolve_device, resolve_dtype, resolve_engine, reso
 from pipeline.storage import atomic_write_text, sha256_file
 
 MASKING_RULE = "assistant_turns_v1"  # labels on every assistant turn incl. its end marker
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,6 +76,7 @@ def plan(cfg: RunConfig, progress: bool = True) -> CapturePlan:
     engine_name = resolve_engine(cfg.priors.engine)
     device = resolve_device(cfg.priors.device)
     dtype = resolve_dtype(cfg.priors.dtype, device)
+    log.info("priors: engine %s on %s in %s; data %s", engine_name, device, dtype, prepared.counts())
     memo = hash_memo(PriorStore(cfg.storage_root))
     key_inputs = key_inputs_for(cfg, prior_model, prepared, engine_name, dtype, memo)
     return CapturePlan(cache_key(key_inputs), key_inputs, prepared, prior_model, engine_name, device, dtype)
@@ -118,7 +123,9 @@ def capture(cfg: RunConfig, progress: bool = True) -> CaptureResult:
     # --- save: manifest and _SUCCESS once every shard exists ------------------------------------
     passes = engine.forward_passes if engine is not None else 0
     if store.done_shards(key) >= set(range(len(shards))):
-        store.finalize(key, key_inputs, len(shards), p.engine)
+        capture = {"engine": p.engine, "device": p.device, "dtype": p.dtype, "data_counts": p.prepared.counts()}
+        store.finalize(key, key_inputs, len(shards), p.engine, capture)
+        log.info("prior set %s complete: %s", key, capture)
         return CaptureResult(key, manifest_path, passes, complete=True)
     return CaptureResult(key, manifest_path, passes, complete=False)
 

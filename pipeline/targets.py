@@ -155,13 +155,15 @@ def preset(name: str, **params: float) -> TargetSpec:
     return presets[name](**params)
 
 
-def from_config(config: str | dict[str, Any]) -> TargetSpec:
+def from_config(config: Any) -> TargetSpec:
     """Build a target from a config value.
 
-    Accepted forms: a preset name (`"dft"`), a preset with parameters
+    Accepted forms: a `TargetConfig`, a preset name (`"dft"`), a preset with parameters
     (`{preset: target_sft, eta: 0.3}`), or a free composition
     (`{gamma: {pow: 0.5}, residual: {guided: 0.3}, weight: 1}`).
     """
+    if hasattr(config, "compact"):  # a typed TargetConfig
+        config = config.compact()
     if isinstance(config, str):
         return preset(config)
     if not isinstance(config, dict):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipeline import experiment
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, TargetConfig
 from pipeline.targets import TargetError
 from tests.conftest import tiny_args
 
@@ -29,7 +29,7 @@ def test_grid_expands_lists_and_seeds_with_readable_names():
         "sweep-dft-s0",
         "sweep-dft-s1",
     ]
-    assert runs[2].label == "target_sft(eta=0.25)" and runs[2].target == {"preset": "target_sft", "eta": 0.25}
+    assert runs[2].label == "target_sft(eta=0.25)" and runs[2].target == TargetConfig(preset="target_sft", eta=0.25)
     assert "train.lr=0.0001" in runs[-1].overrides() and "train.seed=1" in runs[-1].overrides()
     assert 'train.target={"preset": "target_sft", "eta": 0.25}' in runs[2].overrides()
 

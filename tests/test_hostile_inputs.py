@@ -123,7 +123,12 @@ CONFIG_CASES = [
     ("priors.gpu_memory_utilization=0", "priors.gpu_memory_utilization=0.0: must be in (0, 1]"),
     ("train.max_grad_norm=0", "train.max_grad_norm=0.0: must be > 0"),
     ("eval.sets=[{{name: s, path: x.jsonl, prompt_template: 'Solve it'}}]", "prompt_template names no column"),
-    ("experiment.targets=[{{preset: target_sft, eta: high}}]", "parameters must be numbers, got {'eta': 'high'}"),
+    (
+        "experiment.targets=[{{preset: target_sft, eta: high}}]",
+        "experiment.targets[0].eta: expected float, got str 'high'",
+    ),
+    ("train.target={{preset: target_sft, eta: 3}}", "train.target: eta must be in [0, 1], got 3.0"),
+    ("train.target=sftt", "train.target: unknown target preset 'sftt'"),
 ]
 
 
@@ -323,14 +328,16 @@ def test_ctrl_c_stops_training_cleanly_with_the_last_checkpoint_intact(world):
         "--set=train.checkpoint_every=1",
         "--set=train.eval_every=0",
     ]
-    proc = subprocess.Popen(
-        argv, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and len(list(run_dir.glob("checkpoints/step-*"))) < 2:
-        time.sleep(0.05)
-    proc.send_signal(2)  # SIGINT, as Ctrl-C sends it
-    _, err = proc.communicate(timeout=120)
+    log = world["tmp"] / "train.log"  # a file, not a pipe: nothing blocks on a full pipe while we wait
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=out, stderr=out)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and len(list(run_dir.glob("checkpoints/step-*"))) < 2:
+            time.sleep(0.05)
+        assert proc.poll() is None, log.read_text()[-2000:]
+        proc.send_signal(2)  # SIGINT, as Ctrl-C sends it
+        proc.wait(timeout=120)
+    err = log.read_text()
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
     newest = sorted(run_dir.glob("checkpoints/step-*"))[-1]

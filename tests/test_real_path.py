@@ -54,7 +54,7 @@ def test_every_row_format_from_a_hub_snapshot_gives_the_same_examples(tmp_path, 
     reference = data.prepare(DataConfig(), write_jsonl(tmp_path / "ref.jsonl", rows_in("messages")), tokenizer)
     assert [e.input_ids for e in prepared.examples] == [e.input_ids for e in reference.examples]
     assert [e.labels for e in prepared.examples] == [e.labels for e in reference.examples]  # same mask rules
-    assert prepared.fingerprint == reference.fingerprint
+    assert prepared.format == {"conversational": "prompt_completion", "sharegpt": "conversations"}.get(fmt, fmt)
 
 
 def test_every_path_form_reads_the_same_rows(tmp_path, tokenizer):
@@ -212,6 +212,9 @@ def test_prior_capture_fans_out_one_worker_per_gpu(tiny_build, tmp_path, monkeyp
     assert "[gpu 1] prior worker 1 of 2, CUDA_VISIBLE_DEVICES=1" in out
     store = PriorStore(str(tmp_path))
     assert result.complete and store.verify(result.key) == [] and result.forward_passes > 0
+    capture = store.manifest(result.key)["capture"]  # how it was made, beside the key
+    assert (capture["engine"], capture["device"], capture["dtype"]) == ("hf", "cpu", "float32")
+    assert capture["data_counts"]["examples"] == capture["data_counts"]["rows"] == 60
     single = priors.plan(cfg, progress=False)
     assert single.key == result.key
     assert launch.capture_priors(cfg, None, overrides, progress=False).forward_passes == 0  # reused
@@ -244,3 +247,36 @@ def test_weight_hashes_are_memoized_and_still_see_every_change(tiny_build, tmp_p
     assert priors.model_content_hash(model, memo) != first and reads == [weights]
     weights.write_bytes(original)  # the old bytes again under a new mtime: hashed again, the old key back
     assert priors.model_content_hash(model, memo) == first and len(reads) == 2
+
+
+# --- chat templates: override, kwargs, text the template inserts ---------------------------------------
+
+QWEN3_STYLE = (
+    "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{%- if m['role'] == 'assistant' %}<think>\n\n</think>\n\n{%- endif %}{{ m['content'] }}<|im_end|>\n"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n"
+    "{%- if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def _scored_text(prepared, tokenizer) -> str:
+    return tokenizer.decode([t for t in prepared.examples[0].labels if t != data.IGNORE])
+
+
+def test_template_inserted_text_stays_out_of_the_loss(tmp_path, tiny_build):
+    """A Qwen3-style template that writes an empty think block into every assistant turn: by default the
+    mask covers exactly the content and the end-of-turn marker; the kwargs path renders it in the prompt."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_build.model)  # its own: prepare() sets the template on it
+    template = tmp_path / "qwen3.jinja"
+    template.write_text(QWEN3_STYLE)
+    path = write_jsonl(tmp_path / "d.jsonl", rows_in("prompt_completion")[:2])
+    masked = data.prepare(DataConfig(chat_template=str(template)), path, tokenizer)
+    assert tokenizer.chat_template == QWEN3_STYLE  # the override (saved with the trained model)
+    assert _scored_text(masked, tokenizer) == "1 #### 1<|im_end|>"
+    unmasked = data.prepare(DataConfig(chat_template=QWEN3_STYLE, mask_template_text=False), path, tokenizer)
+    assert _scored_text(unmasked, tokenizer).startswith("<think>")
+    no_think = DataConfig(chat_template=QWEN3_STYLE, chat_template_kwargs={"enable_thinking": False})
+    rendered = data.prepare(no_think, path, tokenizer)
+    assert _scored_text(rendered, tokenizer) == "1 #### 1<|im_end|>"
+    assert rendered.fingerprint != masked.fingerprint  # the kwargs are part of what training sees

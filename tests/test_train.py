@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import batching, priors, train
 from pipeline.config import RunConfig, load_config
+from pipeline.errors import ConfigError
 from pipeline.prior_cache import CacheError
-from pipeline.targets import TargetError
 from tests.conftest import REPO, free_port, tiny_args
 
 
@@ -270,10 +270,11 @@ def test_presets_lower_their_own_training_loss(tiny_build, captured, target):
 
 
 def test_bad_inputs_fail_before_any_step(tiny_build, tmp_path, captured):
-    with pytest.raises(TargetError, match="unknown target preset 'sftt'"):
-        train.train(cfg_for(tiny_build, tmp_path, "train.target=sftt"), progress=False)
-    with pytest.raises(TargetError, match="eta must be in"):
-        train.train(cfg_for(tiny_build, tmp_path, "train.target={preset: target_sft, eta: 3}"), progress=False)
+    # a bad target is refused when the config loads, before anything runs
+    with pytest.raises(ConfigError, match=r"train\.target: unknown target preset 'sftt'"):
+        cfg_for(tiny_build, tmp_path, "train.target=sftt")
+    with pytest.raises(ConfigError, match=r"train.target: eta must be in \[0, 1\]"):
+        cfg_for(tiny_build, tmp_path, "train.target={preset: target_sft, eta: 3}")
     with pytest.raises(train.TrainError, match="not a multiple of micro_batch_size"):
         train.train(cfg_for(tiny_build, tmp_path, "train.batch_size=6", "train.micro_batch_size=4"), progress=False)
     fresh = tmp_path / "no-priors"
@@ -312,7 +313,7 @@ def test_bad_inputs_fail_before_any_step(tiny_build, tmp_path, captured):
         ),
         progress=False,
     )
-    with pytest.raises(train.TrainError, match=r"cannot resume .*train.target was 'sft', now 'dft'"):
+    with pytest.raises(train.TrainError, match=r"cannot resume .*train.target.preset was 'sft', now 'dft'"):
         train.train(cfg_for(tiny_build, tmp_path, "train.target=dft", "train.name=x"), resume=True, progress=False)
     with pytest.raises(train.TrainError, match="already exists; pass --resume"):
         train.train(cfg_for(tiny_build, tmp_path, "train.name=x"), progress=False)
@@ -411,7 +412,7 @@ SHORT = ("train.batch_size=4", "train.micro_batch_size=2", "train.checkpoint_eve
         ("train.lr=0.01", r"train.lr was 0.002, now 0.01"),
         ("data.max_length=100", r"data.max_length was 128, now 100"),
         ("train.seed=3", r"train.seed was 0, now 3"),
-        ("train.target=dft", r"train.target was 'sft', now 'dft'"),
+        ("train.target=dft", r"train.target.preset was 'sft', now 'dft'"),
         ("train.batch_size=8", r"train.batch_size was 4, now 8"),
     ],
 )
@@ -442,6 +443,8 @@ def test_resume_may_extend_a_run_but_not_change_its_data_or_start_from_nothing(t
 def test_rerun_of_a_finished_run_rewrites_nothing(tiny_build, tmp_path):
     cfg = cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=2")
     final = train.train(cfg, progress=False)
+    info = json.loads((final.parent / "run.json").read_text())
+    assert info["device"] == "cpu" and info["data_counts"]["examples"] == info["data_counts"]["rows"] == 60
     stamp = (final / "model.safetensors").stat().st_mtime_ns
     assert train.train(cfg, resume=True, progress=False) == final
     assert (final / "model.safetensors").stat().st_mtime_ns == stamp
