@@ -11,6 +11,7 @@ import json
 import os
 import pty
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -330,12 +331,20 @@ def test_ctrl_c_stops_training_cleanly_with_the_last_checkpoint_intact(world):
     ]
     log = world["tmp"] / "train.log"  # a file, not a pipe: nothing blocks on a full pipe while we wait
     with log.open("w") as out:
-        proc = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=out, stderr=out)
+        proc = subprocess.Popen(
+            argv,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=out,
+            stderr=out,
+            # as a terminal starts it: earlier tests (servers, Dask) may leave SIGINT ignored in this
+            # process, and an ignored SIGINT is inherited, so the child would never see the Ctrl-C
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None and len(list(run_dir.glob("checkpoints/step-*"))) < 2:
             time.sleep(0.05)
         assert proc.poll() is None, log.read_text()[-2000:]
-        proc.send_signal(2)  # SIGINT, as Ctrl-C sends it
+        proc.send_signal(signal.SIGINT)  # as Ctrl-C sends it
         proc.wait(timeout=120)
     err = log.read_text()
     assert proc.returncode == 130, err[-2000:]
