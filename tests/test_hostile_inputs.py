@@ -340,12 +340,17 @@ def test_ctrl_c_stops_training_cleanly_with_the_last_checkpoint_intact(world):
             # process, and an ignored SIGINT is inherited, so the child would never see the Ctrl-C
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None and len(list(run_dir.glob("checkpoints/step-*"))) < 2:
-            time.sleep(0.05)
-        assert proc.poll() is None, log.read_text()[-2000:]
-        proc.send_signal(signal.SIGINT)  # as Ctrl-C sends it
-        proc.wait(timeout=120)
+        try:
+            deadline = time.time() + 240
+            while time.time() < deadline and proc.poll() is None and len(list(run_dir.glob("checkpoints/step-*"))) < 2:
+                time.sleep(0.05)
+            assert proc.poll() is None, log.read_text()[-2000:]
+            proc.send_signal(signal.SIGINT)  # as Ctrl-C sends it
+            proc.wait(timeout=120)
+        finally:  # a failed run of this test must not leave a training running
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     err = log.read_text()
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
