@@ -206,7 +206,7 @@ def evaluate(
     previous = _read_report(out_dir / "report.json")
     if previous is not None and previous.get("fingerprint") == fingerprint:
         log.info("reusing %s: same model files, eval settings and sets", out_dir / "report.json")
-        return previous
+        return {**previous, "reused": True}
     problems = {s.name: load_problems(s, cfg.limit) for s in sets}
     tokenizer = load_tokenizer(Path(model_path), trust_remote_code)
     chat = chat or DataConfig()
@@ -430,8 +430,9 @@ def evaluate_run(cfg: RunConfig, base: bool = False, out_dir: Path | None = None
     out = out_dir or default_out
     report = evaluate(cfg.eval, model, out, default_set, progress, cfg.model.trust_remote_code, cfg.data)
     run = run_dir(cfg)
-    if not base and not cfg.eval.model_path and cfg.train.report_to:
-        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    if not base and not cfg.eval.model_path and cfg.train.report_to and not report.get("reused"):
+        metrics = run / "metrics.jsonl"
+        steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
         trackers = Trackers(cfg.train.report_to, run, cfg.train.name, to_dict(cfg))
         trackers.log_report(report, steps[-1] if steps else 0)
         trackers.close()

@@ -63,8 +63,10 @@ def test_tensorboard_and_mlflow_get_every_metric_config_and_eval_report(tiny_bui
     assert [(e.step, e.value) for e in greedy] == [(3, pytest.approx(report["overall"]["greedy"]))]
     assert "config" in events.Tags()["tensors"] or "config/text_summary" in events.Tags()["tensors"]
 
+    assert evaluate.evaluate_run(cfg, progress=False).exists()  # reused: logged once, not again
     run_id = json.loads((final.parent / "tracking.json").read_text())["mlflow"]
     client = MlflowClient(mlflow_store)
+    assert len(client.get_metric_history(run_id, "eval/overall/greedy")) == 1
     history = client.get_metric_history(run_id, "loss")
     assert [(h.step, h.value) for h in history] == [(m["step"], pytest.approx(m["loss"])) for m in metrics]
     run = client.get_run(run_id)
