@@ -27,11 +27,11 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
+from pipeline.loss import IGNORE  # the label that scores nothing (one definition, beside the loss)
 from pipeline.storage import sha256_json
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100
 ROLES = ("system", "user", "assistant")
 CANONICAL_COLUMNS = ("messages", "prompt", "completion", "question", "answer", "conversations")
 

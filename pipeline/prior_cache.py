@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from pipeline import prior_schema
 from pipeline.errors import CacheError
 from pipeline.prior_engines import PriorRecord
+from pipeline.storage import sha256_json
 
 KEY_RE = re.compile(r"^[0-9a-f]{20}$")
 SHARD_FILE_RE = re.compile(r"shards/[0-9]{5,}\.parquet")
@@ -42,8 +43,7 @@ FORMAT_VERSION = 1
 
 def cache_key(inputs: dict[str, Any]) -> str:
     """20 hex digits of sha256 over the canonical JSON of everything that changes the content."""
-    blob = json.dumps({**inputs, "format_version": FORMAT_VERSION}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return sha256_json({**inputs, "format_version": FORMAT_VERSION})[:20]
 
 
 def check_key(key: str) -> str:
