@@ -22,6 +22,7 @@ from typing import Any
 from pipeline import priors
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import PriorError, TrainError
+from pipeline.prior_cache import PriorStore
 from pipeline.resolve import run_dir
 from pipeline.train import train
 
@@ -77,6 +78,9 @@ def capture_priors(
         return priors.capture(cfg, progress=progress)
     if len(gpus) < workers:
         raise PriorError(f"priors.workers={workers} but {len(gpus)} GPUs are visible; lower priors.workers")
+    planned = priors.plan(cfg, progress=False)
+    if PriorStore(cfg.storage_root).complete(planned.key):  # reuse without starting a worker per GPU
+        return priors.capture(cfg, progress=False, planned=planned)
     procs = []
     for i in range(workers):
         command = [sys.executable, "-m", "pipeline.cli", "priors", str(config or os.devnull)]

@@ -82,10 +82,10 @@ def plan(cfg: RunConfig, progress: bool = True) -> CapturePlan:
     return CapturePlan(cache_key(key_inputs), key_inputs, prepared, prior_model, engine_name, device, dtype)
 
 
-def capture(cfg: RunConfig, progress: bool = True) -> CaptureResult:
-    """Capture (or reuse) the priors for `cfg`'s model, teacher and data."""
+def capture(cfg: RunConfig, progress: bool = True, planned: CapturePlan | None = None) -> CaptureResult:
+    """Capture (or reuse) the priors for `cfg`'s model, teacher and data (`planned`: its plan, if made)."""
     # --- setup: data and cache key --------------------------------------------------------------
-    p = plan(cfg, progress)
+    p = planned or plan(cfg, progress)
     key, key_inputs = p.key, p.key_inputs
 
     # --- build: store and engine ---------------------------------------------------------------

@@ -217,7 +217,8 @@ def test_prior_capture_fans_out_one_worker_per_gpu(tiny_build, tmp_path, monkeyp
     assert capture["data_counts"]["examples"] == capture["data_counts"]["rows"] == 60
     single = priors.plan(cfg, progress=False)
     assert single.key == result.key
-    assert launch.capture_priors(cfg, None, overrides, progress=False).forward_passes == 0  # reused
+    again = launch.capture_priors(cfg, None, overrides, progress=False)
+    assert again.forward_passes == 0 and "[gpu" not in capsys.readouterr().out  # reused, no worker started
 
 
 # --- weight files are hashed once ----------------------------------------------------------------------
