@@ -50,7 +50,7 @@ def run_one(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.loss import fused_q_target_loss, q_target_loss
+    from pipeline.loss import Prior, fused_q_target_loss, q_target_loss
     from pipeline.targets import preset
 
     torch.manual_seed(0)
@@ -59,7 +59,7 @@ def run_one(args) -> dict:
     hidden0, weight0, labels, prior_ids, prior_lp, prior_obs = build_inputs(args)
     setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU baseline
     spec = preset("target_sft", eta=0.5)
-    prior = {"prior_ids": prior_ids, "prior_logprobs": prior_lp, "prior_obs_logprob": prior_obs}
+    prior = {"prior": Prior(prior_ids, prior_lp, prior_obs)}
 
     def step():
         hidden = hidden0.detach().requires_grad_(True)

@@ -53,6 +53,7 @@ def run_one(args) -> dict:
     import torch
 
     from pipeline.batching import Batch
+    from pipeline.loss import Prior
     from pipeline.targets import preset
     from pipeline.train import TargetLossModel
 
@@ -73,9 +74,11 @@ def run_one(args) -> dict:
         ids,
         torch.ones_like(ids),
         shifted,
-        torch.randint(vocab, (args.batch, args.seq - 1, k), generator=g),
-        torch.log_softmax(torch.randn(args.batch, args.seq - 1, k, generator=g), -1) - 0.1,
-        torch.full((args.batch, args.seq - 1), -5.0),
+        Prior(
+            torch.randint(vocab, (args.batch, args.seq - 1, k), generator=g),
+            torch.log_softmax(torch.randn(args.batch, args.seq - 1, k, generator=g), -1) - 0.1,
+            torch.full((args.batch, args.seq - 1), -5.0),
+        ),
     ).to(args.device)
     loss_model = TargetLossModel(model, preset("target_sft", eta=0.5), "student_tail", args.chunk_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)

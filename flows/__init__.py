@@ -54,3 +54,5 @@ _home = default_prefect_home(os.environ, Path.home(), Path.cwd(), importlib.meta
 if _home is not None:
     Path(_home).mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level itself
     os.environ["PREFECT_HOME"] = _home
+    # A first start migrates a new database: on a busy 2-core machine that can pass Prefect's 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import data
 from pipeline.config import TrainConfig
-from pipeline.prior_engines import PriorRecord, aligned_prior
+from pipeline.loss import IGNORE, Prior
+from pipeline.prior_engines import PriorRecord, aligned_priors
+from pipeline.tokens import Example, pad_rows
 
 
 @dataclass
@@ -25,41 +26,26 @@ class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
-    prior_ids: torch.Tensor | None
-    prior_logprobs: torch.Tensor | None
-    prior_obs_logprob: torch.Tensor | None
+    prior: Prior | None
 
     def to(self, device: str) -> Batch:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))  # type: ignore[arg-type]
+        prior = None if self.prior is None else self.prior.map(lambda t: t.to(device))
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), prior)
 
 
-def collate(examples: list[data.Example], pad_id: int, priors: dict[int, PriorRecord] | None) -> Batch:
-    """Right-padded tensors; prior tensors aligned with `labels[1:]` of every example."""
-    longest = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full((len(examples), longest - 1), data.IGNORE, dtype=torch.long)
+def collate(examples: list[Example], pad_id: int, priors: dict[int, PriorRecord] | None) -> Batch:
+    """Right-padded tensors; labels and prior tensors aligned with `input_ids[:, 1:]`."""
+    ids, mask = pad_rows([e.input_ids for e in examples], pad_id)
+    completion, _ = pad_rows([e.completion for e in examples], 0)
+    labels = torch.where(completion[:, 1:].bool(), ids[:, 1:], IGNORE)
     prior = None
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        mask[row, :n] = 1
-        labels[row, : n - 1] = torch.tensor(e.labels[1:])
-        if priors is not None:
-            p_ids, p_lp, p_obs = aligned_prior(priors[e.index], n)
-            if prior is None:
-                k = p_ids.shape[1]
-                prior = (
-                    torch.full((len(examples), longest - 1, k), -1, dtype=torch.long),
-                    torch.full((len(examples), longest - 1, k), float("-inf")),
-                    torch.zeros(len(examples), longest - 1),
-                )
-            prior[0][row, : n - 1], prior[1][row, : n - 1], prior[2][row, : n - 1] = p_ids, p_lp, p_obs
-    return Batch(ids, mask, labels, *(prior or (None, None, None)))
+    if priors is not None:
+        records = [priors[e.index] for e in examples]
+        prior = aligned_priors(records, [len(e.input_ids) for e in examples], ids.shape[1] - 1)
+    return Batch(ids, mask, labels, prior)
 
 
-def step_batches(examples: list[data.Example], cfg: TrainConfig) -> list[list[data.Example]]:
+def step_batches(examples: list[Example], cfg: TrainConfig) -> list[list[Example]]:
     """Global batches for every step: seeded shuffle per epoch, each batch sorted by length.
 
     Sorting inside a global batch keeps its set of examples (so any micro-batch split gives the
@@ -67,7 +53,7 @@ def step_batches(examples: list[data.Example], cfg: TrainConfig) -> list[list[da
     `group_by_length`, batches are cut from length-sorted mega-batches and then shuffled.
     """
     generator = torch.Generator().manual_seed(cfg.seed)
-    batches: list[list[data.Example]] = []
+    batches: list[list[Example]] = []
     while len(batches) < cfg.max_steps:
         order = torch.randperm(len(examples), generator=generator).tolist()
         if cfg.group_by_length:
@@ -87,9 +73,7 @@ def step_batches(examples: list[data.Example], cfg: TrainConfig) -> list[list[da
     return batches[: cfg.max_steps]
 
 
-def micro_batches(
-    global_batch: list[data.Example], rank: int, world: int, cfg: TrainConfig
-) -> list[list[data.Example]]:
+def micro_batches(global_batch: list[Example], rank: int, world: int, cfg: TrainConfig) -> list[list[Example]]:
     """This process's share of a step (every world-th example), split into micro-batches.
 
     By `micro_batch_size`, or by the padded-token budget `micro_batch_tokens`: then every process
@@ -112,9 +96,9 @@ def micro_batches(
     return groups
 
 
-def _split_by_tokens(share: list[data.Example], budget: int) -> list[list[data.Example]]:
+def _split_by_tokens(share: list[Example], budget: int) -> list[list[Example]]:
     """Fewest contiguous groups of a length-sorted share with (size × longest) ≤ budget each."""
-    groups: list[list[data.Example]] = []
+    groups: list[list[Example]] = []
     for e in share:
         if groups and (len(groups[-1]) + 1) * len(e.input_ids) <= budget:
             groups[-1].append(e)

@@ -19,7 +19,7 @@ from pipeline.config import RunConfig, load_config
 from pipeline.errors import CacheError, ConfigError, TargetSFTError
 from pipeline.models import load_tokenizer
 from pipeline.prior_cache import PriorStore
-from pipeline.resolve import resolve_inputs
+from pipeline.resolve import resolve_inputs, tokens_dir
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -172,7 +172,7 @@ def print_base_eval(cfg: RunConfig, formats: list[str]) -> list[dict]:
 def inspect_data(cfg: RunConfig) -> None:
     inputs = resolve_inputs(cfg)
     tokenizer = load_tokenizer(inputs.model_path, cfg.model.trust_remote_code)
-    prepared = data.prepare(cfg.data, inputs.data_path, tokenizer)
+    prepared = data.prepare(cfg.data, inputs.data_path, tokenizer, tokens_dir(cfg))
     print(f"dataset: {inputs.data_path}\ntokenizer: {inputs.model_path}")
     for key, value in data.summary(prepared).items():
         print(f"  {key:>22}: {value}")

@@ -11,6 +11,7 @@ with `labels[t + 1] != -100`.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -25,32 +26,17 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from pipeline import tokens
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
 from pipeline.loss import IGNORE  # the label that scores nothing (one definition, beside the loss)
 from pipeline.storage import sha256_json
+from pipeline.tokens import Example  # re-exported: data.Example is how stages name it
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 CANONICAL_COLUMNS = ("messages", "prompt", "completion", "question", "answer", "conversations")
-
-
-@dataclass
-class Example:
-    """One tokenised example."""
-
-    index: int
-    """Row index in the source file (stable for error messages and shards)."""
-    input_ids: list[int]
-    """Token ids of the whole rendered conversation."""
-    labels: list[int]
-    """input_ids on completion tokens, -100 elsewhere."""
-
-    @property
-    def num_scored(self) -> int:
-        """Completion tokens that some earlier position predicts (the first token never is)."""
-        return sum(1 for label in self.labels[1:] if label != IGNORE)
 
 
 @dataclass
@@ -199,6 +185,16 @@ def _cache_dir(path: str) -> str | None:
     """
     import datasets
 
+    stamps = _file_stamps(path)
+    if stamps is None:
+        return None  # a Hub name: the default cache is keyed by its revision
+    return str(
+        Path(datasets.config.HF_DATASETS_CACHE) / "target-sft" / sha256_json([os.path.abspath(path), stamps])[:20]
+    )
+
+
+def _file_stamps(path: str) -> list[tuple[str, int, int]] | None:
+    """(absolute name, size, mtime) of every file a local source reads; None for a Hub name."""
     local = Path(path)
     if local.is_dir():
         files = sorted(p for p in local.rglob("*") if p.is_file() and ".cache" not in p.parts)
@@ -207,11 +203,8 @@ def _cache_dir(path: str) -> str | None:
     elif local.is_file():
         files = [local]
     else:
-        return None  # a Hub name: the default cache is keyed by its revision
-    stamps = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return str(
-        Path(datasets.config.HF_DATASETS_CACHE) / "target-sft" / sha256_json([os.path.abspath(path), stamps])[:20]
-    )
+        return None
+    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
 def _pick_split(loaded: Any, split: str | None, where: str) -> Any:
@@ -351,14 +344,24 @@ def tokenize_chat(
     template_kwargs: dict[str, Any] | None = None,
     mask_template_text: bool = True,
 ) -> tuple[list[int], list[int]]:
-    """Render with the chat template; return input_ids and labels (assistant tokens only).
+    """Render with the chat template; return input_ids and labels (assistant tokens only)."""
+    text, spans = render_chat(messages, tokenizer, template_kwargs or {}, mask_template_text)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    completion = _completion_mask(enc["offset_mapping"], spans)
+    ids = list(enc["input_ids"])
+    return ids, [t if c else IGNORE for t, c in zip(ids, completion.tolist(), strict=True)]
+
+
+def render_chat(
+    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, kwargs: dict[str, Any], mask_template_text: bool
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its completion text.
 
     An assistant turn's span runs from the end of the prompt rendered with the generation prompt to
     the end of the turn. With `mask_template_text`, text the template itself inserts into the turn
     before the message (Qwen3's empty `<think>\n\n</think>\n\n`) stays out of the loss: the span
     starts where the message content does, so it covers the content and the end-of-turn marker.
     """
-    kwargs = template_kwargs or {}
     text = _render(tokenizer, messages, False, kwargs)
     spans = []
     for i, message in enumerate(messages):
@@ -374,13 +377,16 @@ def tokenize_chat(
         start = len(before)
         inserted = through.find(message["content"], start) - start if mask_template_text else 0
         spans.append((start + max(inserted, 0), len(through)))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    labels = [
-        token if any(lo <= start < hi for lo, hi in spans) else IGNORE
-        for token, (start, _end) in zip(ids, enc["offset_mapping"], strict=True)
-    ]
-    return ids, labels
+    return text, spans
+
+
+def _completion_mask(offsets: Any, spans: list[tuple[int, int]]) -> np.ndarray:
+    """True for each token whose first character lies in a completion span."""
+    starts = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
+    mask = np.zeros(len(starts), dtype=bool)
+    for lo, hi in spans:
+        mask |= (starts >= lo) & (starts < hi)
+    return mask
 
 
 def _render(
@@ -412,8 +418,14 @@ def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def prepare(cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+def prepare(
+    cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedTokenizerBase, cache: Path | None = None
+) -> PreparedData:
     """Load, validate, tokenise, mask and fingerprint a dataset.
+
+    With `cache` (the `tokens/` folder under the storage root), the result is read from
+    `cache/<key>/` when this source, tokenizer and these settings were tokenised before, and
+    written there otherwise (`pipeline.tokens`); a Hub name is not cached (its files are not local).
 
     Raises:
         DataError: A malformed row (with its index and reason) unless `cfg.skip_invalid`.
@@ -422,6 +434,44 @@ def prepare(cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedTokeniz
         tokenizer.chat_template = chat_template_text(cfg.chat_template)
     if tokenizer.chat_template is None:
         raise DataError("the tokenizer has no chat template; set data.chat_template (a string or a .jinja file)")
+    stamps = _file_stamps(str(data_path))
+    if cache is None or stamps is None:
+        return _tokenize(cfg, data_path, tokenizer)
+    folder = cache / token_key(cfg, data_path, tokenizer, stamps)
+
+    def build() -> tokens.Stored:
+        prepared = _tokenize(cfg, data_path, tokenizer)
+        meta = {f.name: getattr(prepared, f.name) for f in dataclasses.fields(prepared) if f.name != "examples"}
+        return meta, prepared.examples
+
+    meta, examples = tokens.cached(folder, build)
+    meta["skipped"] = [tuple(pair) for pair in meta["skipped"]]
+    prepared = PreparedData(examples=examples, **meta)
+    log.info("data %s: %s (tokens from %s)", data_path, prepared.counts(), folder)
+    return prepared
+
+
+def token_key(cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedTokenizerBase, stamps: Any) -> str:
+    """What the tokenised examples depend on: the source files, the tokenizer and its template, every
+    data setting that changes a token or a mask, and the tokenisation code's versions."""
+    import tokenizers
+    import transformers
+
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("path", "eval_path", "chat_template")}
+    return sha256_json(
+        {
+            "format_version": tokens.FORMAT_VERSION,
+            "source": [os.path.abspath(data_path), stamps],
+            "tokenizer": tokenizer_hash(tokenizer),
+            "template": tokenizer.chat_template,
+            "settings": settings,
+            "versions": [transformers.__version__, tokenizers.__version__],
+        }
+    )[:20]
+
+
+def _tokenize(cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    """Read the rows, render them, tokenise them in batches (the Rust tokenizer runs on every core)."""
     source = open_source(data_path, cfg.split, cfg.subset, cfg.data_files)
     if not source.columns:
         raise DataError(f"{data_path} holds no rows")
@@ -436,30 +486,13 @@ def prepare(cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedTokeniz
     if cfg.chat_template_kwargs:  # only when set, so that existing fingerprints (and prior keys) stay
         digest.update(json.dumps(cfg.chat_template_kwargs, sort_keys=True).encode() + b"\0")
     out = PreparedData(examples=[], fingerprint="", tokenizer_hash=tok_hash, format=fmt, rows=len(rows))
-    for index, row in enumerate(rows):
-        try:
-            ids, labels = tokenize_chat(
-                to_messages(row, fmt, cfg), tokenizer, cfg.chat_template_kwargs, cfg.mask_template_text
-            )
-        except DataError as e:
-            if not cfg.skip_invalid:
-                raise DataError(f"row {index}: {e} (set data.skip_invalid=true to skip and report bad rows)") from e
-            out.skipped.append((index, str(e)))
+    for start in range(0, len(rows), TOKENIZE_BATCH):  # render and tokenise a batch at a time: few texts held
+        rendered = _render_rows(rows, start, fmt, cfg, tokenizer, out)
+        if not rendered:
             continue
-        if len(ids) > cfg.max_length:
-            if cfg.truncation == "drop":
-                out.dropped_too_long += 1
-                continue
-            ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
-            out.truncated += 1
-        example = Example(index, ids, labels)
-        if example.num_scored == 0:
-            out.dropped_no_completion += 1
-            continue
-        out.examples.append(example)
-        digest.update(np.asarray([index, len(ids)], dtype=np.int64).tobytes())
-        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
-        digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+        enc = tokenizer([text for _, text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+        for (index, _, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
+            _keep(out, cfg, digest, index, np.asarray(ids, dtype=np.int32), _completion_mask(offsets, spans))
     if not out.examples:
         raise DataError(
             f"no examples left in {data_path} ({out.rows} rows: {out.dropped_too_long} too long, "
@@ -467,8 +500,48 @@ def prepare(cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedTokeniz
             "raise data.max_length, use data.truncation=truncate, or fix the data"
         )
     out.fingerprint = digest.hexdigest()
-    log.info("data %s: %s", data_path, out.counts())
+    log.info("data %s: tokenised %s", data_path, out.counts())
     return out
+
+
+TOKENIZE_BATCH = 1024
+"""Rows per call of the Rust tokenizer."""
+
+
+def _render_rows(
+    rows: list[Any], start: int, fmt: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, out: PreparedData
+) -> list[tuple[int, str, list[tuple[int, int]]]]:
+    """(row index, text, completion spans) for one batch of rows; malformed rows stop or are skipped."""
+    rendered = []
+    for index in range(start, min(start + TOKENIZE_BATCH, len(rows))):
+        try:
+            messages = to_messages(rows[index], fmt, cfg)
+            text, spans = render_chat(messages, tokenizer, cfg.chat_template_kwargs, cfg.mask_template_text)
+        except DataError as e:
+            if not cfg.skip_invalid:
+                raise DataError(f"row {index}: {e} (set data.skip_invalid=true to skip and report bad rows)") from e
+            out.skipped.append((index, str(e)))
+            continue
+        rendered.append((index, text, spans))
+    return rendered
+
+
+def _keep(out: PreparedData, cfg: DataConfig, digest: Any, index: int, ids: np.ndarray, completion: np.ndarray) -> None:
+    """Apply the length policy, then add the example to `out` and to the fingerprint."""
+    if len(ids) > cfg.max_length:
+        if cfg.truncation == "drop":
+            out.dropped_too_long += 1
+            return
+        ids, completion = ids[: cfg.max_length], completion[: cfg.max_length]
+        out.truncated += 1
+    example = tokens.Example(index, ids, completion)
+    if example.num_scored == 0:
+        out.dropped_no_completion += 1
+        return
+    out.examples.append(example)
+    digest.update(np.asarray([index, len(ids)], dtype=np.int64).tobytes())
+    digest.update(ids.astype(np.int64).tobytes())
+    digest.update(example.labels.tobytes())
 
 
 def summary(data: PreparedData) -> dict[str, Any]:
@@ -499,8 +572,7 @@ def highlight(example: Example, tokenizer: PreTrainedTokenizerBase, color: bool)
     parts: list[tuple[bool, str]] = []
     current: bool | None = None
     run: list[int] = []
-    for token, label in zip(example.input_ids, example.labels, strict=True):
-        is_completion = label != IGNORE
+    for token, is_completion in zip(example.input_ids.tolist(), example.completion.tolist(), strict=True):
         if current is not None and is_completion != current:
             parts.append((current, str(tokenizer.decode(run))))
             run = []

@@ -30,6 +30,7 @@ from pipeline.models import load_model, load_model_config, load_tokenizer, pad_i
 from pipeline.prior_engines import set_vllm_cpu_environment, shutdown_vllm
 from pipeline.resolve import eval_dir, resolve_device, resolve_dtype, resolve_engine, resolve_inputs, run_dir
 from pipeline.storage import atomic_write_text, sha256_json, write_jsonl
+from pipeline.tokens import pad_rows
 from pipeline.tracking import Trackers
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,8 @@ class HFGenerator:
         batches = range(0, len(prompts), self.batch_size)
         for start in tqdm(batches, desc="generate", unit="batch", disable=not self.progress):
             chunk = prompts[start : start + self.batch_size]
-            longest = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), longest), self.pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, p in enumerate(chunk):
-                ids[row, longest - len(p) :] = torch.tensor(p)
-                mask[row, longest - len(p) :] = 1
+            ids, mask = pad_rows(chunk, self.pad_id, left=True)
+            longest = ids.shape[1]
             generated = self.model.generate(
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),

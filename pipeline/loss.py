@@ -13,13 +13,15 @@ Both return `QLoss(loss, stats)`; `stats` holds detached per-batch sums (γ, ent
 mass captured by the stored top-k, CE to the observed token, scored-token count) that can be
 added across micro-batches and all-reduced across ranks before `means()`.
 
-Prior inputs (docs/design.md §3): `prior_ids`/`prior_logprobs` [N, k] are the prior's top-k, and
-`prior_obs_logprob` [N] its log-probability of the observed token. Ids < 0 mark padding.
+Prior inputs (docs/design.md §3) travel as one `Prior(ids, logprobs, obs_logprob)`: `ids` and
+`logprobs` [N, k] are the prior's top-k, and `obs_logprob` [N] its log-probability of the observed
+token. Ids < 0 mark padding.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -49,6 +51,21 @@ class TargetStats:
         return {name: float(value) / count for name, value in zip(STAT_NAMES, self.sums[:-1], strict=True)}
 
 
+class Prior(NamedTuple):
+    """The stored prior, aligned with the labels (rows where the label is -100 are ignored)."""
+
+    ids: Tensor
+    """[..., k] top-k token ids, -1 where padded."""
+    logprobs: Tensor
+    """[..., k] their log-probabilities, -inf where padded."""
+    obs_logprob: Tensor
+    """[...] the prior's log-probability of the observed token."""
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Prior:
+        """The same prior with `fn` applied to each tensor (move, flatten, select rows)."""
+        return Prior(fn(self.ids), fn(self.logprobs), fn(self.obs_logprob))
+
+
 class QLoss(NamedTuple):
     loss: Tensor
     stats: TargetStats
@@ -58,29 +75,26 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _prior_support(
-    labels: Tensor,
-    prior_ids: Tensor | None,
-    prior_logprobs: Tensor | None,
-    prior_obs_logprob: Tensor | None,
-    dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+def _prior_support(labels: Tensor, prior: Prior | None, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
     """Support S = top-k ∪ {y}: ids [N, k+1], valid mask, and prior log-probs (or None)."""
     y = labels.unsqueeze(-1)
-    if prior_ids is None:
+    if prior is None:
         return y, torch.ones_like(y, dtype=torch.bool), None
-    if prior_logprobs is None or prior_obs_logprob is None:
-        raise ValueError("prior_ids needs prior_logprobs and prior_obs_logprob as well")
-    if prior_ids.shape != prior_logprobs.shape or prior_ids.shape[0] != labels.shape[0]:
+    if prior.ids.shape != prior.logprobs.shape or prior.ids.shape[0] != labels.shape[0]:
         raise ValueError(
-            f"prior shapes do not match: ids {tuple(prior_ids.shape)}, logprobs "
-            f"{tuple(prior_logprobs.shape)}, labels {tuple(labels.shape)}"
+            f"prior shapes do not match: ids {tuple(prior.ids.shape)}, logprobs "
+            f"{tuple(prior.logprobs.shape)}, labels {tuple(labels.shape)}"
         )
-    valid_topk = (prior_ids >= 0) & (prior_ids != y)  # y's own entry is the last column
-    ids = torch.cat([prior_ids.clamp(min=0), y], dim=-1)
+    valid_topk = (prior.ids >= 0) & (prior.ids != y)  # y's own entry is the last column
+    ids = torch.cat([prior.ids.clamp(min=0), y], dim=-1)
     valid = torch.cat([valid_topk, torch.ones_like(y, dtype=torch.bool)], dim=-1)
-    prior_lp = torch.cat([prior_logprobs.to(dtype), prior_obs_logprob.to(dtype).unsqueeze(-1)], dim=-1)
+    prior_lp = torch.cat([prior.logprobs.to(dtype), prior.obs_logprob.to(dtype).unsqueeze(-1)], dim=-1)
     return ids, valid, prior_lp
+
+
+def _require_prior(spec: TargetSpec, prior: Prior | None) -> None:
+    if spec.needs_prior and prior is None:
+        raise TargetError(f"target {spec.name!r} needs a prior: pass prior=Prior(ids, logprobs, obs_logprob)")
 
 
 def _topk_entropy(logp: Tensor, k: int) -> Tensor:
@@ -129,9 +143,7 @@ def q_target_loss(
     logits: Tensor,
     labels: Tensor,
     spec: TargetSpec,
-    prior_ids: Tensor | None = None,
-    prior_logprobs: Tensor | None = None,
-    prior_obs_logprob: Tensor | None = None,
+    prior: Prior | None = None,
     tail: TailPolicy = "student_tail",
     reduction: Reduction = "none",
     num_items: float | Tensor | None = None,
@@ -142,8 +154,7 @@ def q_target_loss(
         logits: [N, V] student logits (any float dtype; computed in fp32, or fp64 for fp64).
         labels: [N] observed next tokens, -100 where the position is not scored.
         spec: The target design (`pipeline.targets.preset(...)`).
-        prior_ids, prior_logprobs: [N, k] the prior's top-k, required when `spec.needs_prior`.
-        prior_obs_logprob: [N] the prior's log-probability of the observed token.
+        prior: The prior's top-k and observed-token log-probability, required when `spec.needs_prior`.
         tail: `student_tail` or `renormalize` (docs/design.md §3).
         reduction: `none` gives [N] (0 where ignored), `sum`, or `mean` over scored tokens.
         num_items: Normaliser for `mean` (e.g. the global scored-token count); default: local count.
@@ -151,13 +162,10 @@ def q_target_loss(
     dtype = _compute_dtype(logits.dtype)
     scored = labels != IGNORE
     rows = scored.nonzero().squeeze(-1)
-    sel = lambda t: None if t is None else t[rows]  # noqa: E731
     logp = torch.log_softmax(logits[rows].to(dtype), dim=-1)
-    ids, valid, prior_lp = _prior_support(
-        labels[rows], sel(prior_ids), sel(prior_logprobs), sel(prior_obs_logprob), dtype
-    )
-    if spec.needs_prior and prior_lp is None:
-        raise TargetError(f"target {spec.name!r} needs a prior: pass prior_ids, prior_logprobs and prior_obs_logprob")
+    _require_prior(spec, prior)
+    rows_prior = None if prior is None else prior.map(lambda t: t[rows])
+    ids, valid, prior_lp = _prior_support(labels[rows], rows_prior, dtype)
     stats = _support_stats(spec, logp.detach(), ids, valid, prior_lp)
     coef = coefficients(spec, stats, tail)
     q = dense_target(coef, logp.detach().exp(), ids, valid)
@@ -180,7 +188,7 @@ class _FusedQLoss(torch.autograd.Function):
         bias: Tensor | None,
         labels: Tensor,
         spec: TargetSpec,
-        prior: tuple[Tensor | None, Tensor | None, Tensor | None],
+        prior: Prior | None,
         tail: TailPolicy,
         scale: float | Tensor,
         chunk_size: int,
@@ -199,9 +207,9 @@ class _FusedQLoss(torch.autograd.Function):
             chunk = rows[start : start + chunk_size]
             h = hidden[chunk]
             logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
-            ids_k, lp_k, obs_k = (None if t is None else t[chunk] for t in prior)
+            chunk_prior = None if prior is None else prior.map(lambda t: t[chunk])  # noqa: B023
             chunk_loss, grad_logits, sums = _chunk_loss_and_grad(
-                logits.to(dtype), labels[chunk], spec, (ids_k, lp_k, obs_k), tail
+                logits.to(dtype), labels[chunk], spec, chunk_prior, tail
             )
             loss += chunk_loss
             stat_sums += sums
@@ -243,7 +251,7 @@ def _chunk_loss_and_grad(
     logits: Tensor,
     labels: Tensor,
     spec: TargetSpec,
-    prior: tuple[Tensor | None, Tensor | None, Tensor | None],
+    prior: Prior | None,
     tail: TailPolicy,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Loss sum, logit gradient w·(p − Q) and stat sums for one chunk of scored rows.
@@ -252,7 +260,7 @@ def _chunk_loss_and_grad(
     possible, so the chunk costs about two c × V buffers.
     """
     vocab = logits.shape[-1]
-    ids, valid, prior_lp = _prior_support(labels, *prior, logits.dtype)
+    ids, valid, prior_lp = _prior_support(labels, prior, logits.dtype)
     logp = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
     stats = _support_stats(spec, logp, ids, valid, prior_lp)
     coef = coefficients(spec, stats, tail)
@@ -313,9 +321,7 @@ def fused_q_target_loss(
     weight: Tensor,
     labels: Tensor,
     spec: TargetSpec,
-    prior_ids: Tensor | None = None,
-    prior_logprobs: Tensor | None = None,
-    prior_obs_logprob: Tensor | None = None,
+    prior: Prior | None = None,
     bias: Tensor | None = None,
     tail: TailPolicy = "student_tail",
     reduction: Literal["sum", "mean"] = "sum",
@@ -328,7 +334,7 @@ def fused_q_target_loss(
         hidden: [N, H] final hidden states (flatten batch and time first).
         weight: [V, H] lm_head weight; `bias` [V] if the head has one.
         labels: [N] next-token labels, -100 where not scored (shift them before calling).
-        spec, prior_*, tail: As for `q_target_loss`.
+        spec, prior, tail: As for `q_target_loss`.
         reduction: `sum`, or `mean` = sum / num_items (default: local scored count). Pass the
             global count of scored tokens under gradient accumulation or data parallelism.
         chunk_size: Scored tokens per chunk; peak extra memory is about 2 × chunk × V floats.
@@ -337,14 +343,11 @@ def fused_q_target_loss(
         raise ValueError(f"fused_q_target_loss supports reduction 'sum' or 'mean', got {reduction!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if spec.needs_prior and prior_ids is None:
-        raise TargetError(f"target {spec.name!r} needs a prior: pass prior_ids, prior_logprobs and prior_obs_logprob")
+    _require_prior(spec, prior)
     if reduction == "mean":
         count = num_items if num_items is not None else max(int((labels != IGNORE).sum()), 1)
         scale: float | Tensor = 1.0 / count
     else:
         scale = 1.0
-    loss, sums = _FusedQLoss.apply(
-        hidden, weight, bias, labels, spec, (prior_ids, prior_logprobs, prior_obs_logprob), tail, scale, chunk_size
-    )
+    loss, sums = _FusedQLoss.apply(hidden, weight, bias, labels, spec, prior, tail, scale, chunk_size)
     return QLoss(loss, TargetStats(sums))

@@ -7,6 +7,8 @@ Two engines produce the same `PriorRecord`s:
   never formed. Batches are built by a token budget over length-sorted examples.
 * `VLLMEngine`: vLLM's offline `LLM` with prompt logprobs (`max_tokens=1`, `prompt_logprobs=k`).
 
+Engines trust their arguments: `priors.plan` checks k against the vocabulary before one is built.
+
 Alignment (docs/design.md §3): the prior row for position t is the distribution of token t+1 given
 tokens ≤ t; only positions whose next token is a completion token are scored.
 """
@@ -14,7 +16,7 @@ tokens ≤ t; only positions whose next token is a completion token are scored.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -22,9 +24,10 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from pipeline.data import IGNORE, Example
 from pipeline.errors import PriorError
+from pipeline.loss import Prior
 from pipeline.models import check_remote_code, load_model
+from pipeline.tokens import Example, pad_rows
 
 
 @dataclass
@@ -45,32 +48,39 @@ class PriorRecord:
     """[n] int32 1-based rank of the observed next token."""
 
 
-def aligned_prior(record: PriorRecord, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dense tensors aligned with the shifted labels `labels[1:]` of a `num_tokens` example.
+def aligned_priors(records: Sequence[PriorRecord], num_tokens: Sequence[int], width: int) -> Prior:
+    """Dense [B, width, k] prior tensors aligned with the shifted labels `labels[:, 1:]` of a batch.
 
-    Returns prior_ids [T-1, k] (-1 where the position is not scored), prior_logprobs [T-1, k]
-    and prior_obs_logprob [T-1]: exactly the `prior_*` arguments of the Q-target losses.
+    Ids are -1 and log-probabilities -inf where a position is not scored (or is padding). One
+    scatter per tensor fills the whole batch.
     """
-    if record.num_tokens != num_tokens:
-        raise PriorError(
-            f"prior for example {record.example_index} was captured on {record.num_tokens} tokens, "
-            f"but the example now has {num_tokens}; the prior cache does not match this data"
-        )
-    k = record.topk_ids.shape[1]
-    ids = torch.full((num_tokens - 1, k), -1, dtype=torch.long)
-    logprobs = torch.full((num_tokens - 1, k), float("-inf"))
-    observed = torch.zeros(num_tokens - 1)
-    rows = torch.from_numpy(record.positions).long()
-    ids[rows] = torch.from_numpy(record.topk_ids).long()
-    logprobs[rows] = torch.from_numpy(record.topk_logprobs)
-    observed[rows] = torch.from_numpy(record.obs_logprob)
-    return ids, logprobs, observed
+    for record, n in zip(records, num_tokens, strict=True):
+        if record.num_tokens != n:
+            raise PriorError(
+                f"prior for example {record.example_index} was captured on {record.num_tokens} tokens, "
+                f"but the example now has {n}; the prior cache does not match this data"
+            )
+    k = records[0].topk_ids.shape[1]
+    rows = torch.from_numpy(np.repeat(np.arange(len(records)), [len(r.positions) for r in records]))
+    cols = torch.from_numpy(np.concatenate([r.positions for r in records]).astype(np.int64))
+    cat = lambda name: torch.from_numpy(np.concatenate([getattr(r, name) for r in records]))  # noqa: E731
+    ids = torch.full((len(records), width, k), -1, dtype=torch.long)
+    logprobs = torch.full((len(records), width, k), float("-inf"))
+    observed = torch.zeros(len(records), width)
+    ids[rows, cols] = cat("topk_ids").long()
+    logprobs[rows, cols] = cat("topk_logprobs").float()
+    observed[rows, cols] = cat("obs_logprob").float()
+    return Prior(ids, logprobs, observed)
+
+
+def aligned_prior(record: PriorRecord, num_tokens: int) -> Prior:
+    """One example's prior [T-1, k] aligned with its shifted labels `labels[1:]`."""
+    return aligned_priors([record], [num_tokens], num_tokens - 1).map(lambda t: t[0])
 
 
 def scored_positions(example: Example) -> np.ndarray:
     """Positions t whose next token is a completion token."""
-    labels = np.asarray(example.labels)
-    return np.nonzero(labels[1:] != IGNORE)[0].astype(np.int32)
+    return np.nonzero(example.completion[1:])[0].astype(np.int32)
 
 
 def token_budget_batches(examples: list[Example], batch_tokens: int) -> Iterator[list[Example]]:
@@ -105,9 +115,6 @@ class HFEngine:
         model: Any = load_model(Path(model_path), trust_remote_code, dtype=dtype)
         self.model = model.to(device)
         self.model.eval()
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        if not 1 <= k <= vocab:
-            raise PriorError(f"priors.k={k} must be between 1 and the vocabulary size {vocab}")
         self.k, self.device, self.batch_tokens, self.chunk_size = k, device, batch_tokens, chunk_size
         self.forward_passes = 0
 
@@ -121,12 +128,7 @@ class HFEngine:
         return [records[id(e)] for e in examples]
 
     def _score_batch(self, batch: list[Example]) -> list[PriorRecord]:
-        longest = max(len(e.input_ids) for e in batch)
-        ids = torch.zeros(len(batch), longest, dtype=torch.long)
-        mask = torch.zeros(len(batch), longest, dtype=torch.long)
-        for row, example in enumerate(batch):
-            ids[row, : len(example.input_ids)] = torch.tensor(example.input_ids)
-            mask[row, : len(example.input_ids)] = 1
+        ids, mask = pad_rows([e.input_ids for e in batch], 0)
         hidden = self.model.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
         hidden = hidden.last_hidden_state
         self.forward_passes += 1
@@ -197,6 +199,8 @@ class VLLMEngine:
         from vllm import LLM
 
         self.k = k
+        self.flat_logprobs = True
+        """Ask vLLM for flat arrays (sliced with numpy); False, or a vLLM without them: per-position dicts."""
         self.llm = LLM(
             model=str(model_path),
             tokenizer=str(model_path),
@@ -209,38 +213,60 @@ class VLLMEngine:
             seed=seed,
             enable_prefix_caching=False,  # prompt logprobs need every position computed
         )
-        vocab = self.llm.llm_engine.model_config.get_vocab_size()
-        if not 1 <= k <= vocab:
-            raise PriorError(f"priors.k={k} must be between 1 and the vocabulary size {vocab}")
         self.forward_passes = 0
 
     def score(self, examples: list[Example]) -> list[PriorRecord]:
-        from vllm import SamplingParams, TokensPrompt
+        from vllm import TokensPrompt
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=self.k, detokenize=False)
-        prompts = [TokensPrompt(prompt_token_ids=list(e.input_ids)) for e in examples]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        prompts = [TokensPrompt(prompt_token_ids=np.asarray(e.input_ids).tolist()) for e in examples]
+        outputs = self.llm.generate(prompts, self._params(), use_tqdm=False)
         self.forward_passes += 1
         return [self._record(e, out.prompt_logprobs) for e, out in zip(examples, outputs, strict=True)]
 
+    def _params(self) -> Any:
+        """Prompt logprobs as flat arrays where this vLLM has them (`flat_logprobs`), else as dicts."""
+        from vllm import SamplingParams
+
+        if self.flat_logprobs:
+            try:
+                return SamplingParams(max_tokens=1, prompt_logprobs=self.k, detokenize=False, flat_logprobs=True)
+            except TypeError:  # a vLLM from before FlatLogprobs
+                self.flat_logprobs = False
+        return SamplingParams(max_tokens=1, prompt_logprobs=self.k, detokenize=False)
+
     def _record(self, example: Example, prompt_logprobs: Any) -> PriorRecord:
+        """Entry j of vLLM's prompt logprobs is the distribution of token j given tokens < j, so the
+        prior of position t is entry t+1: the prompt token first, then the top-k by rank."""
         positions = scored_positions(example)
+        if hasattr(prompt_logprobs, "start_indices"):  # FlatLogprobs: k+1 entries per position after the first
+            first = prompt_logprobs.start_indices[1]
+            width = self.k + 1
+            ids = np.asarray(prompt_logprobs.token_ids[first:], dtype=np.int32).reshape(-1, width)[positions]
+            lps = np.asarray(prompt_logprobs.logprobs[first:], dtype=np.float32).reshape(-1, width)[positions]
+            ranks = np.asarray(prompt_logprobs.ranks[first:], dtype=np.int32).reshape(-1, width)[positions, 0]
+            top_ids, top_lp, obs_lp = ids[:, 1:], lps[:, 1:], lps[:, 0]
+        else:
+            top_ids, top_lp, obs_lp, ranks = self._from_dicts(example, positions, prompt_logprobs)
+        return PriorRecord(
+            example.index, len(example.input_ids), positions, np.ascontiguousarray(top_ids),
+            np.ascontiguousarray(top_lp), np.ascontiguousarray(obs_lp), ranks,
+        )  # fmt: skip
+
+    def _from_dicts(self, example: Example, positions: np.ndarray, prompt_logprobs: Any) -> tuple[np.ndarray, ...]:
         n, k = len(positions), self.k
         top_ids = np.zeros((n, k), dtype=np.int32)
         top_lp = np.zeros((n, k), dtype=np.float32)
         obs_lp = np.zeros(n, dtype=np.float32)
         obs_rank = np.zeros(n, dtype=np.int32)
         for row, t in enumerate(positions):
-            # vLLM's entry j is the distribution of token j given tokens < j: position t's prior is j = t+1.
             entry = prompt_logprobs[t + 1]
-            observed = example.input_ids[t + 1]
+            observed = int(example.input_ids[t + 1])
             obs_lp[row] = entry[observed].logprob
             obs_rank[row] = entry[observed].rank
-            ranked = sorted(((lp.rank, token, lp.logprob) for token, lp in entry.items() if lp.rank <= k))
-            ranked = ranked[:k]
+            ranked = sorted(((lp.rank, token, lp.logprob) for token, lp in entry.items() if lp.rank <= k))[:k]
             top_ids[row] = [token for _, token, _ in ranked]
             top_lp[row] = [logprob for _, _, logprob in ranked]
-        return PriorRecord(example.index, len(example.input_ids), positions, top_ids, top_lp, obs_lp, obs_rank)
+        return top_ids, top_lp, obs_lp, obs_rank
 
     def close(self) -> None:
         shutdown_vllm(self.llm)

@@ -25,7 +25,7 @@ from pipeline.config import RunConfig
 from pipeline.models import load_model_config, load_tokenizer
 from pipeline.prior_cache import PriorStore, cache_key, is_object_store, storage_error
 from pipeline.prior_engines import HFEngine, PriorError, VLLMEngine
-from pipeline.resolve import resolve_device, resolve_dtype, resolve_engine, resolve_inputs
+from pipeline.resolve import resolve_device, resolve_dtype, resolve_engine, resolve_inputs, tokens_dir
 from pipeline.storage import atomic_write_text, sha256_file
 
 MASKING_RULE = "assistant_turns_v1"  # labels on every assistant turn incl. its end marker
@@ -64,7 +64,7 @@ def plan(cfg: RunConfig, progress: bool = True) -> CapturePlan:
     inputs = resolve_inputs(cfg, progress=progress)
     prior_model = Path(cfg.priors.model_path or inputs.model_path)
     tokenizer = load_tokenizer(inputs.model_path, cfg.model.trust_remote_code)
-    prepared = data.prepare(cfg.data, inputs.data_path, tokenizer)
+    prepared = data.prepare(cfg.data, inputs.data_path, tokenizer, tokens_dir(cfg))
     if prior_model != inputs.model_path:
         teacher_tok = load_tokenizer(prior_model, cfg.model.trust_remote_code)
         if data.tokenizer_hash(teacher_tok) != prepared.tokenizer_hash:

@@ -55,6 +55,16 @@ def eval_dir(cfg: RunConfig, name: str) -> Path:
     return inside(cfg.storage_root, "evals", name)
 
 
+def tokens_dir(cfg: RunConfig) -> Path:
+    """`<storage>/tokens/`, the tokenisation cache (memory-mapped, so always on a local filesystem:
+    with an fsspec storage root such as s3://, it lives in the `datasets` cache folder instead)."""
+    if "://" in cfg.storage_root:
+        import datasets
+
+        return Path(datasets.config.HF_DATASETS_CACHE) / "target-sft-tokens"
+    return inside(cfg.storage_root, "tokens")
+
+
 def resolve_engine(engine: str, key: str = "priors.engine") -> str:
     """`auto` is vLLM wherever it imports, else transformers (`hf`)."""
     if engine == "auto":

@@ -47,7 +47,7 @@ from pipeline.loss import TargetStats, fused_q_target_loss
 from pipeline.models import load_model, load_tokenizer, pad_id
 from pipeline.prior_cache import PriorStore
 from pipeline.prior_engines import PriorRecord
-from pipeline.resolve import resolve_inputs, run_dir
+from pipeline.resolve import resolve_inputs, run_dir, tokens_dir
 from pipeline.schedule import warmup_cosine
 from pipeline.targets import TargetSpec, from_config
 from pipeline.tracking import Trackers
@@ -66,15 +66,12 @@ class TargetLossModel(nn.Module):
         hidden = self.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         hidden = hidden.last_hidden_state[:, :-1].flatten(0, 1)
         head = self.model.get_output_embeddings()
-        flat = lambda t: None if t is None else t.flatten(0, 1)  # noqa: E731
         out = fused_q_target_loss(
             hidden,
             head.weight,
             batch.labels.flatten(),
             self.spec,
-            prior_ids=flat(batch.prior_ids),
-            prior_logprobs=flat(batch.prior_logprobs),
-            prior_obs_logprob=flat(batch.prior_obs_logprob),
+            prior=None if batch.prior is None else batch.prior.map(lambda t: t.flatten(0, 1)),
             bias=head.bias,
             tail=self.tail,  # type: ignore[arg-type]
             reduction="sum",
@@ -204,7 +201,7 @@ def _forward_backward(
 def _plan_steps(cfg: RunConfig, data_path: Path, tokenizer: Any) -> tuple[data.PreparedData, TrainConfig, list[Any]]:
     """Tokenise the data, fix the step count (`train.epochs`) and draw every step's global batch."""
     tc = cfg.train
-    prepared = data.prepare(cfg.data, data_path, tokenizer)
+    prepared = data.prepare(cfg.data, data_path, tokenizer, tokens_dir(cfg))
     if len(prepared.examples) < tc.batch_size:
         raise TrainError(f"{len(prepared.examples)} examples cannot fill one batch of train.batch_size={tc.batch_size}")
     if tc.epochs is not None:
@@ -323,7 +320,7 @@ def _heldout_examples(cfg: RunConfig, embedded: Path | None, tokenizer: Any) -> 
     heldout_cfg = data.DataConfig(
         **{**to_dict(cfg.data), "path": str(path), "limit": cfg.train.eval_examples, "format": fmt}
     )
-    return data.prepare(heldout_cfg, cast(Path, path), tokenizer).examples
+    return data.prepare(heldout_cfg, cast(Path, path), tokenizer, tokens_dir(cfg)).examples
 
 
 def _fully_shard(loss_model: nn.Module, model: Any) -> nn.Module:

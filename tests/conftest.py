@@ -131,3 +131,43 @@ def llama3_style(tiny_build, tmp_path_factory) -> Path:
     tok.save_pretrained(folder)
     assert AutoTokenizer.from_pretrained(folder).pad_token_id is None
     return folder
+
+
+# Qwen3's own template, cut to what matters here: the last assistant turn after the last user query
+# gets an (empty) think block the template writes itself, and `enable_thinking: false` puts the empty
+# block into the generation prompt instead.
+QWEN3_TEMPLATE = (
+    "{%- set ns = namespace(last_query=-1) %}"
+    "{%- for m in messages %}{%- if m['role'] == 'user' %}{%- set ns.last_query = loop.index0 %}{%- endif %}"
+    "{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] != 'assistant' %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if loop.index0 > ns.last_query and loop.last %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{{- m['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def qwen3_style(tiny_build, tmp_path_factory) -> Path:
+    """The tiny model with a Qwen3-style tokenizer: <|im_start|>/<|im_end|> and <think>/</think> as
+    added tokens, eos = <|im_end|>, pad = <|endoftext|>, and the template above."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("qwen3-style")
+    tok = AutoTokenizer.from_pretrained(tiny_build.model)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]})
+    tok.add_tokens(["<think>", "</think>"])  # Qwen3 adds these as ordinary added tokens, not special ones
+    tok.eos_token, tok.pad_token = "<|im_end|>", "<|endoftext|>"
+    tok.chat_template = QWEN3_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(tiny_build.model)
+    model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = model.generation_config.pad_token_id = tok.pad_token_id
+    model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

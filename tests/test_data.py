@@ -36,7 +36,7 @@ def completion_text(example, tokenizer):
 
 def test_multi_turn_mask_covers_every_assistant_turn(tokenizer):
     ids, labels = data.tokenize_chat(CHAT, tokenizer)
-    example = data.Example(0, ids, labels)
+    example = data.Example.from_labels(0, ids, labels)
     assert completion_text(example, tokenizer) == "3 + 2 = 5.\n#### 5<|end|>\n5 - 1 = 4.\n#### 4<|end|>\n"
     # prompt side (system, users, role markers) is never a label
     prompt = tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label == IGNORE])

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.loss import dense_target, fused_q_target_loss, q_target_loss
+from pipeline.loss import Prior, dense_target, fused_q_target_loss, q_target_loss
 from pipeline.targets import PRESETS, TargetError, from_config, preset
 
 N, V, K = 9, 40, 5
@@ -114,7 +114,7 @@ def rel_err(a, b):
 
 
 def prior_kwargs(top_ids, top_lp, obs):
-    return {"prior_ids": top_ids, "prior_logprobs": top_lp, "prior_obs_logprob": obs}
+    return {"prior": Prior(top_ids, top_lp, obs)}
 
 
 @pytest.mark.parametrize("tail", ["student_tail", "renormalize"])
@@ -144,7 +144,7 @@ def test_preset_gradient_matches_original_loss(name, tail, seed):
     from pipeline.loss import _prior_support, _support_stats
     from pipeline.targets import coefficients
 
-    ids, valid, prior_lp = _prior_support(labels[keep], top_ids[keep], top_lp[keep], obs[keep], torch.float64)
+    ids, valid, prior_lp = _prior_support(labels[keep], Prior(top_ids[keep], top_lp[keep], obs[keep]), torch.float64)
     coef = coefficients(spec, _support_stats(spec, torch.log(p), ids, valid, prior_lp), tail)
     q = dense_target(coef, p, ids, valid)
     assert rel_err(grad[keep], coef.weight[:, None] * (p - q)) <= 1e-9

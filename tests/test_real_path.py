@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from pipeline import data, evaluate, train
 from pipeline.config import DataConfig, EvalSetConfig, RunConfig, load_config
 from pipeline.errors import DataError, EvalError
-from tests.conftest import hub_snapshot, tiny_args, write_jsonl
+from tests.conftest import REPO, hub_snapshot, tiny_args, write_jsonl
 
 QA = [{"question": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(12)]
 
@@ -52,8 +52,10 @@ def test_every_row_format_from_a_hub_snapshot_gives_the_same_examples(tmp_path, 
     folder = hub_snapshot(tmp_path / "snapshot", rows_in(fmt))
     prepared = data.prepare(DataConfig(path=str(folder)), folder, tokenizer)
     reference = data.prepare(DataConfig(), write_jsonl(tmp_path / "ref.jsonl", rows_in("messages")), tokenizer)
-    assert [e.input_ids for e in prepared.examples] == [e.input_ids for e in reference.examples]
-    assert [e.labels for e in prepared.examples] == [e.labels for e in reference.examples]  # same mask rules
+    assert [e.input_ids.tolist() for e in prepared.examples] == [e.input_ids.tolist() for e in reference.examples]
+    assert [e.labels.tolist() for e in prepared.examples] == [
+        e.labels.tolist() for e in reference.examples
+    ]  # same mask rules
     assert prepared.format == {"conversational": "prompt_completion", "sharegpt": "conversations"}.get(fmt, fmt)
 
 
@@ -125,7 +127,7 @@ def test_sharegpt_roles_and_keys_are_mappable(tmp_path, tokenizer):
         roles={"patient": "user", "doctor": "assistant"},
     )
     prepared = data.prepare(cfg, path, tokenizer)
-    assert "Rest." in tokenizer.decode([t for t in prepared.examples[0].labels if t != data.IGNORE])
+    assert "Rest." in tokenizer.decode([t for t in prepared.examples[0].labels.tolist() if t != data.IGNORE])
     with pytest.raises(DataError, match=r"turn 0 has role 'patient'; map it with data\.roles"):
         data.prepare(DataConfig(format="conversations", columns={"conversations": "dialog"},
                                 message_keys={"role": "speaker", "content": "text"}), path, tokenizer)  # fmt: skip
@@ -262,7 +264,7 @@ QWEN3_STYLE = (
 
 
 def _scored_text(prepared, tokenizer) -> str:
-    return tokenizer.decode([t for t in prepared.examples[0].labels if t != data.IGNORE])
+    return tokenizer.decode([t for t in prepared.examples[0].labels.tolist() if t != data.IGNORE])
 
 
 def test_template_inserted_text_stays_out_of_the_loss(tmp_path, tiny_build):
@@ -281,3 +283,28 @@ def test_template_inserted_text_stays_out_of_the_loss(tmp_path, tiny_build):
     rendered = data.prepare(no_think, path, tokenizer)
     assert _scored_text(rendered, tokenizer) == "1 #### 1<|im_end|>"
     assert rendered.fingerprint != masked.fingerprint  # the kwargs are part of what training sees
+
+
+def test_a_qwen3_tokenizer_keeps_its_think_block_out_of_the_loss(qwen3_style, tmp_path, capsys):
+    """The Qwen3-style fixture's own template (no override) writes `<think>\n\n</think>\n\n` into the
+    answer turn: no think token is scored, the mask is the content plus `<|im_end|>\n`, and
+    `data inspect` highlights exactly that."""
+    from pipeline import cli
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_style)
+    think = set(tokenizer.convert_tokens_to_ids(["<think>", "</think>"]))
+    path = write_jsonl(tmp_path / "d.jsonl", rows_in("messages")[:3])
+    prepared = data.prepare(DataConfig(), path, tokenizer)
+    example = prepared.examples[0]
+    assert think <= set(example.input_ids.tolist())  # the template wrote the block into the input...
+    assert not think & set(example.labels.tolist())  # ...and none of it is scored
+    assert _scored_text(prepared, tokenizer) == "1 #### 1<|im_end|>\n"
+    args = [
+        "data",
+        "inspect",
+        str(REPO / "configs" / "demo.yaml"),
+        f"--set=model.path={qwen3_style}",
+        f"--set=data.path={path}",
+    ]
+    assert cli.main([*args, f"--set=storage_root={tmp_path / 'storage'}"]) == 0
+    assert "<think>\n\n</think>\n\n⟦1 #### 1<|im_end|>\n⟧" in capsys.readouterr().out

@@ -87,9 +87,10 @@ def _eval_rows(s, n: int = 4) -> list[dict]:
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
-def test_recipe_runs_shrunk_through_priors_train_and_eval(setting, tiny_build, llama3_style, tmp_path):
+def test_recipe_runs_shrunk_through_priors_train_and_eval(setting, tiny_build, llama3_style, qwen3_style, tmp_path):
     """The recipe as shipped, with its model and data swapped for local fixtures of the same family
-    (a Llama-3-style tokenizer for Llama recipes) and only sizes overridden."""
+    (Llama-3-style and Qwen3-style tokenizers and templates; the embedded one for Qwen2.5) and only
+    sizes overridden."""
     import json
 
     from pipeline import evaluate, priors, train
@@ -102,7 +103,7 @@ def test_recipe_runs_shrunk_through_priors_train_and_eval(setting, tiny_build, l
         path = write_jsonl(tmp_path / f"{s.name}.jsonl", _eval_rows(s))
         sets.append({**{k: getattr(s, k) for k in ("name", "question_column", "answer_column", "answer_type",
                                                      "prompt_template")}, "path": str(path)})  # fmt: skip
-    model = llama3_style if "llama" in setting else tiny_build.model
+    model = llama3_style if "llama" in setting else qwen3_style if "qwen3" in setting else tiny_build.model
     overrides = [
         f"storage_root={tmp_path / 'storage'}",
         f"model.path={model}",

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.loss import _prior_support, _support_stats, dense_target, fused_q_target_loss, q_target_loss
+from pipeline.loss import Prior, _prior_support, _support_stats, dense_target, fused_q_target_loss, q_target_loss
 from pipeline.targets import PRESETS, TargetError, coefficients, from_config, preset
 
 
@@ -105,11 +105,11 @@ def test_q_is_a_distribution_and_loss_is_finite(
         top_lp[:, -1] = float("-inf")
         obs[::2] = float("-inf")
     spec = from_config({"gamma": gamma, "residual": {"guided": eta} if residual == "eta" else residual})
-    prior = {"prior_ids": top_ids, "prior_logprobs": top_lp.to(dtype), "prior_obs_logprob": obs.to(dtype)}
+    prior = {"prior": Prior(top_ids, top_lp.to(dtype), obs.to(dtype))}
 
     keep = labels != -100
     logp = torch.log_softmax(logits[keep].to(dtype), -1)
-    ids, valid, prior_lp = _prior_support(labels[keep], top_ids[keep], top_lp[keep], obs[keep], dtype)
+    ids, valid, prior_lp = _prior_support(labels[keep], Prior(top_ids[keep], top_lp[keep], obs[keep]), dtype)
     coef = coefficients(spec, _support_stats(spec, logp, ids, valid, prior_lp), tail)
     q = dense_target(coef, logp.exp(), ids, valid)
     tol = 1e-9 if dtype == torch.float64 else 1e-4

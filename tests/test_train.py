@@ -90,7 +90,7 @@ def test_token_budget_micro_batches_give_the_same_update(tiny_build, captured):
 def _examples(lengths: list[int]):
     from pipeline.data import Example
 
-    return [Example(index=i, input_ids=[1] * n, labels=[1] * n) for i, n in enumerate(lengths)]
+    return [Example.from_labels(i, [1] * n, [1] * n) for i, n in enumerate(lengths)]
 
 
 def test_micro_batch_split_by_token_budget_is_balanced_across_processes():

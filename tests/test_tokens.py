@@ -1,0 +1,102 @@
+"""The tokenisation cache (pipeline/tokens.py): built once, memory-mapped after, safe under concurrency."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import data, priors, tokens
+from pipeline.config import DataConfig, RunConfig, load_config
+from pipeline.tokens import Example, pad_rows
+from tests.conftest import tiny_args
+
+
+@pytest.fixture
+def tokenizer(tiny_build):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_build.model)
+
+
+def _tokenised(caplog) -> int:
+    return sum("tokenised" in r.getMessage() for r in caplog.records)
+
+
+def test_second_prepare_reads_the_cache_without_tokenising(tiny_build, tokenizer, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline")
+    cfg = DataConfig(max_length=128)
+    fresh = data.prepare(cfg, tiny_build.sft_train, tokenizer)  # no cache: the reference
+    first = data.prepare(cfg, tiny_build.sft_train, tokenizer, tmp_path)
+    assert _tokenised(caplog) == 2
+    second = data.prepare(cfg, tiny_build.sft_train, tokenizer, tmp_path)
+    assert _tokenised(caplog) == 2  # read back, not tokenised again
+    assert isinstance(second.examples[0].input_ids.base, np.memmap)  # mapped, not loaded
+    for prepared in (first, second):
+        assert prepared.fingerprint == fresh.fingerprint and prepared.counts() == fresh.counts()
+        assert [e.index for e in prepared.examples] == [e.index for e in fresh.examples]
+        for a, b in zip(prepared.examples, fresh.examples, strict=True):
+            assert a.input_ids.tolist() == b.input_ids.tolist() and a.labels.tolist() == b.labels.tolist()
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    stored = sum(f.stat().st_size for f in folder.iterdir())
+    assert stored / sum(len(e.input_ids) for e in fresh.examples) < 10  # bytes per token on disk
+
+
+def test_a_changed_setting_or_file_gets_its_own_entry(tiny_build, tokenizer, tmp_path):
+    source = tmp_path / "sft.jsonl"
+    source.write_bytes(Path(tiny_build.sft_train).read_bytes())
+    cache = tmp_path / "tokens"
+    base = data.prepare(DataConfig(max_length=128), source, tokenizer, cache)
+    shorter = data.prepare(DataConfig(max_length=40), source, tokenizer, cache)
+    assert shorter.truncated > 0 and shorter.fingerprint != base.fingerprint
+    lines = source.read_text().splitlines(keepends=True)
+    source.write_text("".join(lines[:10]))
+    os.utime(source, ns=(time.time_ns(), time.time_ns() + 10**9))
+    edited = data.prepare(DataConfig(max_length=128), source, tokenizer, cache)
+    assert len(edited.examples) == 10
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 3
+
+
+def _build_with_log(folder: str, log: str) -> list[int]:
+    def build() -> tokens.Stored:
+        with open(log, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # long enough for every other process to reach the lock
+        examples = [Example.from_labels(i, [i, i + 1, i + 2], [-100, i + 1, i + 2]) for i in range(5)]
+        return {"note": "built"}, examples
+
+    meta, examples = tokens.cached(Path(folder), build)
+    assert meta == {"note": "built"}
+    return [int(x) for e in examples for x in e.input_ids]
+
+
+def test_concurrent_builders_take_turns_and_one_builds(tmp_path):
+    folder, log = tmp_path / "cache" / "key", tmp_path / "builds.log"
+    with mp.get_context("spawn").Pool(4) as pool:
+        results = pool.starmap(_build_with_log, [(str(folder), str(log))] * 4)
+    assert len(log.read_text().split()) == 1  # one process tokenised; three waited and read
+    assert all(r == results[0] for r in results) and results[0][:3] == [0, 1, 2]
+    assert sorted(p.name for p in folder.parent.iterdir()) == [".key.lock", "key"]  # no temporary left
+
+
+def test_capture_plan_after_capture_reads_tokens_from_the_cache(tiny_build, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline")
+    cfg = load_config(RunConfig, None, tiny_args(tiny_build, tmp_path))
+    result = priors.capture(cfg, progress=False)
+    before = _tokenised(caplog)
+    again = priors.plan(cfg, progress=False)  # what every training process and capture worker does
+    assert _tokenised(caplog) == before and again.key == result.key
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_pad_rows_places_tokens_and_mask(left):
+    ids, mask = pad_rows([np.array([5, 6, 7], dtype=np.int32), [8]], value=0, left=left)
+    expected = [[5, 6, 7], [0, 0, 8]] if left else [[5, 6, 7], [8, 0, 0]]
+    assert ids.tolist() == expected and ids.dtype == torch.long
+    assert mask.tolist() == [[1, 1, 1], [int(x != 0) for x in expected[1]]]
