@@ -83,9 +83,9 @@ def save_checkpoint(
     file), written under a temporary name and renamed into place."""
     final = out / "checkpoints" / f"step-{step:06d}"
     tmp = out / "checkpoints" / f".step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    try:  # created inside the try: a Ctrl-C right after mkdir still reaches the cleanup below
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         model.save_pretrained(tmp, state_dict=untied_for_saving(model, model_state))
         tokenizer.save_pretrained(tmp)
         trainer_state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng, "step": step}

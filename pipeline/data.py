@@ -14,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ from pipeline.tokens import Example  # re-exported: data.Example is how stages n
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
+TOKENIZE_BATCH = 1024
+"""Rows read, rendered and tokenised together (one call of the Rust tokenizer)."""
 CANONICAL_COLUMNS = ("messages", "prompt", "completion", "question", "answer", "conversations")
 
 
@@ -77,8 +80,13 @@ class Source:
 
     where: str
     columns: list[str]
-    read: Callable[[list[str] | None], list[dict[str, Any]]]
-    """`read(columns)`: every row, restricted to `columns` (None: all)."""
+    stream: Callable[[list[str] | None], Iterator[Any]]
+    """`stream(columns)`: the rows one by one, restricted to `columns` (None: all); a `datasets`
+    source reads them a batch at a time, so the whole set is never held as Python objects."""
+
+    def read(self, columns: list[str] | None) -> list[Any]:
+        """Every row, restricted to `columns` (None: all)."""
+        return list(self.stream(columns))
 
 
 def open_source(
@@ -93,7 +101,7 @@ def open_source(
     local = Path(text)
     if local.is_file() and data_files is None:
         rows = _read_file(local)
-        return Source(text, list(rows[0]) if rows else [], lambda cols: _only(rows, cols))
+        return Source(text, list(rows[0]) if rows else [], lambda cols: iter(_only(rows, cols)))
     if local.is_dir() and any((local / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
         return _from_disk(local, split)
     if local.is_dir() or data_files is not None:
@@ -216,11 +224,12 @@ def _pick_split(loaded: Any, split: str | None, where: str) -> Any:
 
 
 def _dataset_source(where: str, dataset: Any) -> Source:
-    def read(columns: list[str] | None) -> list[dict[str, Any]]:
+    def stream(columns: list[str] | None) -> Iterator[dict[str, Any]]:
         keep = dataset if columns is None else dataset.select_columns([c for c in columns if c in dataset.column_names])
-        return list(keep.to_list())
+        for batch in keep.iter(batch_size=TOKENIZE_BATCH):
+            yield from (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True))
 
-    return Source(where, list(dataset.column_names), read)
+    return Source(where, list(dataset.column_names), stream)
 
 
 def _hub_offline() -> bool:
@@ -476,18 +485,17 @@ def _tokenize(cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedToken
     if not source.columns:
         raise DataError(f"{data_path} holds no rows")
     fmt = cfg.format if cfg.format != "auto" else detect_format(source.columns, cfg.columns)
-    rows = source.read(needed_columns(fmt, cfg.columns))
-    if cfg.limit is not None:
-        rows = rows[: cfg.limit]
+    rows = enumerate(itertools.islice(source.stream(needed_columns(fmt, cfg.columns)), cfg.limit))
     tok_hash = tokenizer_hash(tokenizer)
     digest = hashlib.sha256()
     for part in (tok_hash, tokenizer.chat_template, fmt, str(cfg.max_length), cfg.truncation):
         digest.update(part.encode() + b"\0")
     if cfg.chat_template_kwargs:  # only when set, so that existing fingerprints (and prior keys) stay
         digest.update(json.dumps(cfg.chat_template_kwargs, sort_keys=True).encode() + b"\0")
-    out = PreparedData(examples=[], fingerprint="", tokenizer_hash=tok_hash, format=fmt, rows=len(rows))
-    for start in range(0, len(rows), TOKENIZE_BATCH):  # render and tokenise a batch at a time: few texts held
-        rendered = _render_rows(rows, start, fmt, cfg, tokenizer, out)
+    out = PreparedData(examples=[], fingerprint="", tokenizer_hash=tok_hash, format=fmt, rows=0)
+    while batch := list(itertools.islice(rows, TOKENIZE_BATCH)):  # a batch at a time: few rows and texts held
+        out.rows += len(batch)
+        rendered = _render_rows(batch, fmt, cfg, tokenizer, out)
         if not rendered:
             continue
         enc = tokenizer([text for _, text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
@@ -504,18 +512,14 @@ def _tokenize(cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedToken
     return out
 
 
-TOKENIZE_BATCH = 1024
-"""Rows per call of the Rust tokenizer."""
-
-
 def _render_rows(
-    rows: list[Any], start: int, fmt: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, out: PreparedData
+    rows: list[tuple[int, Any]], fmt: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, out: PreparedData
 ) -> list[tuple[int, str, list[tuple[int, int]]]]:
     """(row index, text, completion spans) for one batch of rows; malformed rows stop or are skipped."""
     rendered = []
-    for index in range(start, min(start + TOKENIZE_BATCH, len(rows))):
+    for index, row in rows:
         try:
-            messages = to_messages(rows[index], fmt, cfg)
+            messages = to_messages(row, fmt, cfg)
             text, spans = render_chat(messages, tokenizer, cfg.chat_template_kwargs, cfg.mask_template_text)
         except DataError as e:
             if not cfg.skip_invalid:
