@@ -19,6 +19,7 @@ and holding the examples, divided by the token count.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -57,7 +58,8 @@ def run_one(method: str, data_path: str, model: str, cache: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model)
     cfg = DataConfig(max_length=4096)
     warm = Path(data_path).with_name("warm-up.jsonl")  # imports and first calls outside the measurement
-    warm.write_text("".join(Path(data_path).open().readlines()[:4]))
+    with open(data_path) as fh:
+        warm.write_text("".join(itertools.islice(fh, 4)))
     data.prepare(cfg, warm, tokenizer)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()

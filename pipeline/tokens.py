@@ -109,6 +109,7 @@ def cached(folder: Path, build: Callable[[], Stored]) -> Stored:
                 log.warning("tokens: cannot write %s (%s); using the examples in memory", folder, e.strerror)
                 return meta, examples
             log.info("tokens: wrote %d examples to %s", len(examples), folder)
+            del examples  # the in-memory copy goes before the mapped one is read
     return _load(folder)
 
 
