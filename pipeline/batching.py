@@ -9,8 +9,10 @@ the shifted labels (docs/design.md §3).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
@@ -24,13 +26,18 @@ class Batch:
     """One micro-batch as tensors; labels and priors are already shifted (position t → t+1)."""
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
+    """Padded batches: 1 on tokens. Packed: None (the position ids separate the documents)."""
     labels: torch.Tensor
     prior: Prior | None
+    position_ids: torch.Tensor | None = None
+    """Packed batches: positions restarting at 0 at each document."""
 
     def to(self, device: str) -> Batch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
         prior = None if self.prior is None else self.prior.map(lambda t: t.to(device))
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), prior)
+        ids, labels = self.input_ids.to(device), self.labels.to(device)
+        return Batch(ids, move(self.attention_mask), labels, prior, move(self.position_ids))
 
 
 def collate(examples: list[Example], pad_id: int, priors: dict[int, PriorRecord] | None) -> Batch:
@@ -43,6 +50,35 @@ def collate(examples: list[Example], pad_id: int, priors: dict[int, PriorRecord]
         records = [priors[e.index] for e in examples]
         prior = aligned_priors(records, [len(e.input_ids) for e in examples], ids.shape[1] - 1)
     return Batch(ids, mask, labels, prior)
+
+
+def collate_packed(examples: list[Example], priors: dict[int, PriorRecord] | None) -> Batch:
+    """The examples end to end in one row, no padding (`train.packing`).
+
+    Position ids restart at 0 for each document, which is how transformers recognises a packed row
+    and keeps attention inside each document (a block-causal mask for sdpa/eager/flex, varlen
+    kernels for flash_attention_2). A document's first token is never a label: the position before
+    it belongs to the previous document.
+    """
+    lengths = [len(e.input_ids) for e in examples]
+    ids = torch.from_numpy(np.concatenate([np.asarray(e.input_ids, dtype=np.int64) for e in examples]))
+    completion = torch.from_numpy(np.concatenate([e.completion for e in examples]).astype(bool))
+    completion[np.cumsum([0, *lengths[:-1]])] = False
+    labels = torch.where(completion[1:], ids[1:], IGNORE)
+    positions = torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]))
+    prior = None
+    if priors is not None:
+        prior = aligned_priors([priors[e.index] for e in examples], lengths, len(ids) - 1, packed=True)
+    return Batch(ids[None], None, labels[None], prior, positions[None])
+
+
+def collate_for(
+    cfg: TrainConfig, pad_id: int, priors: dict[int, PriorRecord] | None
+) -> Callable[[list[Example]], Batch]:
+    """The collation `train.packing` asks for: packed rows, or padded ones."""
+    if cfg.packing:
+        return lambda examples: collate_packed(examples, priors)
+    return lambda examples: collate(examples, pad_id, priors)
 
 
 def step_batches(examples: list[Example], cfg: TrainConfig) -> list[list[Example]]:
@@ -84,23 +120,25 @@ def micro_batches(global_batch: list[Example], rank: int, world: int, cfg: Train
     if cfg.micro_batch_tokens is None:
         size = cfg.micro_batch_size
         return [shares[rank][i : i + size] for i in range(0, len(shares[rank]), size)]
-    count = max(len(_split_by_tokens(share, cfg.micro_batch_tokens)) for share in shares)
-    groups = _split_by_tokens(shares[rank], cfg.micro_batch_tokens)
+    count = max(len(_split_by_tokens(share, cfg.micro_batch_tokens, cfg.packing)) for share in shares)
+    groups = _split_by_tokens(shares[rank], cfg.micro_batch_tokens, cfg.packing)
     while len(groups) < count:  # halve the costliest group until the counts agree
-        i = max(
-            range(len(groups)),
-            key=lambda j: len(groups[j]) * len(groups[j][-1].input_ids) if len(groups[j]) > 1 else -1,
-        )
+        i = max(range(len(groups)), key=lambda j: _tokens(groups[j], cfg.packing) if len(groups[j]) > 1 else -1)
         half = len(groups[i]) // 2
         groups[i : i + 1] = [groups[i][:half], groups[i][half:]]
     return groups
 
 
-def _split_by_tokens(share: list[Example], budget: int) -> list[list[Example]]:
-    """Fewest contiguous groups of a length-sorted share with (size × longest) ≤ budget each."""
+def _tokens(group: list[Example], packed: bool) -> int:
+    """What a micro-batch costs: its tokens when packed, rows × longest when padded (length-sorted)."""
+    return sum(len(e.input_ids) for e in group) if packed else len(group) * len(group[-1].input_ids)
+
+
+def _split_by_tokens(share: list[Example], budget: int, packed: bool) -> list[list[Example]]:
+    """Fewest contiguous groups of a length-sorted share whose cost (`_tokens`) is ≤ budget each."""
     groups: list[list[Example]] = []
     for e in share:
-        if groups and (len(groups[-1]) + 1) * len(e.input_ids) <= budget:
+        if groups and _tokens([*groups[-1], e], packed) <= budget:
             groups[-1].append(e)
         else:
             groups.append([e])

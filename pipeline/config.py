@@ -74,6 +74,9 @@ class ModelConfig:
 
     path: str | None = None
     """Local `from_pretrained` folder. None means the embedded base model (built on demand)."""
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] | None = None
+    """Attention kernel for training (transformers' `attn_implementation`); None: the model's default
+    (sdpa). flash_attention_2 needs the flash-attn package and a GPU, and suits `train.packing`."""
     trust_remote_code: bool = False
     """Let model folders (this model, the prior model, evaluated models) run their own Python code
     (`auto_map`). Off: such a folder is refused before anything in it is read as code."""
@@ -267,6 +270,11 @@ class TrainConfig:
     """Padded-token budget per micro-batch. Set, it replaces micro_batch_size: each process splits its
     share of a step into the fewest length-sorted micro-batches of at most this many padded tokens
     (every process runs the same number). The update is the same; only memory and padding change."""
+    packing: bool = False
+    """Padding-free micro-batches: each micro-batch's examples go end to end in one row, position ids
+    restarting per document, so no compute is spent on padding and attention stays inside each
+    document (sdpa/eager/flex masks, or flash_attention_2's varlen kernels via model.attn_implementation).
+    With micro_batch_tokens, the budget then counts real tokens. The update is the same as padded."""
     group_by_length: bool = False
     """Length-grouped sampling: global batches come from mega-batches of 50 × batch_size examples
     sorted by length (similar lengths per step, little padding); the order of the steps stays random."""

@@ -48,11 +48,14 @@ class PriorRecord:
     """[n] int32 1-based rank of the observed next token."""
 
 
-def aligned_priors(records: Sequence[PriorRecord], num_tokens: Sequence[int], width: int) -> Prior:
-    """Dense [B, width, k] prior tensors aligned with the shifted labels `labels[:, 1:]` of a batch.
+def aligned_priors(
+    records: Sequence[PriorRecord], num_tokens: Sequence[int], width: int, packed: bool = False
+) -> Prior:
+    """Dense prior tensors aligned with a batch's shifted labels `labels[:, 1:]`.
 
-    Ids are -1 and log-probabilities -inf where a position is not scored (or is padding). One
-    scatter per tensor fills the whole batch.
+    Padded: [B, width, k], example r in row r. Packed: [1, width, k], the examples end to end in one
+    row as `batching.collate_packed` lays them out. Ids are -1 and log-probabilities -inf where a
+    position is not scored (or is padding). One scatter per tensor fills the whole batch.
     """
     for record, n in zip(records, num_tokens, strict=True):
         if record.num_tokens != n:
@@ -61,15 +64,22 @@ def aligned_priors(records: Sequence[PriorRecord], num_tokens: Sequence[int], wi
                 f"but the example now has {n}; the prior cache does not match this data"
             )
     k = records[0].topk_ids.shape[1]
-    rows = torch.from_numpy(np.repeat(np.arange(len(records)), [len(r.positions) for r in records]))
-    cols = torch.from_numpy(np.concatenate([r.positions for r in records]).astype(np.int64))
+    scored = [len(r.positions) for r in records]
+    cols = np.concatenate([r.positions for r in records]).astype(np.int64)
+    if packed:
+        starts = np.cumsum([0, *num_tokens[:-1]])
+        rows, cols = np.zeros(len(cols), dtype=np.int64), cols + np.repeat(starts, scored)
+    else:
+        rows = np.repeat(np.arange(len(records)), scored)
+    at = (torch.from_numpy(rows), torch.from_numpy(cols))
     cat = lambda name: torch.from_numpy(np.concatenate([getattr(r, name) for r in records]))  # noqa: E731
-    ids = torch.full((len(records), width, k), -1, dtype=torch.long)
-    logprobs = torch.full((len(records), width, k), float("-inf"))
-    observed = torch.zeros(len(records), width)
-    ids[rows, cols] = cat("topk_ids").long()
-    logprobs[rows, cols] = cat("topk_logprobs").float()
-    observed[rows, cols] = cat("obs_logprob").float()
+    batch = 1 if packed else len(records)
+    ids = torch.full((batch, width, k), -1, dtype=torch.long)
+    logprobs = torch.full((batch, width, k), float("-inf"))
+    observed = torch.zeros(batch, width)
+    ids[at] = cat("topk_ids").long()
+    logprobs[at] = cat("topk_logprobs").float()
+    observed[at] = cat("obs_logprob").float()
     return Prior(ids, logprobs, observed)
 
 

@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, cast
@@ -30,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import data
-from pipeline.batching import Batch, batch_shape_problem, collate, micro_batches, step_batches
+from pipeline.batching import Batch, batch_shape_problem, collate, collate_for, micro_batches, step_batches
 from pipeline.checkpoints import (
     check_resume,
     check_resumed_inputs,
@@ -63,7 +64,12 @@ class TargetLossModel(nn.Module):
         self.model, self.spec, self.tail, self.chunk_size = model, spec, tail, chunk_size
 
     def forward(self, batch: Batch, normaliser: float) -> tuple[torch.Tensor, TargetStats]:
-        hidden = self.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        hidden = self.model.base_model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,  # a cache would also turn off transformers' packed-sequence masks
+        )
         hidden = hidden.last_hidden_state[:, :-1].flatten(0, 1)
         head = self.model.get_output_embeddings()
         out = fused_q_target_loss(
@@ -84,16 +90,13 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train; returns the folder of the final Hugging Face model."""
     # --- setup: processes, seed, run folder ------------------------------------------------------
     tc = cfg.train
-    rank, world = _init_distributed()
+    rank, world, device = _init_distributed()
     torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     spec = from_config(tc.target)  # unknown presets and parameters fail here, before anything runs
     if problem := batch_shape_problem(tc, world):
         raise TrainError(problem)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
     out, final = run_dir(cfg), run_dir(cfg) / "final"
     previous = check_resume(out, cfg, resume)
 
@@ -105,6 +108,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     priors, prior_key = _load_priors(cfg, prepared, spec, own) if spec.needs_prior else (None, None)
     if previous is not None:
         check_resumed_inputs(out, previous, prepared.fingerprint, prior_key)
+    to_batch = collate_for(tc, pad_id(tokenizer), priors)
     heldout = _heldout_examples(cfg, inputs.heldout_path, tokenizer)
     model, loss_model, fsdp = _build_model(inputs.model_path, cfg, spec, device, world)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -126,7 +130,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         micro = micro_batches(batches[step], rank, world, tc)
         normaliser = float(sum(e.num_scored for e in batches[step])) / world  # DDP averages over ranks
         with autocast:
-            step_loss, stats = _forward_backward(loss_model, micro, pad_id(tokenizer), priors, device, normaliser)
+            step_loss, stats = _forward_backward(loss_model, micro, to_batch, device, normaliser)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
         _sum_over_processes(world, step_loss, stats.sums)
         _check_finite(tc, step + 1, loss=float(step_loss), grad_norm=float(grad_norm))  # before the update
@@ -164,7 +168,8 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
 
 def _build_model(path: Path, cfg: RunConfig, spec: TargetSpec, device: str, world: int) -> tuple[Any, nn.Module, bool]:
     """The student in fp32 (master weights), wrapped with its loss, then in DDP or FSDP2."""
-    model: Any = load_model(path, cfg.model.trust_remote_code, dtype=torch.float32).to(device)
+    kwargs = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
+    model: Any = load_model(path, cfg.model.trust_remote_code, dtype=torch.float32, **kwargs).to(device)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     loss_model: nn.Module = TargetLossModel(model, spec, cfg.train.tail, cfg.train.chunk_size)
@@ -179,8 +184,7 @@ def _build_model(path: Path, cfg: RunConfig, spec: TargetSpec, device: str, worl
 def _forward_backward(
     loss_model: nn.Module,
     micro: list[list[data.Example]],
-    pad_id: int,
-    priors: dict[int, PriorRecord] | None,
+    to_batch: Callable[[list[data.Example]], Batch],
     device: str,
     normaliser: float,
 ) -> tuple[torch.Tensor, TargetStats]:
@@ -189,7 +193,7 @@ def _forward_backward(
     step_loss = torch.zeros((), dtype=torch.float64)
     stats = TargetStats(torch.zeros(5, dtype=torch.float64))
     for i, examples in enumerate(micro):
-        batch = collate(examples, pad_id, priors).to(device)
+        batch = to_batch(examples).to(device)
         with _gradient_sync(loss_model, world, last=i == len(micro) - 1):
             loss, micro_stats = loss_model(batch, normaliser)
             loss.backward()
@@ -268,13 +272,18 @@ def evaluate_loss(
         module.train()
 
 
-def _init_distributed() -> tuple[int, int]:
+def _init_distributed() -> tuple[int, int, str]:
+    """(rank, world size, device): joins torchrun's process group, one GPU per process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
+    rank = 0
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank = dist.get_rank()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    return rank, world, device
 
 
 def _load_priors(
