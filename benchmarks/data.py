@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=50_000)
     parser.add_argument("--tokens", type=int, default=470)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -109,8 +109,8 @@ def main() -> None:
         rate = r["tokens"] / r["seconds"]
         r["tokens_per_s"] = rate
         print(f"{r['method']:10} {rate:12,.0f} {rate / base:7.2f} {r['bytes_per_token']:12.1f}")
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

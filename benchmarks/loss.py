@@ -6,7 +6,7 @@ peak memory of one does not hide another's; results are reported as ratios to pl
 in the same invocation (these machines are noisy).
 
     python benchmarks/loss.py                       # CPU, tiny shapes (README numbers)
-    python benchmarks/loss.py --device cuda --tokens 16384 --hidden 896 --vocab 151936 --dtype bf16
+    python benchmarks/loss.py --device cuda --tokens 16384 --hidden 896 --vocab 151936 --dtype bf16 --compiled
 
 Peak memory: CUDA max_memory_allocated on GPU; on CPU the growth of the process's peak RSS
 over its size after setup (ru_maxrss), which includes allocator slack.
@@ -69,8 +69,9 @@ def run_one(args) -> dict:
         elif args.method == "dense_q":
             loss = q_target_loss(hidden @ weight.T, labels, spec, **prior, reduction="mean").loss
         else:
+            compiled = args.method == "fused_q_compiled"
             loss = fused_q_target_loss(
-                hidden, weight, labels, spec, **prior, reduction="mean", chunk_size=args.chunk_size
+                hidden, weight, labels, spec, **prior, reduction="mean", chunk_size=args.chunk_size, compiled=compiled
             ).loss
         loss.backward()
         return loss
@@ -113,7 +114,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--compiled", action="store_true", help="also time the torch.compile'd chunk step")
+    parser.add_argument("--method", choices=[*METHODS, "fused_q_compiled"], help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.method:
@@ -125,7 +127,7 @@ def main() -> None:
         i = forwarded.index("--json")
         del forwarded[i : i + 2]
     results = []
-    for method in METHODS:
+    for method in [*METHODS, *(["fused_q_compiled"] if args.compiled else [])]:
         out = subprocess.run(
             [sys.executable, __file__, *forwarded, "--method", method],
             check=True,

@@ -13,7 +13,7 @@ gives scored tokens/s with ratios to the plain baseline measured in the same run
   of 5 after a warm-up).
 
     python benchmarks/priors.py                      # CPU, embedded model, 512 examples
-    python benchmarks/priors.py --device cuda --random-model 1.5b --examples 2048   # on a GPU
+    python benchmarks/priors.py --device cuda --random-model 1.5b --synthetic 1024 --examples 2048  # on a GPU
 """
 
 from __future__ import annotations
@@ -61,10 +61,10 @@ def timed(fn) -> float:
 
 
 def random_model(shape: str, vocab: int, dtype, device: str):
-    """A random-initialised Qwen2-shaped model (no download): '0.5b' or '1.5b'."""
+    """A random-initialised Qwen2-shaped model (no download): 'tiny' (smoke runs), '0.5b' or '1.5b'."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    dims = {"0.5b": (896, 24, 14, 2, 4864), "1.5b": (1536, 28, 12, 2, 8960)}[shape]
+    dims = {"tiny": (64, 2, 2, 1, 128), "0.5b": (896, 24, 14, 2, 4864), "1.5b": (1536, 28, 12, 2, 8960)}[shape]
     hidden, layers, heads, kv, ffn = dims
     config = Qwen2Config(
         vocab_size=vocab,
@@ -85,9 +85,26 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=8192)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--random-model", choices=["0.5b", "1.5b"], help="GPU: random Qwen2-shaped model")
+    parser.add_argument("--random-model", choices=["tiny", "0.5b", "1.5b"], help="GPU: random Qwen2-shaped model")
+    parser.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="random examples of about this many tokens instead of the embedded SFT set (no build)",
+    )
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="random model's dtype")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's dense peak for the dtype, for MFU (default: 989 on H100/H200 bf16)",
+    )
     parser.add_argument("--skip-vllm", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()  # fmt: skip
+    if args.synthetic and not args.random_model:
+        parser.error("--synthetic needs --random-model (the embedded model reads the embedded set)")
 
     import torch
 
@@ -96,18 +113,22 @@ def main() -> None:
     from pipeline.prior_engines import HFEngine, VLLMEngine, vllm_available
 
     torch.set_num_threads(args.threads)
-    build = base_model.build(BaseModelConfig(), os.environ.get("TARGET_SFT_STORAGE", "storage"))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(build.model)
-    prepared = data.prepare(DataConfig(limit=args.examples), build.sft_train, tokenizer)
-    examples = prepared.examples
+    vocab = 151936 if args.random_model not in (None, "tiny") else 1024
+    if args.synthetic:
+        examples = synthetic_examples(args.examples, args.synthetic, vocab)
+    else:
+        build = base_model.build(BaseModelConfig(), os.environ.get("TARGET_SFT_STORAGE", "storage"))
+        tokenizer = AutoTokenizer.from_pretrained(build.model)
+        examples = data.prepare(DataConfig(limit=args.examples), build.sft_train, tokenizer).examples
     scored = sum(e.num_scored for e in examples)
+    tokens = sum(len(e.input_ids) for e in examples)
     rows = []
 
-    if args.random_model:  # GPU shape study: same token ids, a big random model
-        dtype = torch.bfloat16
-        model = random_model(args.random_model, 151936, dtype, args.device)
+    if args.random_model:  # GPU shape study: a big random model
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        model = random_model(args.random_model, vocab, dtype, args.device)
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
             engine = HFEngine(folder, args.k, device=args.device, dtype=dtype, batch_tokens=args.batch_tokens)
@@ -159,7 +180,46 @@ def main() -> None:
     if vllm_ratio is not None:
         print(f"\nvllm engine vs bare generate with flat_logprobs: {vllm_ratio:.2f}x (goal >= 0.8x)")
     print(f"\nbytes per scored token (k={args.k}): {len(blob) / scored:.1f}")
-    print(json.dumps({"rows": rows, "reader_s": reader_s, "scored": scored}))
+    mfu = None
+    if args.random_model:  # forward FLOPs ≈ 2 × parameters × tokens (attention left out: a floor)
+        peak = args.peak_tflops or (989.0 if "H100" in device_name() or "H200" in device_name() else None)
+        params = sum(p.numel() for p in model.parameters())
+        engine_s = dict(rows)["hf engine"]
+        mfu = 2 * params * tokens / engine_s / (peak * 1e12) if peak else None
+        print(f"hf engine: {tokens / engine_s:,.0f} tokens/s forward, MFU {mfu:.1%}" if mfu else "MFU: peak unknown")
+    result = {
+        "rows": rows,
+        "reader_s": reader_s,
+        "scored": scored,
+        "tokens": tokens,
+        "mfu": mfu,
+        "vllm_vs_bare": vllm_ratio,
+        "device": device_name(),
+        "args": {**vars(args), "json": str(args.json)},
+    }
+    print(json.dumps(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def synthetic_examples(count: int, length: int, vocab: int):
+    """Random token examples of about `length` tokens, the last 90% completion (no tokenizer needed)."""
+    import numpy as np
+
+    from pipeline.tokens import Example
+
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(count):
+        n = int(rng.integers(length // 2, length + 1))
+        examples.append(Example(i, rng.integers(vocab, size=n).astype(np.int32), np.arange(n) >= n // 10))
+    return examples
 
 
 def prepared_max(examples) -> int:

@@ -45,13 +45,15 @@ def build_model(args):
         return AutoModelForCausalLM.from_pretrained(build.model, dtype=torch.float32, attn_implementation=args.attn)
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    dims = {"tiny": (1024, 64, 2, 2, 1, 128), "0.5b": (151936, 896, 24, 14, 2, 4864)}[args.shape]
+    vocab, hidden, layers, heads, kv, ffn = dims
     config = Qwen2Config(
-        vocab_size=151936,
-        hidden_size=896,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        intermediate_size=4864,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=ffn,
         tie_word_embeddings=True,
     )
     return Qwen2ForCausalLM._from_config(config, attn_implementation=args.attn)
@@ -156,7 +158,7 @@ def run_one(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--shape", default="embedded", choices=["embedded", "0.5b"])
+    parser.add_argument("--shape", default="embedded", choices=["embedded", "tiny", "0.5b"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
@@ -165,7 +167,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--compare", default="loss", choices=sorted(METHODS))
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     parser.add_argument("--method", choices=[m for pair in METHODS.values() for m in pair], help=argparse.SUPPRESS)
@@ -193,8 +195,8 @@ def main() -> None:
             f"| {r['method']} | {r['step_s']:.3f} | {rate:,.0f} | {rate / base_rate:.2f}x | "
             f"{r['peak_bytes'] / 2**20:.0f} | {memory:.2f}x |"
         )
-    if args.out:
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "results": results}, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

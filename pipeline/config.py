@@ -305,6 +305,10 @@ class TrainConfig:
     """Recompute activations in the backward pass to save memory."""
     chunk_size: PositiveInt = 1024
     """Scored tokens per chunk of the fused loss."""
+    compile_loss: bool = False
+    """torch.compile the fused loss's chunk step (its passes over the chunk × vocab buffer fuse into a
+    few kernels; meant for GPUs). The same numbers up to float summation order; the first step
+    compiles, tens of seconds."""
     checkpoint_every: PositiveInt = 50
     """Write a resumable checkpoint every N steps (and at the end): a Hugging Face model folder plus
     the trainer state, under `<run>/checkpoints/step-N/`; the last two are kept."""

@@ -2,7 +2,7 @@
 
 An `Example` is two array views: int32 token ids and a boolean completion mask (labels are derived
 from them, never stored). A prepared dataset is written once per data source and settings to
-`<storage>/tokens/<key>/` (docs/design.md §8):
+`<storage>/tokens/<key>/` (docs/design.md §5):
 
     input_ids.npy   int32 [total tokens]   every example's ids, concatenated
     completion.npy  bool  [total tokens]   True where the label is the token (loss is taken)

@@ -59,9 +59,9 @@ log = logging.getLogger(__name__)
 class TargetLossModel(nn.Module):
     """The causal LM plus the fused Q-target loss, as one module (so DDP sees every parameter)."""
 
-    def __init__(self, model: Any, spec: TargetSpec, tail: str, chunk_size: int) -> None:
+    def __init__(self, model: Any, spec: TargetSpec, tail: str, chunk_size: int, compiled: bool = False) -> None:
         super().__init__()
-        self.model, self.spec, self.tail, self.chunk_size = model, spec, tail, chunk_size
+        self.model, self.spec, self.tail, self.chunk_size, self.compiled = model, spec, tail, chunk_size, compiled
 
     def forward(self, batch: Batch, normaliser: float) -> tuple[torch.Tensor, TargetStats]:
         hidden = self.model.base_model(
@@ -82,6 +82,7 @@ class TargetLossModel(nn.Module):
             tail=self.tail,  # type: ignore[arg-type]
             reduction="sum",
             chunk_size=self.chunk_size,
+            compiled=self.compiled,
         )
         return out.loss / normaliser, out.stats
 
@@ -172,7 +173,7 @@ def _build_model(path: Path, cfg: RunConfig, spec: TargetSpec, device: str, worl
     model: Any = load_model(path, cfg.model.trust_remote_code, dtype=torch.float32, **kwargs).to(device)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    loss_model: nn.Module = TargetLossModel(model, spec, cfg.train.tail, cfg.train.chunk_size)
+    loss_model: nn.Module = TargetLossModel(model, spec, cfg.train.tail, cfg.train.chunk_size, cfg.train.compile_loss)
     fsdp = world > 1 and cfg.train.parallel == "fsdp"
     if fsdp:
         loss_model = _fully_shard(loss_model, model)

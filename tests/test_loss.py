@@ -220,6 +220,26 @@ def test_fused_equals_dense(dtype, name, tail):
         assert torch.allclose(out.stats.sums, ref.stats.sums, rtol=max(tol, 1e-7), atol=1e-6)
 
 
+def test_compiled_chunk_step_gives_the_eager_loss_and_gradients():
+    """`train.compile_loss`: torch.compile of the chunk step, on CPU here, equal to the eager fused loss
+    up to float summation order (the GPU suite times it)."""
+    g = torch.Generator().manual_seed(3)
+    _, labels, top_ids, top_lp, obs = make_case(8)
+    hidden = torch.randn(N, 16, generator=g)
+    weight = torch.randn(V, 16, generator=g) * 0.5
+    spec = preset("target_sft", eta=0.5)
+    results = []
+    for compiled in (False, True):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        out = fused_q_target_loss(
+            h, w, labels, spec, **prior_kwargs(top_ids, top_lp, obs), reduction="mean", chunk_size=5, compiled=compiled
+        )
+        out.loss.backward()
+        results.append((out.loss.detach(), h.grad, w.grad, out.stats.sums))
+    for eager, compiled in zip(*results, strict=True):
+        assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-6)
+
+
 def test_mean_reduction_uses_explicit_normaliser():
     _, labels, *_ = make_case(6)
     hidden = torch.randn(N, 8, dtype=torch.float64, requires_grad=True)

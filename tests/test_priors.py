@@ -43,7 +43,7 @@ def test_capture_alignment_matches_a_direct_forward(tiny_build, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_build.model, dtype=torch.float32).eval()
     for example in plan.prepared.examples[:6]:
         record = records[example.index]
-        ids = torch.tensor([example.input_ids])
+        ids = torch.tensor([example.input_ids.tolist()])
         with torch.no_grad():
             logp = torch.log_softmax(model(ids).logits[0].double(), -1)
         # only positions whose *next* token is a completion token are scored
