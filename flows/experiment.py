@@ -55,7 +55,9 @@ def publish(
     cfg = load_config(RunConfig, config, overrides)
     out = experiment_dir(cfg)
     base = json.loads(Path(base_report).read_text())["overall"] if base_report else None
-    markdown = experiment.write_comparison(out, cfg.experiment.name, cfg.eval.n, base, runs, prior)
+    markdown = experiment.write_comparison(
+        out, cfg.experiment.name, cfg.eval.n, base, runs, prior, cfg.experiment.compare_to
+    )
     key = "experiment-" + experiment.slug(cfg.experiment.name).lower().replace("_", "-").replace(".", "-")
     create_markdown_artifact(key=key, markdown=markdown, description=f"Target-SFT experiment {cfg.experiment.name}")
     print(markdown)

@@ -400,6 +400,10 @@ class ExperimentConfig:
     sets that run's own train settings (e.g. `{preset: sft, train: {lr: 1.0e-4}}`)."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Every target runs once per seed (train.seed and eval.seed)."""
+    compare_to: str | None = None
+    """A target label of the grid (e.g. `sft`) that every other target is compared with, paired on
+    the same problems and seeds: the difference with its 95% bootstrap interval and the share of
+    seeds won. None: no paired column."""
     evaluate_base: bool = True
     """Also evaluate the untrained base model, as the reference row."""
     schedule: str | None = None

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from pipeline import stats
 from pipeline.batching import batch_shape_problem
 from pipeline.config import ExperimentConfig, RunConfig, TargetConfig, target_config
 from pipeline.storage import atomic_write_text
@@ -65,6 +68,10 @@ def expand_grid(exp: ExperimentConfig) -> list[RunSpec]:
             labels.add(label)
             for seed in exp.seeds:
                 runs.append(RunSpec(label, seed, f"{exp.name}-{slug(label)}-s{seed}", target, train))
+    if exp.compare_to is not None and exp.compare_to not in labels:
+        raise TargetError(
+            f"experiment.compare_to={exp.compare_to!r} names no target of the grid; use one of {sorted(labels)}"
+        )
     return runs
 
 
@@ -111,7 +118,42 @@ def run_summary(spec: RunSpec, run_dir: Path, report_path: str | None, error: st
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
     row["heldout_ce"] = evals[-1] if evals else None
     row["eval"] = json.loads(Path(report_path).read_text())["overall"] if report_path else None
+    row["scores"] = problem_scores(Path(report_path).with_name("samples.jsonl")) if report_path else None
     return row
+
+
+def problem_scores(samples: Path) -> list[float] | None:
+    """Each problem's share of correct samples (its Average@n), in the report's problem order."""
+    if not samples.exists():
+        return None
+    records = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    return [sum(r["correct"]) / len(r["correct"]) for r in records]
+
+
+def _score_matrix(group: list[dict[str, Any]]) -> tuple[list[int], np.ndarray] | None:
+    """(seeds, [seeds, problems] scores) of a target's finished runs; None if any lacks scores."""
+    ok = sorted((r for r in group if r["status"] == "ok" and r.get("scores")), key=lambda r: r["seed"])
+    if not ok or len({len(r["scores"]) for r in ok}) != 1:
+        return None
+    return [r["seed"] for r in ok], np.array([r["scores"] for r in ok])
+
+
+def _intervals(runs: list[dict[str, Any]], label: str, compare_to: str | None) -> tuple[str, str, str]:
+    """Average@n with its 95% interval; against `compare_to`: the paired difference and seeds won."""
+    mine = _score_matrix([r for r in runs if r["label"] == label])
+    if mine is None:
+        return "-", "-", "-"
+    seeds, scores = mine
+    average = stats.bootstrap(scores).percent()
+    reference = _score_matrix([r for r in runs if r["label"] == compare_to]) if compare_to else None
+    if reference is None or label == compare_to:
+        return average, "-", "-"
+    shared = [s for s in seeds if s in reference[0]]
+    if not shared or scores.shape[1] != reference[1].shape[1]:
+        return average, "-", "-"
+    pick = lambda seeds_, m: m[[seeds_.index(s) for s in shared]]  # noqa: E731
+    result = stats.paired(pick(seeds, scores), pick(reference[0], reference[1]))
+    return average, result.difference.points(), f"{result.wins}/{result.seeds}"
 
 
 def _pct(values: dict[str, Any], key: str) -> str:
@@ -127,26 +169,41 @@ def _mean_std(values: list[float]) -> str:
 
 
 def comparison_markdown(
-    name: str, n: int, base: dict[str, Any] | None, runs: list[dict[str, Any]], prior: dict | None
+    name: str,
+    n: int,
+    base: dict[str, Any] | None,
+    runs: list[dict[str, Any]],
+    prior: dict | None,
+    compare_to: str | None = None,
 ) -> str:
-    """The experiment's table: one row per target (mean ± std over seeds), then one per run."""
+    """The experiment's table: one row per target (Average@n with its 95% bootstrap interval over
+    problems and seeds, mean ± std over seeds, and the paired difference to `compare_to`), then one
+    row per run."""
     lines = [f"# Experiment `{name}`", ""]
     if prior is not None:
         reuse = "reused from the cache" if prior["forward_passes"] == 0 else "captured in this run"
         lines += [f"Priors: set `{prior['key']}`, {reuse} ({prior['forward_passes']} prior forward passes).", ""]
+    versus = compare_to or "reference"
     lines += [
-        f"| target | seeds | Average@{n} (mean ± std) | pass@{n} | greedy | failed runs |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| target | seeds | Average@{n} [95% CI] | Average@{n} (mean ± std) | pass@{n} | greedy "
+        f"| Δ vs {versus} [95% CI] | seeds won | failed runs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if base is not None:
-        cells = " | ".join(_pct(base, k) for k in ("average_at_n", "pass_at_n", "greedy"))
-        lines.append(f"| base model (untrained) | - | {cells} | - |")
+        cells = " | ".join(_pct(base, k) for k in ("average_at_n", "average_at_n", "pass_at_n", "greedy"))
+        lines.append(f"| base model (untrained) | - | {cells} | - | - | - |")
     for label in dict.fromkeys(r["label"] for r in runs):
         group = [r for r in runs if r["label"] == label]
         ok = [r["eval"] for r in group if r["status"] == "ok" and r["eval"]]
         failed = sum(r["status"] == "failed" for r in group)
         cells = " | ".join(_mean_std([e[k] for e in ok if k in e]) for k in ("average_at_n", "pass_at_n", "greedy"))
-        lines.append(f"| {label} | {len(group)} | {cells} | {failed} |")
+        interval, delta, won = _intervals(runs, label, compare_to)
+        lines.append(f"| {label} | {len(group)} | {interval} | {cells} | {delta} | {won} | {failed} |")
+    lines += [
+        "",
+        "Intervals: 95% bootstrap over problems and seeds (pipeline/stats.py). Δ: the paired per-problem "
+        "difference to the reference target on the same seeds; seeds won: seeds whose mean beats it.",
+    ]
     lines += [
         "",
         f"| run | seed | status | Average@{n} | pass@{n} | greedy | final train loss | held-out CE |",
@@ -178,15 +235,17 @@ def comparison_plot(path: Path, n: int, base: dict[str, Any] | None, runs: list[
         if values:
             acc_ax.bar(x, statistics.mean(values), color="C0", alpha=0.5)
             acc_ax.scatter([x] * len(values), values, color="C0", zorder=3, label="seeds" if x == 0 else None)
-            if len(values) > 1:
-                acc_ax.errorbar(x, statistics.mean(values), yerr=statistics.stdev(values), color="k", capsize=4)
+            matrix = _score_matrix([r for r in runs if r["label"] == label])
+            if matrix is not None:
+                ci = stats.bootstrap(matrix[1])
+                acc_ax.errorbar(x, ci.mean, yerr=[[ci.mean - ci.low], [ci.high - ci.mean]], color="k", capsize=4)
         else:
             acc_ax.text(x, 0.01, "failed", ha="center", color="C3")
     if base is not None:
         acc_ax.axhline(base["average_at_n"], color="C3", linestyle="--", label="base model")
     acc_ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
     acc_ax.set_ylabel(f"Average@{n} (held-out)")
-    acc_ax.set_title("held-out accuracy per target (bar: mean over seeds, dots: seeds, whisker: ± std)", fontsize=10)
+    acc_ax.set_title("held-out accuracy per target (bar: mean, dots: seeds, whisker: 95% bootstrap CI)", fontsize=10)
     acc_ax.legend()
     for i, label in enumerate(labels):
         for r in runs:
@@ -211,11 +270,17 @@ def comparison_plot(path: Path, n: int, base: dict[str, Any] | None, runs: list[
 
 
 def write_comparison(
-    out_dir: Path, name: str, n: int, base: dict[str, Any] | None, runs: list[dict[str, Any]], prior: dict | None
+    out_dir: Path,
+    name: str,
+    n: int,
+    base: dict[str, Any] | None,
+    runs: list[dict[str, Any]],
+    prior: dict | None,
+    compare_to: str | None = None,
 ) -> str:
     """Write comparison.md, comparison.png and summary.json into `out_dir`; returns the markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    markdown = comparison_markdown(name, n, base, runs, prior)
+    markdown = comparison_markdown(name, n, base, runs, prior, compare_to)
     comparison_plot(out_dir / "comparison.png", n, base, runs)
     atomic_write_text(out_dir / "comparison.md", markdown)
     summary = {"name": name, "n": n, "base": base, "priors": prior, "runs": runs}

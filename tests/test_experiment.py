@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -78,7 +79,8 @@ def test_experiment_flow_end_to_end_then_zero_prior_passes(prefect_server, tiny_
 
     diverging = {"preset": "dft", "train": {"lr": 1.0e12}}
     targets = ["sft", {"preset": "target_sft", "eta": 0.5}, diverging]
-    first = experiment_flow(None, _overrides(tiny_build, tmp_path, "e1", targets, [0, 1], True))
+    overrides = [*_overrides(tiny_build, tmp_path, "e1", targets, [0, 1], True), "experiment.compare_to=sft"]
+    first = experiment_flow(None, overrides)
     assert first["prior"]["forward_passes"] > 0
     assert sorted(first["failed_runs"]) == ["e1-dft-s0", "e1-dft-s1"]
     summary = json.loads((tmp_path / "experiments" / "e1" / "summary.json").read_text())
@@ -90,6 +92,11 @@ def test_experiment_flow_end_to_end_then_zero_prior_passes(prefect_server, tiny_
     table = (tmp_path / "experiments" / "e1" / "comparison.md").read_text()
     assert "| e1-dft-s0 | 0 | failed: DivergedError: run e1-dft-s0 diverged" in table
     assert "| target_sft(eta=0.5) | 2 |" in table and "| base model (untrained) |" in table
+    # the interval over problems and seeds, and the paired difference to sft with the seeds won
+    pct, pts = r"\d+\.\d%", r"[+-]\d+\.\d"
+    row = rf"\| target_sft\(eta=0.5\) \| 2 \| {pct} \[{pct}, {pct}\] \|.*\| {pts} pt \[{pts}, {pts}\] \| [012]/2 \|"
+    assert re.search(row, table), table
+    assert all(len(r["scores"]) == 6 for r in ok)  # per-problem Average@n, for the bootstrap
     assert (tmp_path / "experiments" / "e1" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "runs" / "e1-sft-s1" / "eval" / "report.json").exists()
     with get_client(sync_client=True) as client:
