@@ -157,6 +157,8 @@ def main() -> None:
         rows.append(("bare vLLM generate (flat_logprobs, no records)", min(bare)))
         rows.append(("vllm engine", min(engine_s)))
         vllm_ratio = min(bare) / min(engine_s)
+        vllm_engine.flat_logprobs = False  # the per-position dict path older vLLMs give
+        rows.append(("vllm engine, dict path (vLLM without flat_logprobs)", timed(lambda: vllm_engine.score(examples))))
         vllm_engine.close()
 
     blob = prior_cache.encode_shard(records, args.k)
