@@ -378,15 +378,32 @@ def render_chat(
             continue
         before = _render(tokenizer, messages[:i], True, kwargs)
         through = _render(tokenizer, messages[: i + 1], False, kwargs)
-        if not (text.startswith(through) and through.startswith(before)):
+        if not (text.startswith(before) and through.startswith(before)):
             raise DataError(
                 "the chat template is not prefix-stable (rendering a conversation's first turns "
                 "is not a prefix of rendering all of it), so completion tokens cannot be located"
             )
-        start = len(before)
-        inserted = through.find(message["content"], start) - start if mask_template_text else 0
-        spans.append((start + max(inserted, 0), len(through)))
+        if text.startswith(through):
+            start = len(before)
+            inserted = through.find(message["content"], start) - start if mask_template_text else 0
+            spans.append((start + max(inserted, 0), len(through)))
+        else:
+            spans.append(_turn_inside(text, before, through, message["content"], mask_template_text))
     return text, spans
+
+
+def _turn_inside(text: str, before: str, through: str, content: str, mask_template_text: bool) -> tuple[int, int]:
+    """The span of an earlier assistant turn that the template renders differently once later turns
+    follow it (Qwen3 writes the think block into the last turn only): the message content found
+    after the prompt, through the end-of-turn marker that follows it when the turn is last."""
+    in_through, in_text = through.find(content, len(before)), text.find(content, len(before))
+    marker = through[in_through + len(content) :]
+    if in_through < 0 or in_text < 0 or not text.startswith(marker, in_text + len(content)):
+        raise DataError(
+            "the chat template renders an earlier assistant turn differently once later turns follow, "
+            "and its message text or end-of-turn marker cannot be found in the full rendering"
+        )
+    return (in_text if mask_template_text else len(before)), in_text + len(content) + len(marker)
 
 
 def _completion_mask(offsets: Any, spans: list[tuple[int, int]]) -> np.ndarray:

@@ -44,6 +44,24 @@ def test_multi_turn_mask_covers_every_assistant_turn(tokenizer):
 
 
 @pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{% for m in messages|reverse %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}", "not prefix-stable"),
+        (
+            "{% for m in messages %}{{ m['role'] }}: {{ m['content'] if loop.last or m['role'] != 'assistant' "
+            "else '(earlier answer)' }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}",
+            "cannot be found in the full rendering",
+        ),
+    ],
+)
+def test_templates_whose_answers_cannot_be_located_are_refused(tmp_path, tokenizer, template, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n")
+    with pytest.raises(data.DataError, match=rf"row 0: .*{message}"):
+        data.prepare(data.DataConfig(chat_template=template), path, tokenizer)
+
+
+@pytest.mark.parametrize(
     ("rows", "columns", "fmt"),
     [
         ([{"messages": CHAT[1:3]}], {}, "messages"),

@@ -308,3 +308,18 @@ def test_a_qwen3_tokenizer_keeps_its_think_block_out_of_the_loss(qwen3_style, tm
     ]
     assert cli.main([*args, f"--set=storage_root={tmp_path / 'storage'}"]) == 0
     assert "<think>\n\n</think>\n\n⟦1 #### 1<|im_end|>\n⟧" in capsys.readouterr().out
+
+
+def test_a_qwen3_template_on_multi_turn_conversations(qwen3_style, tmp_path):
+    """Qwen3's template writes the think block into the last answer only, so an earlier answer renders
+    differently once later turns follow: each answer is still found, and exactly every answer's
+    content plus its `<|im_end|>\n` is scored."""
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_style)
+    turns = [("What is 1 plus 1?", "2 #### 2"), ("And 2 plus 2?", "4 #### 4")]
+    messages = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
+    prepared = data.prepare(DataConfig(), path, tokenizer)
+    assert _scored_text(prepared, tokenizer) == "2 #### 2<|im_end|>\n4 #### 4<|im_end|>\n"
+    think = set(tokenizer.convert_tokens_to_ids(["<think>", "</think>"]))
+    assert think <= set(prepared.examples[0].input_ids.tolist())  # in the last answer's turn...
+    assert not think & set(prepared.examples[0].labels.tolist())  # ...and never scored
