@@ -60,22 +60,11 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def random_model(shape: str, vocab: int, dtype, device: str):
-    """A random-initialised Qwen2-shaped model (no download): 'tiny' (smoke runs), '0.5b' or '1.5b'."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def random_model(shape: str, dtype, device: str):
+    """A random-initialised Qwen2-shaped model (benchmarks/shapes.py), in eval mode."""
+    from benchmarks.shapes import random_qwen2
 
-    dims = {"tiny": (64, 2, 2, 1, 128), "0.5b": (896, 24, 14, 2, 4864), "1.5b": (1536, 28, 12, 2, 8960)}[shape]
-    hidden, layers, heads, kv, ffn = dims
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        intermediate_size=ffn,
-        tie_word_embeddings=shape == "0.5b",
-    )
-    return Qwen2ForCausalLM(config).to(device=device, dtype=dtype).eval()
+    return random_qwen2(shape).to(device=device, dtype=dtype).eval()
 
 
 def main() -> None:
@@ -115,7 +104,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    vocab = 151936 if args.random_model not in (None, "tiny") else 1024
+    from benchmarks.shapes import SHAPES
+
+    vocab = SHAPES[args.random_model][0] if args.random_model else 0  # the embedded set brings its own ids
     if args.synthetic:
         examples = synthetic_examples(args.examples, args.synthetic, vocab)
     else:
@@ -128,7 +119,7 @@ def main() -> None:
 
     if args.random_model:  # GPU shape study: a big random model
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-        model = random_model(args.random_model, vocab, dtype, args.device)
+        model = random_model(args.random_model, dtype, args.device)
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
             engine = HFEngine(folder, args.k, device=args.device, dtype=dtype, batch_tokens=args.batch_tokens)

@@ -43,20 +43,9 @@ def build_model(args):
 
         build = base_model.build(BaseModelConfig(), os.environ.get("TARGET_SFT_STORAGE", "storage"), progress=False)
         return AutoModelForCausalLM.from_pretrained(build.model, dtype=torch.float32, attn_implementation=args.attn)
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from benchmarks.shapes import random_qwen2
 
-    dims = {"tiny": (1024, 64, 2, 2, 1, 128), "0.5b": (151936, 896, 24, 14, 2, 4864)}[args.shape]
-    vocab, hidden, layers, heads, kv, ffn = dims
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        intermediate_size=ffn,
-        tie_word_embeddings=True,
-    )
-    return Qwen2ForCausalLM._from_config(config, attn_implementation=args.attn)
+    return random_qwen2(args.shape, args.attn)
 
 
 def skewed_batch(args, vocab: int):

@@ -55,9 +55,8 @@ def publish(
     cfg = load_config(RunConfig, config, overrides)
     out = experiment_dir(cfg)
     base = json.loads(Path(base_report).read_text())["overall"] if base_report else None
-    markdown = experiment.write_comparison(
-        out, cfg.experiment.name, cfg.eval.n, base, runs, prior, cfg.experiment.compare_to
-    )
+    comparison = experiment.Comparison(cfg.experiment.name, cfg.eval.n, base, runs, prior, cfg.experiment.compare_to)
+    markdown = experiment.write_comparison(out, comparison)
     key = "experiment-" + experiment.slug(cfg.experiment.name).lower().replace("_", "-").replace(".", "-")
     create_markdown_artifact(key=key, markdown=markdown, description=f"Target-SFT experiment {cfg.experiment.name}")
     print(markdown)

@@ -168,17 +168,28 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1%} ± {statistics.stdev(values):.1%}"
 
 
-def comparison_markdown(
-    name: str,
-    n: int,
-    base: dict[str, Any] | None,
-    runs: list[dict[str, Any]],
-    prior: dict | None,
-    compare_to: str | None = None,
-) -> str:
+@dataclass
+class Comparison:
+    """What an experiment's table, plot and summary.json are made from."""
+
+    name: str
+    n: int
+    """Samples per problem (Average@n)."""
+    base: dict[str, Any] | None
+    """The untrained base model's overall eval report, or None."""
+    runs: list[dict[str, Any]]
+    """`run_summary` of every run of the grid."""
+    prior: dict | None = None
+    """The prior set used (key, forward passes), or None."""
+    compare_to: str | None = None
+    """The reference target of the paired column (`experiment.compare_to`)."""
+
+
+def comparison_markdown(c: Comparison) -> str:
     """The experiment's table: one row per target (Average@n with its 95% bootstrap interval over
     problems and seeds, mean ± std over seeds, and the paired difference to `compare_to`), then one
     row per run."""
+    name, n, base, runs, prior, compare_to = c.name, c.n, c.base, c.runs, c.prior, c.compare_to
     lines = [f"# Experiment `{name}`", ""]
     if prior is not None:
         reuse = "reused from the cache" if prior["forward_passes"] == 0 else "captured in this run"
@@ -220,9 +231,10 @@ def comparison_markdown(
     return "\n".join(lines) + "\n"
 
 
-def comparison_plot(path: Path, n: int, base: dict[str, Any] | None, runs: list[dict[str, Any]]) -> None:
+def comparison_plot(path: Path, c: Comparison) -> None:
     """PNG: Average@n per target with every seed's point; each run's training loss and its CE to the
     observed token (the one curve that compares across targets) over the steps."""
+    n, base, runs = c.n, c.base, c.runs
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,21 +281,13 @@ def comparison_plot(path: Path, n: int, base: dict[str, Any] | None, runs: list[
     tmp.replace(path)
 
 
-def write_comparison(
-    out_dir: Path,
-    name: str,
-    n: int,
-    base: dict[str, Any] | None,
-    runs: list[dict[str, Any]],
-    prior: dict | None,
-    compare_to: str | None = None,
-) -> str:
+def write_comparison(out_dir: Path, c: Comparison) -> str:
     """Write comparison.md, comparison.png and summary.json into `out_dir`; returns the markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    markdown = comparison_markdown(name, n, base, runs, prior, compare_to)
-    comparison_plot(out_dir / "comparison.png", n, base, runs)
+    markdown = comparison_markdown(c)
+    comparison_plot(out_dir / "comparison.png", c)
     atomic_write_text(out_dir / "comparison.md", markdown)
-    summary = {"name": name, "n": n, "base": base, "priors": prior, "runs": runs}
+    summary = {"name": c.name, "n": c.n, "base": c.base, "priors": c.prior, "compare_to": c.compare_to, "runs": c.runs}
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     return markdown
 
