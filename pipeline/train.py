@@ -13,6 +13,7 @@ checkpoints and the resume contract in `pipeline.checkpoints`.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -89,6 +90,18 @@ class TargetLossModel(nn.Module):
 
 def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train; returns the folder of the final Hugging Face model."""
+    final = _train_loop(cfg, resume, progress)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_initialized():  # the group _init_distributed joined
+        # Only now, with the loop's frame gone: FSDP modules hold pending gloo work, and freed at
+        # interpreter exit instead it can abort the process ("terminate called without an active
+        # exception", pytorch#179291).
+        gc.collect()
+        dist.destroy_process_group()
+    return final
+
+
+def _train_loop(cfg: RunConfig, resume: bool, progress: bool) -> Path:
+    """Setup, build, the loop and the save: everything one training process does."""
     # --- setup: processes, seed, run folder ------------------------------------------------------
     tc = cfg.train
     rank, world, device = _init_distributed()
@@ -163,7 +176,6 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         _save_final(model, tokenizer, model_state, final)
     if world > 1:
         dist.barrier()
-        dist.destroy_process_group()
     return final
 
 
@@ -220,7 +232,7 @@ def _log_step(out: Path, tc: TrainConfig, record: dict[str, Any], trackers: Trac
     with (out / "metrics.jsonl").open("a") as fh:
         fh.write(json.dumps(record, allow_nan=False) + "\n")
     trackers.log(record, record["step"])
-    bar.set_postfix(loss=f"{record['loss']:.4f}", ce=f"{record['ce']:.3f}")
+    bar.set_postfix(loss=f"{record['loss']:.4f}", ce=f"{record['ce']:.3f}", refresh=False)  # not every step in a log
     every = max(1, tc.max_steps // 20)
     if record["step"] % every and record["step"] != tc.max_steps:
         return
