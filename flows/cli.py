@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -52,9 +51,6 @@ def demo(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) ->
     from flows.experiment import experiment_flow
 
     started = time.time()
-    kernels = base_model.pin_cpu_numerics()  # already pinned by cli.main for the embedded world; reported here
-    mkl = os.environ["MKL_CBWR"]
-    print(f"== CPU numerics: {cfg.base_model.threads} threads, ATen {kernels} kernels, MKL_CBWR={mkl}")
     print("== 1/4 embedded base model (built once, then reused)")
     base_model.build(cfg.base_model, cfg.storage_root)
     print("== 2/4 SFT data")

@@ -9,7 +9,6 @@ finished build with the same config is reused. `evaluate` reports greedy held-ou
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections import Counter
@@ -112,7 +111,6 @@ def build(cfg: BaseModelConfig, storage_root: str | Path, progress: bool = True)
             "parameters": sum(p.numel() for p in model.parameters()),
             "pretrain_seconds": round(time.time() - started, 1),
             "precision": resolve_precision(cfg.precision),
-            "cpu_numerics": {"aten": str(torch.backends.cpu.get_cpu_capability()), **_pins()},
             "final_loss": sum(losses[-20:]) / len(losses[-20:]),
         }
         (tmp / SUCCESS).write_text(json.dumps(info, indent=2))
@@ -210,29 +208,6 @@ def pretrain(
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
     model.eval()
     return losses
-
-
-REPRODUCIBLE_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
-"""Process settings under which fp32 CPU results are the same on any x86-64 CPU with AVX2:
-PyTorch's own kernels use their AVX2 versions even where AVX-512 exists (the vector width changes
-the order of float sums), and MKL's GEMMs take its conditional-numerical-reproducibility path."""
-
-
-def pin_cpu_numerics() -> str:
-    """Apply REPRODUCIBLE_CPU (a user's own values win) and return the ATen kernel level in effect.
-
-    Both are read when first used, so this must run before the process's first tensor operation:
-    `target-sft` does it right after loading a config that uses the embedded model or data, and the
-    test suite's conftest does it on import. It costs speed (pretraining takes about 1.8x as long on
-    the 2-core test machine), which is why runs on a user's own model and data never pin.
-    """
-    for name, value in REPRODUCIBLE_CPU.items():
-        os.environ.setdefault(name, value)
-    return str(torch.backends.cpu.get_cpu_capability())
-
-
-def _pins() -> dict[str, str | None]:
-    return {name: os.environ.get(name) for name in REPRODUCIBLE_CPU}
 
 
 def resolve_precision(precision: str) -> str:

@@ -105,8 +105,6 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
         if args.command == "demo" and config_path is None:
             config_path = DEMO_CONFIG
         cfg = load_config(RunConfig, config_path, args.overrides)
-        if cfg.model.path is None or cfg.data.path is None or args.command == "base-model":
-            base_model.pin_cpu_numerics()  # the embedded world: the same numbers on any x86-64 CPU
         if args.command in ("run", "serve", "demo"):
             if not flow_commands:
                 raise ConfigError(f"`{args.command}` runs a Prefect flow: use the `target-sft` command (flows.cli)")

@@ -11,11 +11,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The embedded world's reproducible CPU numerics, before any tensor operation: the default build
-# here is then the same model `make demo` builds (they share storage/), on any x86-64 CPU.
-os.environ.update(
-    {k: os.environ.get(k, v) for k, v in {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}.items()}
-)
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,10 +18,6 @@ import pytest
 
 from pipeline import base_model
 from pipeline.config import BaseModelConfig
-
-# The embedded world's reproducible CPU numerics, before any tensor operation: the default build
-# here is then the same model `make demo` builds (they share storage/), on any x86-64 CPU.
-base_model.pin_cpu_numerics()
 
 REPO = Path(__file__).resolve().parent.parent
 
