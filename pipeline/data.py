@@ -460,13 +460,14 @@ def prepare(
         tokenizer.chat_template = chat_template_text(cfg.chat_template)
     if tokenizer.chat_template is None:
         raise DataError("the tokenizer has no chat template; set data.chat_template (a string or a .jinja file)")
+    tok_hash = tokenizer_hash(tokenizer)  # serialises the whole tokenizer: once per call
     stamps = _file_stamps(str(data_path))
     if cache is None or stamps is None:
-        return _tokenize(cfg, data_path, tokenizer)
-    folder = cache / token_key(cfg, data_path, tokenizer, stamps)
+        return _tokenize(cfg, data_path, tokenizer, tok_hash)
+    folder = cache / token_key(cfg, data_path, tokenizer, tok_hash, stamps)
 
     def build() -> tokens.Stored:
-        prepared = _tokenize(cfg, data_path, tokenizer)
+        prepared = _tokenize(cfg, data_path, tokenizer, tok_hash)
         meta = {f.name: getattr(prepared, f.name) for f in dataclasses.fields(prepared) if f.name != "examples"}
         return meta, prepared.examples
 
@@ -477,7 +478,9 @@ def prepare(
     return prepared
 
 
-def token_key(cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedTokenizerBase, stamps: Any) -> str:
+def token_key(
+    cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedTokenizerBase, tok_hash: str, stamps: Any
+) -> str:
     """What the tokenised examples depend on: the source files, the tokenizer and its template, every
     data setting that changes a token or a mask, and the tokenisation code's versions."""
     import tokenizers
@@ -488,7 +491,7 @@ def token_key(cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedToken
         {
             "format_version": tokens.FORMAT_VERSION,
             "source": [os.path.abspath(data_path), stamps],
-            "tokenizer": tokenizer_hash(tokenizer),
+            "tokenizer": tok_hash,
             "template": tokenizer.chat_template,
             "settings": settings,
             "versions": [transformers.__version__, tokenizers.__version__],
@@ -496,14 +499,15 @@ def token_key(cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedToken
     )[:20]
 
 
-def _tokenize(cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+def _tokenize(
+    cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedTokenizerBase, tok_hash: str
+) -> PreparedData:
     """Read the rows, render them, tokenise them in batches (the Rust tokenizer runs on every core)."""
     source = open_source(data_path, cfg.split, cfg.subset, cfg.data_files)
     if not source.columns:
         raise DataError(f"{data_path} holds no rows")
     fmt = cfg.format if cfg.format != "auto" else detect_format(source.columns, cfg.columns)
     rows = enumerate(itertools.islice(source.stream(needed_columns(fmt, cfg.columns)), cfg.limit))
-    tok_hash = tokenizer_hash(tokenizer)
     digest = hashlib.sha256()
     for part in (tok_hash, tokenizer.chat_template, fmt, str(cfg.max_length), cfg.truncation):
         digest.update(part.encode() + b"\0")

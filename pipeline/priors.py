@@ -59,12 +59,14 @@ class CapturePlan:
     dtype: str
 
 
-def plan(cfg: RunConfig, progress: bool = True) -> CapturePlan:
-    """Resolve inputs, tokenise the data, check the teacher, and compute the cache key."""
+def plan(cfg: RunConfig, progress: bool = True, prepared: data.PreparedData | None = None) -> CapturePlan:
+    """Resolve inputs, tokenise the data (unless the caller has: `prepared`), check the teacher, and
+    compute the cache key."""
     inputs = resolve_inputs(cfg, progress=progress)
     prior_model = Path(cfg.priors.model_path or inputs.model_path)
-    tokenizer = load_tokenizer(inputs.model_path, cfg.model.trust_remote_code)
-    prepared = data.prepare(cfg.data, inputs.data_path, tokenizer, tokens_dir(cfg))
+    if prepared is None:
+        tokenizer = load_tokenizer(inputs.model_path, cfg.model.trust_remote_code)
+        prepared = data.prepare(cfg.data, inputs.data_path, tokenizer, tokens_dir(cfg))
     if prior_model != inputs.model_path:
         teacher_tok = load_tokenizer(prior_model, cfg.model.trust_remote_code)
         if data.tokenizer_hash(teacher_tok) != prepared.tokenizer_hash:

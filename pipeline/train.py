@@ -307,7 +307,7 @@ def _load_priors(
     from pipeline import priors
 
     store = PriorStore(cfg.storage_root)
-    key = cfg.train.prior_key or priors.plan(cfg, progress=False).key
+    key = cfg.train.prior_key or priors.plan(cfg, progress=False, prepared=prepared).key
     try:
         reader = store.open(key)
     except CacheError as e:
