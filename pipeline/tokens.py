@@ -96,8 +96,8 @@ def cached(folder: Path, build: Callable[[], Stored]) -> Stored:
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         lock = open(folder.parent / f".{folder.name}.lock", "w")  # noqa: SIM115 (the with below closes it)
-    except OSError as e:
-        log.warning("tokens: cannot use the cache %s (%s); tokenising in memory", folder, e.strerror)
+    except OSError as e:  # an optimisation lost, not an error: INFO, not a second line on stderr
+        log.info("tokens: cannot use the cache %s (%s); tokenising in memory", folder, e.strerror)
         return build()
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
@@ -106,7 +106,7 @@ def cached(folder: Path, build: Callable[[], Stored]) -> Stored:
             try:
                 _save(folder, meta, examples)
             except OSError as e:
-                log.warning("tokens: cannot write %s (%s); using the examples in memory", folder, e.strerror)
+                log.info("tokens: cannot write %s (%s); using the examples in memory", folder, e.strerror)
                 return meta, examples
             log.info("tokens: wrote %d examples to %s", len(examples), folder)
             del examples  # the in-memory copy goes before the mapped one is read
