@@ -37,10 +37,10 @@ step() {  # step NAME COMMAND...: run it, keep its log, record status and second
 
 if (( SMOKE )); then
   step loss "$PY" benchmarks/loss.py --tokens 64 --hidden 16 --vocab 256 --reps 1 --warmup 1 --json "$OUT/loss.json"
-  step train_loss "$PY" benchmarks/train.py --shape tiny --batch 2 --seq 64 --reps 1 --warmup 1 \
-    --json "$OUT/train_loss.json"
-  step train_packing "$PY" benchmarks/train.py --shape tiny --compare packing --batch 4 --seq 64 --reps 1 --warmup 1 \
-    --json "$OUT/train_packing.json"
+  step train_loss "$PY" benchmarks/train.py --shape tiny --batch 2 --seq 64 --grad-ckpt --dtype bf16 --reps 1 \
+    --warmup 1 --json "$OUT/train_loss.json"
+  step train_packing "$PY" benchmarks/train.py --shape tiny --compare packing --batch 4 --seq 64 --grad-ckpt \
+    --dtype bf16 --reps 1 --warmup 1 --json "$OUT/train_packing.json"
   step priors "$PY" benchmarks/priors.py --random-model tiny --synthetic 64 --examples 16 --dtype fp32 --skip-vllm \
     --json "$OUT/priors.json"
   step pytest "$PY" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests/test_gpu.py

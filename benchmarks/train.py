@@ -167,8 +167,8 @@ def main() -> None:
     results = []
     for method in METHODS[args.compare]:
         out = subprocess.run(
-            [sys.executable, __file__, *sys.argv[1:], "--method", method], check=True, capture_output=True, text=True
-        )
+            [sys.executable, __file__, *sys.argv[1:], "--method", method], check=True, stdout=subprocess.PIPE, text=True
+        )  # stderr passes through: a failing method shows its own traceback
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = results[0]
     print(

@@ -362,5 +362,13 @@ def fused_q_target_loss(
         scale: float | Tensor = 1.0 / count
     else:
         scale = 1.0
-    loss, sums = _FusedQLoss.apply(hidden, weight, bias, labels, spec, prior, tail, scale, chunk_size, compiled)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # A custom Function sees autocast too: its matmuls would come out in bf16 beside fp32 buffers. Do
+        # what autocast does for the lm_head matmul (cast its inputs; autograd casts the gradients back),
+        # and run the chunks with autocast off.
+        low = torch.get_autocast_dtype(device_type)
+        hidden, weight, bias = hidden.to(low), weight.to(low), None if bias is None else bias.to(low)
+    with torch.autocast(device_type, enabled=False):
+        loss, sums = _FusedQLoss.apply(hidden, weight, bias, labels, spec, prior, tail, scale, chunk_size, compiled)
     return QLoss(loss, TargetStats(sums))

@@ -220,6 +220,27 @@ def test_fused_equals_dense(dtype, name, tail):
         assert torch.allclose(out.stats.sums, ref.stats.sums, rtol=max(tol, 1e-7), atol=1e-6)
 
 
+def test_fused_loss_under_bf16_autocast_with_fp32_leaves():
+    """Training's setting: fp32 master weights and hidden states under bf16 autocast (the default on a
+    GPU). Autocast reaches into the custom Function; the loss casts like autocast's lm_head matmul, and
+    the gradients land in fp32 on the leaves, close to the fp64 reference."""
+    g = torch.Generator().manual_seed(11)
+    _, labels, top_ids, top_lp, obs = make_case(4, n=13)
+    hidden64 = torch.randn(13, 16, generator=g, dtype=torch.float64)
+    weight64 = torch.randn(V, 16, generator=g, dtype=torch.float64) * 0.7
+    spec = preset("target_sft", eta=0.5)
+    kw = prior_kwargs(top_ids, top_lp, obs)
+    h, w = hidden64.clone().requires_grad_(True), weight64.clone().requires_grad_(True)
+    q_target_loss(h @ w.T, labels, spec, **kw, reduction="mean").loss.backward()
+    hf, wf = hidden64.float().requires_grad_(True), weight64.float().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_q_target_loss(hf, wf, labels, spec, **kw, reduction="mean", chunk_size=4)
+    out.loss.backward()
+    for got, want in ((hf.grad, h.grad), (wf.grad, w.grad)):
+        assert got.dtype == torch.float32
+        assert rel_err(got.double(), want) <= FUSED_TOL[torch.bfloat16]
+
+
 def test_compiled_chunk_step_gives_the_eager_loss_and_gradients():
     """`train.compile_loss`: torch.compile of the chunk step, on CPU here, equal to the eager fused loss
     up to float summation order (the GPU suite times it)."""
