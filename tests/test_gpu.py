@@ -83,3 +83,33 @@ def test_packed_equals_padded_on_cuda(attn):
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
     assert abs(loss_a - loss_b) <= tol * abs(loss_a)
     assert float((grad_a - grad_b).norm() / grad_a.norm()) <= tol * 5
+
+
+def test_a_training_step_under_bf16_autocast_on_cuda():
+    """What `train.precision: auto` does on a GPU: fp32 weights, bf16 autocast, gradient checkpointing,
+    the fused Target-SFT loss; the step gives finite fp32 gradients close to the fp32 step's."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=1024, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=256)  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).cuda()
+    model.gradient_checkpointing_enable()
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    examples = [
+        Example.from_labels(i, torch.randint(1024, (n,), generator=g).tolist(), [-100] * (n // 4) + [0] * (n - n // 4))
+        for i, n in enumerate([37, 64, 120])
+    ]
+    batch = batching.collate(examples, 0, None).to("cuda")
+    loss_model = train.TargetLossModel(model, preset("sft"), "student_tail", 64)
+    grads = []
+    for autocast in (False, True):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = loss_model(batch, float(sum(e.num_scored for e in examples)))
+        loss.backward()
+        grad = model.model.embed_tokens.weight.grad
+        assert grad.dtype == torch.float32 and bool(torch.isfinite(grad).all())
+        grads.append(grad.clone())
+    assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 5e-2
