@@ -19,6 +19,10 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# The same CPU kernels on any x86 CPU (pipeline/cpu_kernels.py); a value already set wins.
+export MKL_CBWR ?= AVX2
+export ONEDNN_MAX_CPU_ISA ?= AVX2
+export ATEN_CPU_CAPABILITY ?= avx2
 
 .PHONY: demo test lint install install-gpu lock lock-gpu clean-venv
 
