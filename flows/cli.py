@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 
 import flows  # noqa: F401  (offline Prefect settings before prefect is imported)
-from pipeline import base_model, cli
+from pipeline import base_model, cli, cpu_kernels, evaluate, experiment
 from pipeline.config import RunConfig, SafeName
 from pipeline.errors import ConfigError
 from pipeline.prior_cache import PriorStore
+from pipeline.resolve import resolve_inputs
+from pipeline.storage import atomic_write_text
 
 
 def run(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) -> int:
@@ -53,23 +55,61 @@ def demo(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) ->
     started = time.time()
     print("== 1/4 embedded base model (built once, then reused)")
     base_model.build(cfg.base_model, cfg.storage_root)
+    seconds = {"base model build": time.time() - started}
     print("== 2/4 SFT data")
     cli.inspect_data(cfg)
+    seconds["SFT data summary"] = time.time() - started - sum(seconds.values())
     runs = len(cfg.experiment.targets) * len(cfg.experiment.seeds)
     print(f"== 3/4 experiment {cfg.experiment.name!r}: priors once, {runs} training runs, evaluation (Prefect flow)")
+    flow_started = time.time()
     result = experiment_flow(str(config) if config else None, args.overrides, progress=True)
+    stages = {f"flow: {stage}": value for stage, value in result["seconds"].items() if stage != "base model"}
+    seconds.update(stages, **{"flow: server, tasks, comparison": time.time() - flow_started - sum(stages.values())})
     print("== 4/4 comparison")
     if result["prior"]:
         manifest = PriorStore(cfg.storage_root).manifest(result["prior"]["key"])
         print(f"prior set {result['prior']['key']}: {manifest['counts']}")
         print(json.dumps(manifest["statistics"], indent=2))
     print(Path(result["table"]).read_text())
+    print("| stage | seconds |\n|---|---:|" + "".join(f"\n| {k} | {v:.0f} |" for k, v in seconds.items()))
     print(f"table: {result['table']}\nplot: {result['plot']}\ndemo finished in {time.time() - started:.0f}s")
     return 1 if result["failed_runs"] else 0
 
 
+def select(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) -> int:
+    """`target-sft select [CONFIG]`: plain SFT at every select.lrs × select.max_steps, scored on the
+    validation split only; writes selection.json and prints the settings every target then uses."""
+    from flows.experiment import experiment_flow
+
+    validation = cfg.select.validation
+    if validation is None:
+        embedded = resolve_inputs(cfg).embedded
+        if embedded is None or not embedded.validation.exists():
+            raise ConfigError(
+                "select.validation is not set and there is no embedded validation split: give one "
+                "({name, path, answer_type}), disjoint from the eval.sets problems"
+            )
+        validation = evaluate.validation_set(embedded)
+    overrides = [*args.overrides, *experiment.selection_overrides(cfg, validation)]
+    result = experiment_flow(str(config) if config else None, overrides, progress=True)
+    out = Path(result["dir"])
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    selection = experiment.choose(runs, validation.name)
+    atomic_write_text(out / "selection.json", json.dumps(selection, indent=2))
+    print(f"\n| lr | max_steps | validation Average@{cfg.eval.n} (per seed) |\n|---:|---:|---|")
+    for c in selection["candidates"]:
+        scores = ", ".join(f"{v:.1%}" for v in c["average_at_n"]) or "failed"
+        print(f"| {c['train']['lr']:g} | {c['train']['max_steps']} | {scores} |")
+    chosen = selection["chosen"]
+    print(f"\nchosen on {validation.name}: train.lr={chosen['lr']:g} train.max_steps={chosen['max_steps']}")
+    print(f"selection: {out / 'selection.json'}")
+    return 1 if result["failed_runs"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(argv, {"run": run, "serve": serve, "demo": demo})
+    if argv is None:  # the console command: same kernels on every CPU (tests call main(argv) in-process)
+        cpu_kernels.reexec_pinned()
+    return cli.main(argv, {"run": run, "serve": serve, "demo": demo, "select": select})
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ or a divergence, which would only fail again; a retried training resumes from it
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ def publish(
     """Table, plot and summary into `<storage>/experiments/<name>/`, and a Prefect markdown artifact."""
     cfg = load_config(RunConfig, config, overrides)
     out = experiment_dir(cfg)
-    base = json.loads(Path(base_report).read_text())["overall"] if base_report else None
+    base = json.loads(Path(base_report).read_text())["sets"] if base_report else None
     comparison = experiment.Comparison(cfg.experiment.name, cfg.eval.n, base, runs, prior, cfg.experiment.compare_to)
     markdown = experiment.write_comparison(out, comparison)
     key = "experiment-" + experiment.slug(cfg.experiment.name).lower().replace("_", "-").replace(".", "-")
@@ -69,30 +70,41 @@ def experiment_flow(config: str | None = None, overrides: list[str] | None = Non
     overrides = list(overrides or [])
     cfg = load_config(RunConfig, config, overrides)
     runs = experiment.expand_grid(cfg.experiment)  # a bad grid fails here, before any work
+    seconds = {"base model": 0.0, "priors": 0.0, "training": 0.0, "evaluation": 0.0}  # wall time per stage
+    started = time.time()
     prepare_base(config, overrides)
+    seconds["base model"] += time.time() - started
     prior = None
     if any(from_config(spec.target).needs_prior for spec in runs):
+        started = time.time()
         prior = capture_priors(config, overrides)
+        seconds["priors"] += time.time() - started
         print(f"priors: set {prior['key']}, {prior['forward_passes']} prior forward passes in this experiment")
         overrides = [*overrides, f"train.prior_key={prior['key']}"]
     base_report = None
     if cfg.experiment.evaluate_base:
+        started = time.time()
         base_out = str(experiment_dir(cfg) / "base")
         base_report = evaluate_model.with_options(task_run_name="eval-base")(config, overrides, True, base_out)
+        seconds["evaluation"] += time.time() - started
 
     results = []
     for spec in runs:
         run_overrides = [*overrides, *spec.overrides()]
+        started = time.time()
         trained = train_run.with_options(task_run_name=f"train-{spec.run_name}")(
             config, run_overrides, progress, return_state=True
         )
+        seconds["training"] += time.time() - started
         report, error = None, None
         if trained.is_failed():
             error = _message(trained)
         else:
+            started = time.time()
             evaluated = evaluate_model.with_options(task_run_name=f"eval-{spec.run_name}")(
                 config, run_overrides, False, return_state=True
             )
+            seconds["evaluation"] += time.time() - started
             if evaluated.is_failed():
                 error = "evaluation failed: " + _message(evaluated)
             else:
@@ -101,7 +113,8 @@ def experiment_flow(config: str | None = None, overrides: list[str] | None = Non
         print(f"{spec.run_name}: {'failed: ' + error if error else 'done'}")
     published = publish(config, overrides, results, base_report, prior)
     failed = [r["run"] for r in results if r["status"] == "failed"]
-    return {**published, "prior": prior, "failed_runs": failed, "runs": [r["run"] for r in results]}
+    seconds = {stage: round(value, 1) for stage, value in seconds.items()}
+    return {**published, "prior": prior, "failed_runs": failed, "runs": [r["run"] for r in results], "seconds": seconds}
 
 
 def _message(state: Any) -> str:

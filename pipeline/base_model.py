@@ -8,6 +8,8 @@ finished build with the same config is reused. `evaluate` reports greedy held-ou
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import shutil
 import time
@@ -51,7 +53,7 @@ class BaseModelPaths:
     model: Path
     """`from_pretrained` folder: weights, config, tokenizer, chat template."""
     datasets: Path
-    """sft_train.jsonl, sft_heldout.jsonl (chat) and the build's metadata."""
+    """sft_train.jsonl and the evaluation splits (chat rows with `question` and `answer`)."""
 
     @property
     def sft_train(self) -> Path:
@@ -59,7 +61,18 @@ class BaseModelPaths:
 
     @property
     def sft_heldout(self) -> Path:
+        """The held-out problems of the SFT skill."""
         return self.datasets / "sft_heldout.jsonl"
+
+    @property
+    def forgetting(self) -> Path:
+        """Held-out problems of the old skill (empty when `forgetting_problems` is 0)."""
+        return self.datasets / "forgetting.jsonl"
+
+    @property
+    def validation(self) -> Path:
+        """Where `target-sft select` chooses settings; disjoint from the held-out problems."""
+        return self.datasets / "validation.jsonl"
 
 
 def paths(cfg: BaseModelConfig, storage_root: str | Path) -> BaseModelPaths:
@@ -69,8 +82,15 @@ def paths(cfg: BaseModelConfig, storage_root: str | Path) -> BaseModelPaths:
     return BaseModelPaths(root / "models" / folder, root / "datasets" / folder)
 
 
+# Bumped whenever the build's code makes something else from the same config (data, tokenizer, training),
+# so a build made by older code is never reused as this code's.
+BUILD_VERSION = 2
+
+
 def build_hash(cfg: BaseModelConfig) -> str:
-    return sha256_json(to_dict(cfg))
+    """Identity of a build: every field that shapes it (the teacher's fields shape only the teacher's)."""
+    fields = {k: v for k, v in to_dict(cfg).items() if not k.startswith("teacher_")}
+    return sha256_json({**fields, "build_version": BUILD_VERSION})
 
 
 def build(cfg: BaseModelConfig, storage_root: str | Path, progress: bool = True) -> BaseModelPaths:
@@ -81,19 +101,11 @@ def build(cfg: BaseModelConfig, storage_root: str | Path, progress: bool = True)
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    splits = synthetic.make_splits(
-        cfg.seed,
-        cfg.max_number,
-        cfg.max_steps_per_problem,
-        cfg.pretrain_problems,
-        cfg.sft_train_problems,
-        cfg.heldout_problems,
-        cfg.sft_noise_fraction,
-    )
+    splits = synthetic.make_splits(world(cfg))
     tokenizer = train_tokenizer(splits, cfg.vocab_size)
     model = new_model(cfg, tokenizer)
     started = time.time()
-    losses = pretrain(model, tokenizer, splits.pretrain_documents, cfg, progress)
+    losses = pretrain(model, tokenizer, [document_text(d) for d in splits.pretrain], cfg, progress)
     if (out.model / SUCCESS).exists():  # another process finished the same (deterministic) build meanwhile
         return out
     for folder in (out.datasets, out.model):
@@ -102,6 +114,8 @@ def build(cfg: BaseModelConfig, storage_root: str | Path, progress: bool = True)
     with atomic_dir(out.datasets) as tmp:
         write_jsonl(tmp / "sft_train.jsonl", splits.sft_train)
         write_jsonl(tmp / "sft_heldout.jsonl", splits.heldout)
+        write_jsonl(tmp / "forgetting.jsonl", splits.forgetting)
+        write_jsonl(tmp / "validation.jsonl", splits.validation)
     with atomic_dir(out.model) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -112,13 +126,60 @@ def build(cfg: BaseModelConfig, storage_root: str | Path, progress: bool = True)
             "pretrain_seconds": round(time.time() - started, 1),
             "precision": resolve_precision(cfg.precision),
             "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+            "weights_sha256": weights_checksum(model),
         }
         (tmp / SUCCESS).write_text(json.dumps(info, indent=2))
     return out
 
 
+def world(cfg: BaseModelConfig) -> synthetic.World:
+    return synthetic.World(
+        cfg.seed,
+        cfg.max_number,
+        cfg.max_steps_per_problem,
+        cfg.pretrain_problems,
+        cfg.sft_train_problems,
+        cfg.heldout_problems,
+        cfg.forgetting_problems,
+        cfg.validation_problems,
+        cfg.sft_noise_fraction,
+        cfg.chat_share,
+        cfg.new_op_share,
+        cfg.sft_new_op,
+        cfg.sft_style,
+    )
+
+
+def teacher_config(cfg: BaseModelConfig) -> BaseModelConfig:
+    """The embedded teacher: the same data (hence the same tokenizer), a larger model, more steps."""
+    return dataclasses.replace(
+        cfg,
+        name=f"{cfg.name}-teacher",
+        hidden_size=cfg.teacher_hidden_size,
+        num_layers=cfg.teacher_num_layers,
+        intermediate_size=4 * cfg.teacher_hidden_size,
+        steps=cfg.teacher_steps,
+    )
+
+
+def document_text(doc: synthetic.Document) -> str:
+    """A pretraining document: a chat exactly as CHAT_TEMPLATE renders it, or plain text."""
+    if doc.chat:
+        return f"<|user|>\n{doc.question}{END}\n<|assistant|>\n{doc.solution}{END}\n"
+    return synthetic.plain_prompt(doc.question) + " " + doc.solution
+
+
+def weights_checksum(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's bytes, in name order: equal checksums mean bit-identical models."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def train_tokenizer(splits: synthetic.SyntheticSplits, vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with single-digit tokens and the chat special tokens."""
+    """Byte-level BPE with single-digit tokens and the chat special tokens, trained on the pretraining text."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -130,8 +191,10 @@ def train_tokenizer(splits: synthetic.SyntheticSplits, vocab_size: int) -> PreTr
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    chat_texts = [m["content"] for row in splits.sft_train for m in row["messages"]]
-    tok.train_from_iterator(splits.pretrain_documents + chat_texts, trainer)
+    # The pretraining text alone, as for a real base model: the SFT set (its noise, its phrasing) never
+    # shapes the vocabulary, so worlds that differ only in their SFT set share the base model.
+    texts = [text for d in splits.pretrain for text in (synthetic.plain_prompt(d.question), d.solution)]
+    tok.train_from_iterator(texts, trainer)
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=EOS,

@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="dry-run a config: grid, batch shapes, priors, eval (no model needed)")
     _add_config_args(check, required=True)
 
+    select = commands.add_parser(
+        "select", help="choose train.lr and train.max_steps by plain SFT on the validation split (select.*)"
+    )
+    _add_config_args(select, required=False)
     run = commands.add_parser("run", help="the experiment flow: priors once, train the grid, evaluate, compare")
     _add_config_args(run, required=True)
     serve = commands.add_parser("serve", help="serve the experiment flow as a scheduled Prefect deployment")
@@ -98,14 +102,14 @@ FlowCommand = Callable[[argparse.Namespace, "str | Path | None", RunConfig], int
 
 
 def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | None = None) -> int:
-    """Run one command; `flow_commands` handles `run`, `serve` and `demo` (see flows.cli)."""
+    """Run one command; `flow_commands` handles `run`, `serve`, `demo` and `select` (see flows.cli)."""
     args = build_parser().parse_args(argv)
     try:
         config_path = getattr(args, "config", None)
-        if args.command == "demo" and config_path is None:
+        if args.command in ("demo", "select") and config_path is None:
             config_path = DEMO_CONFIG
         cfg = load_config(RunConfig, config_path, args.overrides)
-        if args.command in ("run", "serve", "demo"):
+        if args.command in ("run", "serve", "demo", "select"):
             if not flow_commands:
                 raise ConfigError(f"`{args.command}` runs a Prefect flow: use the `target-sft` command (flows.cli)")
             return flow_commands[args.command](args, config_path, cfg)
@@ -157,13 +161,18 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
 
 
 def print_base_eval(cfg: RunConfig, formats: list[str]) -> list[dict]:
+    """Greedy accuracy of the embedded base model on its held-out sets (the SFT skill, then the old one)."""
     out = base_model.build(cfg.base_model, cfg.storage_root)
-    heldout = [json.loads(line) for line in out.sft_heldout.read_text().splitlines()]
-    results = [base_model.evaluate(out.model, heldout, fmt) for fmt in formats]
-    print(f"\nGreedy held-out accuracy of {out.model} ({len(heldout)} problems)")
-    print("| format | accuracy | majority-answer baseline |\n|---|---:|---:|")
-    for r in results:
-        print(f"| {r['format']} | {r['accuracy']:.1%} | {r['majority_baseline']:.1%} |")
+    sets = [("held-out (SFT skill)", out.sft_heldout), ("forgetting (old skill)", out.forgetting)]
+    print(f"\nGreedy accuracy of {out.model}")
+    print("| set | problems | format | accuracy | majority-answer baseline |\n|---|---:|---|---:|---:|")
+    results = []
+    for name, path in sets:
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        for fmt in formats if rows else []:
+            r = base_model.evaluate(out.model, rows, fmt)
+            print(f"| {name} | {r['n']} | {fmt} | {r['accuracy']:.1%} | {r['majority_baseline']:.1%} |")
+            results.append(r)
     example = results[0]["example"]
     print(f"\nexample prompt:\n{example['prompt']}\nmodel:{example['completion']}\n(expected {example['answer']})")
     return results

@@ -145,15 +145,32 @@ class BaseModelConfig:
     max_number: PositiveInt = 20
     """Operands are drawn from 1..max_number."""
     max_steps_per_problem: PositiveInt = 3
-    """Each problem has 1..max_steps_per_problem +/- operations."""
+    """Each problem has 1..max_steps_per_problem +/- operations (plus the doubling step, where it has one)."""
     pretrain_problems: PositiveInt = 50000
-    """Plain-text problems in the pretraining corpus."""
+    """Problems in the pretraining corpus."""
+    chat_share: Fraction = 0.5
+    """Share of pretraining problems written as chats (the rest as `Question: ... Answer: ...` text):
+    real base models have seen chat data, so the base is fluent in the format the SFT set uses."""
+    new_op_share: Fraction = 0.02
+    """Share of pretraining problems with a doubling step, the new skill: rare, so the base is weak at it."""
+    sft_new_op: bool = True
+    """Every SFT, validation and held-out problem has one doubling step: the SFT set teaches the new
+    skill and the held-out set measures it. False: they are +/- problems, the skill the base has."""
+    sft_style: Literal["base", "own"] = "own"
+    """Phrasing of the SFT demonstrations: `own` (`Step 1: 3 + 4 gives 7.`, off-policy for a base that
+    learned `So 3 + 4 = 7.`), or `base`, the pretraining phrasing."""
     sft_train_problems: PositiveInt = 4000
     """Chat-format SFT demonstrations."""
-    heldout_problems: PositiveInt = 200
-    """Held-out evaluation problems; never seen in pretraining or SFT."""
     sft_noise_fraction: Fraction = 0.3
-    """Share of SFT demonstrations with a systematic error (one step off by one, carried on)."""
+    """Share of SFT demonstrations with a systematic error (one step off by one, carried on): the
+    uncertain labels that γ = p(observed) exists for."""
+    heldout_problems: PositiveInt = 500
+    """Held-out problems of the SFT skill (Average@n is reported on these); never seen in pretraining or SFT."""
+    forgetting_problems: NonNegativeInt = 300
+    """Held-out +/- problems (the old skill), to measure forgetting; 0: none."""
+    validation_problems: NonNegativeInt = 200
+    """Problems drawn like the held-out ones, disjoint from them: `target-sft select` chooses the
+    learning rate and steps here, so the held-out set is never used to tune anything."""
     vocab_size: PositiveInt = 512
     """Target BPE vocabulary size (byte-level, digits split)."""
     hidden_size: PositiveInt = 128
@@ -170,13 +187,20 @@ class BaseModelConfig:
     """Sequences per pretraining step."""
     steps: PositiveInt = 700
     """Pretraining steps (fixed, not time-based, so the build is deterministic)."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """Pretraining matmul precision: bf16 autocast (fp32 master weights) is about 1.3x faster on
-    CPUs with AVX512-BF16/AMX; `auto` picks it where the CPU has it, fp32 elsewhere."""
+    precision: Literal["auto", "bf16", "fp32"] = "fp32"
+    """Pretraining matmul precision. fp32 gives the same model on any x86 CPU (with the pinned CPU
+    kernels, docs/design.md §7); bf16 autocast is faster on CPUs with AVX512-BF16/AMX but its results
+    depend on the vendor; `auto` picks bf16 where the CPU has it."""
     lr: PositiveFloat = 3e-3
     """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
     warmup_steps: NonNegativeInt = 30
     """Linear warmup steps."""
+    teacher_hidden_size: PositiveInt = 192
+    """The embedded teacher (`priors.embedded_teacher`): same data and tokenizer, this width..."""
+    teacher_num_layers: PositiveInt = 4
+    """...this many blocks..."""
+    teacher_steps: PositiveInt = 1000
+    """...and this many pretraining steps: a stronger model over the same token ids."""
 
 
 @dataclass
@@ -188,6 +212,9 @@ class PriorsConfig:
     wherever it imports, hf otherwise."""
     model_path: str | None = None
     """The prior (teacher) model; None means the run's own model. It must share the tokenizer."""
+    embedded_teacher: bool = False
+    """Use the embedded teacher as the prior model: a larger model built (on first use) from the
+    embedded base model's data and tokenizer (`base_model.teacher_*`). Only with the embedded model."""
     k: PositiveInt = 20
     """Top-k entries stored per scored position."""
     shard_size: PositiveInt = 256
@@ -411,6 +438,22 @@ class ExperimentConfig:
 
 
 @dataclass
+class SelectConfig:
+    """`target-sft select`: the learning rate and steps, chosen once by plain SFT on a validation split
+    (never the held-out problems), then used by every target of the experiment."""
+
+    lrs: list[PositiveFloat] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
+    """Learning rates tried."""
+    max_steps: list[PositiveInt] = field(default_factory=lambda: [80, 160])
+    """Step counts tried (each with each learning rate)."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds per candidate; the choice maximises the mean validation Average@n."""
+    validation: EvalSetConfig | None = None
+    """The validation problems; None: the embedded build's validation split. It also replaces the
+    held-out examples of the training-time eval loss."""
+
+
+@dataclass
 class RunConfig:
     """A run file: storage root plus one section per stage."""
 
@@ -431,6 +474,8 @@ class RunConfig:
     """Evaluation on held-out problems."""
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     """The grid `target-sft run` trains and compares."""
+    select: SelectConfig = field(default_factory=SelectConfig)
+    """`target-sft select`: where train.lr and train.max_steps come from."""
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:  # type: ignore[assignment]
@@ -544,6 +589,11 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     bm = cfg.base_model
     if bm.hidden_size % bm.num_heads:
         problems.append(f"base_model.num_heads={bm.num_heads} must divide base_model.hidden_size={bm.hidden_size}")
+    if cfg.priors.embedded_teacher and (cfg.model.path is not None or cfg.priors.model_path is not None):
+        problems.append(
+            "priors.embedded_teacher shares the embedded model's tokenizer: it needs model.path and "
+            "priors.model_path unset; for your own model, set priors.model_path to its teacher instead"
+        )
     if cfg.priors.worker_index >= cfg.priors.num_workers:
         problems.append(
             f"priors.worker_index={cfg.priors.worker_index} must be below priors.num_workers={cfg.priors.num_workers}"

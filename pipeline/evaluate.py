@@ -15,6 +15,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from pipeline import data
 from pipeline.answers import LETTERS, check_answers
+from pipeline.base_model import BaseModelPaths
 from pipeline.config import DataConfig, EvalConfig, EvalSetConfig, RunConfig, to_dict
 from pipeline.errors import EvalError
 from pipeline.models import load_model, load_model_config, load_tokenizer, pad_id
@@ -36,6 +38,8 @@ from pipeline.tracking import Trackers
 log = logging.getLogger(__name__)
 
 EMBEDDED_SET = "arith-heldout"
+FORGETTING_SET = "arith-forgetting"
+VALIDATION_SET = "arith-validation"
 
 
 @dataclass
@@ -171,7 +175,7 @@ def evaluate(
     cfg: EvalConfig,
     model_path: Path,
     out_dir: Path,
-    default_set: EvalSetConfig | None = None,
+    default_sets: Sequence[EvalSetConfig] = (),
     progress: bool = True,
     trust_remote_code: bool = False,
     chat: DataConfig | None = None,
@@ -182,7 +186,7 @@ def evaluate(
         cfg: What to sample and how.
         model_path: A `from_pretrained` folder (model plus tokenizer).
         out_dir: Where the report files go (created; files replaced atomically).
-        default_set: The set to use when `cfg.sets` is empty (the embedded held-out problems).
+        default_sets: The sets to use when `cfg.sets` is empty (the embedded held-out problems).
         progress: Show progress bars.
         trust_remote_code: Let the model folder run its own code (`model.trust_remote_code`).
         chat: The training data's chat settings (`data.chat_template`, `data.chat_template_kwargs`),
@@ -192,7 +196,7 @@ def evaluate(
         The report: per set and overall Average@n, pass@n and greedy accuracy.
     """
     # --- setup: sets, tokenizer, engine ---------------------------------------------------------------
-    sets = cfg.sets or ([default_set] if default_set else [])
+    sets = cfg.sets or list(default_sets)
     if not sets:
         raise EvalError("no evaluation sets: list them under eval.sets (name, path, answer_type)")
     if cfg.n < 1 or cfg.max_new_tokens < 1:
@@ -392,13 +396,22 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def embedded_set(heldout_path: Path) -> EvalSetConfig:
-    """The embedded base model's held-out arithmetic problems (numeric answers)."""
-    return EvalSetConfig(name=EMBEDDED_SET, path=str(heldout_path), answer_type="numeric")
+def embedded_sets(build: BaseModelPaths) -> list[EvalSetConfig]:
+    """The embedded build's held-out problems of the SFT skill and, where it has them, of the old
+    skill (forgetting). The first set is the one comparisons are made on."""
+    sets = [EvalSetConfig(name=EMBEDDED_SET, path=str(build.sft_heldout), answer_type="numeric")]
+    if build.forgetting.exists() and build.forgetting.stat().st_size > 0:
+        sets.append(EvalSetConfig(name=FORGETTING_SET, path=str(build.forgetting), answer_type="numeric"))
+    return sets
 
 
-def eval_target(cfg: RunConfig, base: bool = False) -> tuple[Path, Path, EvalSetConfig | None]:
-    """Which model `target-sft eval` evaluates, where its report goes, and the default set.
+def validation_set(build: BaseModelPaths) -> EvalSetConfig:
+    """The embedded validation split (where `target-sft select` chooses settings)."""
+    return EvalSetConfig(name=VALIDATION_SET, path=str(build.validation), answer_type="numeric")
+
+
+def eval_target(cfg: RunConfig, base: bool = False) -> tuple[Path, Path, list[EvalSetConfig]]:
+    """Which model `target-sft eval` evaluates, where its report goes, and the default sets.
 
     Default: the trained run `<storage>/runs/<train.name>/final`, reported into that run's `eval/`.
     `base=True`: the untrained base model, reported into `<storage>/evals/base-<model folder>/`.
@@ -410,7 +423,7 @@ def eval_target(cfg: RunConfig, base: bool = False) -> tuple[Path, Path, EvalSet
             "(`target-sft train`), or set eval.model_path, or pass --base"
         )
     inputs = resolve_inputs(cfg, progress=False) if (base or not cfg.eval.sets) else None
-    default = embedded_set(inputs.heldout_path) if inputs and inputs.heldout_path else None
+    default = embedded_sets(inputs.embedded) if inputs and inputs.embedded else []
     if base:
         assert inputs is not None
         return inputs.model_path, eval_dir(cfg, f"base-{inputs.model_path.name}"), default
@@ -423,9 +436,9 @@ def eval_target(cfg: RunConfig, base: bool = False) -> tuple[Path, Path, EvalSet
 def evaluate_run(cfg: RunConfig, base: bool = False, out_dir: Path | None = None, progress: bool = True) -> Path:
     """`target-sft eval` and the flows: evaluate the run (or the base model), report it to the run's
     trackers, and return the report.json path. An unchanged model and settings reuse the report."""
-    model, default_out, default_set = eval_target(cfg, base=base)
+    model, default_out, default_sets = eval_target(cfg, base=base)
     out = out_dir or default_out
-    report = evaluate(cfg.eval, model, out, default_set, progress, cfg.model.trust_remote_code, cfg.data)
+    report = evaluate(cfg.eval, model, out, default_sets, progress, cfg.model.trust_remote_code, cfg.data)
     run = run_dir(cfg)
     if not base and not cfg.eval.model_path and cfg.train.report_to and not report.get("reused"):
         metrics = run / "metrics.jsonl"

@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline import stats
 from pipeline.batching import batch_shape_problem
-from pipeline.config import ExperimentConfig, RunConfig, TargetConfig, target_config
+from pipeline.config import EvalSetConfig, ExperimentConfig, RunConfig, TargetConfig, target_config, to_dict
 from pipeline.storage import atomic_write_text
 from pipeline.targets import TargetError, from_config
 
@@ -63,6 +63,8 @@ def expand_grid(exp: ExperimentConfig) -> list[RunSpec]:
             target = target_config(raw, f"experiment.targets[{i}]")
             from_config(target)  # unknown presets and parameters fail before anything runs
             label = target_label(target.compact())
+            if train:  # the same target at other train settings is another row: `sft[lr=0.001]`
+                label += "[" + ", ".join(f"{k}={v}" for k, v in train.items()) + "]"
             if label in labels:
                 raise TargetError(f"experiment.targets names {label!r} twice")
             labels.add(label)
@@ -99,9 +101,48 @@ def target_label(target: str | dict[str, Any]) -> str:
 
 
 def slug(label: str) -> str:
-    """A folder-safe form of a label: `target_sft(eta=0.5)` -> `target_sft-eta0.5`."""
-    text = re.sub(r"[=\s]+", "", label.replace("(", "-").replace(",", "-").rstrip(")"))
+    """A folder-safe form of a label: `target_sft(eta=0.5)` -> `target_sft-eta0.5`, `sft[lr=0.001]` -> `sft-lr0.001`."""
+    text = re.sub(r"[=\s)\]]+", "", re.sub(r"[(\[,]", "-", label))
     return re.sub(r"[^A-Za-z0-9_.\-]+", "_", text)
+
+
+# --- selection on the validation split ----------------------------------------------------------------
+
+
+def selection_overrides(cfg: RunConfig, validation: EvalSetConfig) -> list[str]:
+    """Overrides that turn the experiment into `target-sft select`'s grid: plain SFT at every
+    (lr, max_steps) of `cfg.select`, evaluated on `validation` alone, with the training-time eval loss
+    on it too, so nothing reads the held-out problems."""
+    sel = cfg.select
+    targets = [{"preset": "sft", "train": {"lr": lr, "max_steps": steps}} for lr in sel.lrs for steps in sel.max_steps]
+    return [
+        f"experiment.name={cfg.experiment.name}-select",
+        f"experiment.targets={json.dumps(targets)}",
+        f"experiment.seeds={json.dumps(sel.seeds)}",
+        "experiment.evaluate_base=false",
+        "experiment.compare_to=null",
+        f"eval.sets={json.dumps([to_dict(validation)])}",
+        f"data.eval_path={json.dumps(validation.path)}",
+    ]
+
+
+def choose(runs: list[dict[str, Any]], set_name: str) -> dict[str, Any]:
+    """Every candidate's mean validation Average@n over its seeds, and the best one (ties: fewer steps,
+    then the lower learning rate, the cheaper and safer choice)."""
+    candidates = []
+    for label in dict.fromkeys(r["label"] for r in runs):
+        group = [r for r in runs if r["label"] == label]
+        scores = [r["eval"][set_name]["average_at_n"] for r in group if r["status"] == "ok" and r["eval"]]
+        train = next(r.get("train", {}) for r in group)
+        candidates.append({"label": label, "train": train, "seeds": len(group), "average_at_n": scores})
+    finished = [c for c in candidates if c["average_at_n"] and len(c["average_at_n"]) == c["seeds"]]
+    if not finished:
+        raise TargetError("no selection candidate finished; see the table for the failed runs")
+    best = max(
+        finished,
+        key=lambda c: (statistics.mean(c["average_at_n"]), -c["train"]["max_steps"], -c["train"]["lr"]),
+    )
+    return {"set": set_name, "candidates": candidates, "chosen": best["train"]}
 
 
 # --- comparison --------------------------------------------------------------------------------------
@@ -110,6 +151,7 @@ def slug(label: str) -> str:
 def run_summary(spec: RunSpec, run_dir: Path, report_path: str | None, error: str | None) -> dict[str, Any]:
     """What the comparison needs from one run, read from its files (or its error)."""
     row: dict[str, Any] = {"label": spec.label, "seed": spec.seed, "run": spec.run_name, "status": "ok"}
+    row["train"] = spec.train
     if error is not None:
         return {**row, "status": "failed", "error": error}
     metrics_path = run_dir / "metrics.jsonl"
@@ -117,35 +159,39 @@ def run_summary(spec: RunSpec, run_dir: Path, report_path: str | None, error: st
     row["loss_curve"] = [(m["step"], m["loss"], m["ce"]) for m in metrics]
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
     row["heldout_ce"] = evals[-1] if evals else None
-    row["eval"] = json.loads(Path(report_path).read_text())["overall"] if report_path else None
+    row["eval"] = json.loads(Path(report_path).read_text())["sets"] if report_path else None
     row["scores"] = problem_scores(Path(report_path).with_name("samples.jsonl")) if report_path else None
     return row
 
 
-def problem_scores(samples: Path) -> list[float] | None:
-    """Each problem's share of correct samples (its Average@n), in the report's problem order."""
+def problem_scores(samples: Path) -> dict[str, list[float]] | None:
+    """Per set, each problem's share of correct samples (its Average@n), in the report's problem order."""
     if not samples.exists():
         return None
-    records = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
-    return [sum(r["correct"]) / len(r["correct"]) for r in records]
+    scores: dict[str, list[float]] = {}
+    for line in samples.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            scores.setdefault(record["set"], []).append(sum(record["correct"]) / len(record["correct"]))
+    return scores
 
 
-def _score_matrix(group: list[dict[str, Any]]) -> tuple[list[int], np.ndarray] | None:
-    """(seeds, [seeds, problems] scores) of a target's finished runs; None if any lacks scores."""
+def _score_matrix(group: list[dict[str, Any]], name: str) -> tuple[list[int], np.ndarray] | None:
+    """(seeds, [seeds, problems] scores on set `name`) of a target's finished runs; None if any lacks them."""
     ok = sorted((r for r in group if r["status"] == "ok" and r.get("scores")), key=lambda r: r["seed"])
-    if not ok or len({len(r["scores"]) for r in ok}) != 1:
+    if not ok or any(name not in r["scores"] for r in ok) or len({len(r["scores"][name]) for r in ok}) != 1:
         return None
-    return [r["seed"] for r in ok], np.array([r["scores"] for r in ok])
+    return [r["seed"] for r in ok], np.array([r["scores"][name] for r in ok])
 
 
-def _intervals(runs: list[dict[str, Any]], label: str, compare_to: str | None) -> tuple[str, str, str]:
+def _intervals(runs: list[dict[str, Any]], label: str, compare_to: str | None, name: str) -> tuple[str, str, str]:
     """Average@n with its 95% interval; against `compare_to`: the paired difference and seeds won."""
-    mine = _score_matrix([r for r in runs if r["label"] == label])
+    mine = _score_matrix([r for r in runs if r["label"] == label], name)
     if mine is None:
         return "-", "-", "-"
     seeds, scores = mine
     average = stats.bootstrap(scores).percent()
-    reference = _score_matrix([r for r in runs if r["label"] == compare_to]) if compare_to else None
+    reference = _score_matrix([r for r in runs if r["label"] == compare_to], name) if compare_to else None
     if reference is None or label == compare_to:
         return average, "-", "-"
     shared = [s for s in seeds if s in reference[0]]
@@ -176,7 +222,7 @@ class Comparison:
     n: int
     """Samples per problem (Average@n)."""
     base: dict[str, Any] | None
-    """The untrained base model's overall eval report, or None."""
+    """The untrained base model's per-set eval report (`sets` of its report.json), or None."""
     runs: list[dict[str, Any]]
     """`run_summary` of every run of the grid."""
     prior: dict | None = None
@@ -184,47 +230,59 @@ class Comparison:
     compare_to: str | None = None
     """The reference target of the paired column (`experiment.compare_to`)."""
 
+    @property
+    def sets(self) -> list[str]:
+        """The evaluation sets, in report order; the first is the one the plot shows."""
+        reports = [r["eval"] for r in self.runs if r["status"] == "ok" and r["eval"]] + [self.base or {}]
+        return list(dict.fromkeys(name for report in reports for name in report))
+
 
 def comparison_markdown(c: Comparison) -> str:
-    """The experiment's table: one row per target (Average@n with its 95% bootstrap interval over
-    problems and seeds, mean ± std over seeds, and the paired difference to `compare_to`), then one
-    row per run."""
+    """The experiment's table: per evaluation set, one row per target (Average@n with its 95% bootstrap
+    interval over problems and seeds, mean ± std over seeds, and the paired difference to `compare_to`),
+    then one row per run."""
     name, n, base, runs, prior, compare_to = c.name, c.n, c.base, c.runs, c.prior, c.compare_to
     lines = [f"# Experiment `{name}`", ""]
     if prior is not None:
         reuse = "reused from the cache" if prior["forward_passes"] == 0 else "captured in this run"
         lines += [f"Priors: set `{prior['key']}`, {reuse} ({prior['forward_passes']} prior forward passes).", ""]
     versus = compare_to or "reference"
+    for set_name in c.sets:
+        problems = next(
+            (r["eval"][set_name].get("problems", "?") for r in runs if r.get("eval") and set_name in r["eval"]), "?"
+        )
+        lines += [
+            f"## `{set_name}` ({problems} problems)",
+            "",
+            f"| target | seeds | Average@{n} [95% CI] | Average@{n} (mean ± std) | pass@{n} | greedy "
+            f"| Δ vs {versus} [95% CI] | seeds won | failed runs |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        if base is not None and set_name in base:
+            cells = " | ".join(_pct(base[set_name], k) for k in ("average_at_n", "average_at_n", "pass_at_n", "greedy"))
+            lines.append(f"| base model (untrained) | - | {cells} | - | - | - |")
+        for label in dict.fromkeys(r["label"] for r in runs):
+            group = [r for r in runs if r["label"] == label]
+            ok = [r["eval"][set_name] for r in group if r["status"] == "ok" and r["eval"] and set_name in r["eval"]]
+            failed = sum(r["status"] == "failed" for r in group)
+            keys = ("average_at_n", "pass_at_n", "greedy")
+            cells = " | ".join(_mean_std([e[k] for e in ok if k in e]) for k in keys)
+            interval, delta, won = _intervals(runs, label, compare_to, set_name)
+            lines.append(f"| {label} | {len(group)} | {interval} | {cells} | {delta} | {won} | {failed} |")
+        lines.append("")
     lines += [
-        f"| target | seeds | Average@{n} [95% CI] | Average@{n} (mean ± std) | pass@{n} | greedy "
-        f"| Δ vs {versus} [95% CI] | seeds won | failed runs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    if base is not None:
-        cells = " | ".join(_pct(base, k) for k in ("average_at_n", "average_at_n", "pass_at_n", "greedy"))
-        lines.append(f"| base model (untrained) | - | {cells} | - | - | - |")
-    for label in dict.fromkeys(r["label"] for r in runs):
-        group = [r for r in runs if r["label"] == label]
-        ok = [r["eval"] for r in group if r["status"] == "ok" and r["eval"]]
-        failed = sum(r["status"] == "failed" for r in group)
-        cells = " | ".join(_mean_std([e[k] for e in ok if k in e]) for k in ("average_at_n", "pass_at_n", "greedy"))
-        interval, delta, won = _intervals(runs, label, compare_to)
-        lines.append(f"| {label} | {len(group)} | {interval} | {cells} | {delta} | {won} | {failed} |")
-    lines += [
-        "",
         "Intervals: 95% bootstrap over problems and seeds (pipeline/stats.py). Δ: the paired per-problem "
         "difference to the reference target on the same seeds; seeds won: seeds whose mean beats it.",
-    ]
-    lines += [
         "",
-        f"| run | seed | status | Average@{n} | pass@{n} | greedy | final train loss | held-out CE |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        f"| run | seed | status | {' | '.join(f'Average@{n} {s}' for s in c.sets)} | final train loss | held-out CE |",
+        "|---|---:|---|" + "---:|" * (len(c.sets) + 2),
     ]
     for r in runs:
         if r["status"] == "failed":
-            lines.append(f"| {r['run']} | {r['seed']} | failed: {r['error'][:120]} | - | - | - | - | - |")
+            dashes = " | ".join("-" for _ in range(len(c.sets) + 2))
+            lines.append(f"| {r['run']} | {r['seed']} | failed: {r['error'][:120]} | {dashes} |")
             continue
-        cells = " | ".join(_pct(r["eval"] or {}, k) for k in ("average_at_n", "pass_at_n", "greedy"))
+        cells = " | ".join(_pct((r["eval"] or {}).get(s, {}), "average_at_n") for s in c.sets)
         loss = f"{r['loss_curve'][-1][1]:.4f}" if r["loss_curve"] else "-"
         ce = f"{r['heldout_ce']:.3f}" if r["heldout_ce"] is not None else "-"
         lines.append(f"| {r['run']} | {r['seed']} | ok | {cells} | {loss} | {ce} |")
@@ -232,9 +290,10 @@ def comparison_markdown(c: Comparison) -> str:
 
 
 def comparison_plot(path: Path, c: Comparison) -> None:
-    """PNG: Average@n per target with every seed's point; each run's training loss and its CE to the
-    observed token (the one curve that compares across targets) over the steps."""
+    """PNG: Average@n on the first set per target with every seed's point; each run's training loss and
+    its CE to the observed token (the one curve that compares across targets) over the steps."""
     n, base, runs = c.n, c.base, c.runs
+    first = c.sets[0] if c.sets else None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,20 +302,21 @@ def comparison_plot(path: Path, c: Comparison) -> None:
     labels = list(dict.fromkeys(r["label"] for r in runs))
     fig, (acc_ax, own_ax, loss_ax) = plt.subplots(1, 3, figsize=(17, 4.5))
     for x, label in enumerate(labels):
-        values = [r["eval"]["average_at_n"] for r in runs if r["label"] == label and r["status"] == "ok" and r["eval"]]
+        reports = [r["eval"] for r in runs if r["label"] == label and r["status"] == "ok" and r["eval"]]
+        values = [report[first]["average_at_n"] for report in reports if first in report]
         if values:
             acc_ax.bar(x, statistics.mean(values), color="C0", alpha=0.5)
             acc_ax.scatter([x] * len(values), values, color="C0", zorder=3, label="seeds" if x == 0 else None)
-            matrix = _score_matrix([r for r in runs if r["label"] == label])
+            matrix = _score_matrix([r for r in runs if r["label"] == label], str(first))
             if matrix is not None:
                 ci = stats.bootstrap(matrix[1])
                 acc_ax.errorbar(x, ci.mean, yerr=[[ci.mean - ci.low], [ci.high - ci.mean]], color="k", capsize=4)
         else:
             acc_ax.text(x, 0.01, "failed", ha="center", color="C3")
-    if base is not None:
-        acc_ax.axhline(base["average_at_n"], color="C3", linestyle="--", label="base model")
+    if base is not None and first in base:
+        acc_ax.axhline(base[first]["average_at_n"], color="C3", linestyle="--", label="base model")
     acc_ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
-    acc_ax.set_ylabel(f"Average@{n} (held-out)")
+    acc_ax.set_ylabel(f"Average@{n} on {first}")
     acc_ax.set_title("held-out accuracy per target (bar: mean, dots: seeds, whisker: 95% bootstrap CI)", fontsize=10)
     acc_ax.legend()
     for i, label in enumerate(labels):

@@ -63,7 +63,7 @@ def plan(cfg: RunConfig, progress: bool = True, prepared: data.PreparedData | No
     """Resolve inputs, tokenise the data (unless the caller has: `prepared`), check the teacher, and
     compute the cache key."""
     inputs = resolve_inputs(cfg, progress=progress)
-    prior_model = Path(cfg.priors.model_path or inputs.model_path)
+    prior_model = inputs.prior_model_path
     if prepared is None:
         tokenizer = load_tokenizer(inputs.model_path, cfg.model.trust_remote_code)
         prepared = data.prepare(cfg.data, inputs.data_path, tokenizer, tokens_dir(cfg))

@@ -25,19 +25,29 @@ class ResolvedInputs:
 
     model_path: Path
     data_path: Path
-    heldout_path: Path | None
-    """Held-out problems (embedded default only)."""
+    prior_model_path: Path
+    """The model the priors come from: `priors.model_path`, the embedded teacher, or the model itself."""
+    embedded: base_model.BaseModelPaths | None
+    """The embedded build (its held-out, forgetting and validation splits), when one is used."""
+
+    @property
+    def heldout_path(self) -> Path | None:
+        """The embedded held-out problems of the SFT skill, or None."""
+        return self.embedded.sft_heldout if self.embedded is not None else None
 
 
 def resolve_inputs(cfg: RunConfig, progress: bool = True) -> ResolvedInputs:
-    """Use the configured paths, building the embedded base model for whatever is unset."""
+    """Use the configured paths, building the embedded base model (and teacher) for whatever is unset."""
     embedded = None
     if cfg.model.path is None or cfg.data.path is None:
         embedded = base_model.build(cfg.base_model, cfg.storage_root, progress=progress)
     model_path = Path(cfg.model.path) if cfg.model.path else embedded.model  # type: ignore[union-attr]
     data_path = Path(cfg.data.path) if cfg.data.path else embedded.sft_train  # type: ignore[union-attr]
-    heldout = embedded.sft_heldout if embedded is not None else None
-    return ResolvedInputs(model_path, data_path, heldout)
+    prior_model = Path(cfg.priors.model_path) if cfg.priors.model_path else model_path
+    if cfg.priors.embedded_teacher:
+        teacher = base_model.teacher_config(cfg.base_model)
+        prior_model = base_model.build(teacher, cfg.storage_root, progress=progress).model
+    return ResolvedInputs(model_path, data_path, prior_model, embedded)
 
 
 def run_dir(cfg: RunConfig, name: str | None = None) -> Path:

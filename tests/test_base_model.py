@@ -5,13 +5,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import base_model, synthetic
+from pipeline import base_model, cpu_kernels, synthetic
+from pipeline.config import BaseModelConfig, RunConfig, load_config, to_dict
+from pipeline.resolve import resolve_inputs
 
-from .conftest import TINY
+from .conftest import REPO, TINY
 
 # The floor the default build must clear on greedy held-out accuracy in the pretraining format
 # (README: "Embedded base model"). The trivial baseline, always answering the most common
@@ -58,24 +64,95 @@ def test_reloads_offline_with_transformers(tiny_build, monkeypatch):
 
 
 def test_splits_do_not_overlap_and_noise_is_controlled():
-    splits = synthetic.make_splits(3, 20, 3, 2000, 1000, 100, 0.3)
-    heldout_questions = {row["question"] for row in splits.heldout}
-    assert len(heldout_questions) == 100
+    world = base_model.world(BaseModelConfig(seed=3, pretrain_problems=2000, sft_train_problems=1000))
+    splits = synthetic.make_splits(world)
+    evaluation = {"heldout": splits.heldout, "forgetting": splits.forgetting, "validation": splits.validation}
+    questions = {name: {row["question"] for row in rows} for name, rows in evaluation.items()}
+    assert [len(q) for q in questions.values()] == [500, 300, 200]
+    assert not questions["heldout"] & questions["validation"] and not questions["heldout"] & questions["forgetting"]
     noisy = [row for row in splits.sft_train if row["noisy"]]
     assert 0.25 < len(noisy) / len(splits.sft_train) < 0.35
     for row in noisy[:50]:
         assert synthetic.extract_answer(row["messages"][1]["content"]) != row["answer"]
     for row in splits.sft_train:
-        assert row["messages"][0]["content"] not in heldout_questions
+        assert not any(row["messages"][0]["content"] in q for q in questions.values())
     clean = [row for row in splits.sft_train if not row["noisy"]]
     assert all(synthetic.extract_answer(r["messages"][1]["content"]) == r["answer"] for r in clean)
 
 
-def test_default_base_model_has_real_knowledge(default_build):
-    heldout = [json.loads(line) for line in default_build.sft_heldout.read_text().splitlines()]
-    result = base_model.evaluate(default_build.model, heldout, "plain")
-    print(json.dumps({k: v for k, v in result.items() if k != "example"}))
-    assert result["majority_baseline"] < 0.1
-    assert result["accuracy"] >= ACCURACY_FLOOR
+def test_the_world_is_the_papers_regime():
+    """docs/design.md §7: a chat-fluent base, a new skill rare in pretraining and present in every SFT
+    and held-out problem, the old skill alone in the forgetting set, off-policy SFT phrasing."""
+    splits = synthetic.make_splits(base_model.world(BaseModelConfig(seed=1, pretrain_problems=4000)))
+    doubles = lambda text: any(word in text for word in ("doubles", "twice"))  # noqa: E731
+    assert 0.45 < sum(d.chat for d in splits.pretrain) / 4000 < 0.55
+    assert 0.01 < sum(doubles(d.question) for d in splits.pretrain) / 4000 < 0.03
+    assert all(doubles(r["messages"][0]["content"]) for r in splits.sft_train)
+    assert all(doubles(r["question"]) for r in splits.heldout + splits.validation)
+    assert not any(doubles(r["question"]) for r in splits.forgetting)
+    assert all(r["messages"][1]["content"].startswith("Step 1: ") for r in splits.sft_train)
+    assert not any("Step 1: " in d.solution for d in splits.pretrain)
+    for row in splits.heldout[:50]:
+        assert synthetic.extract_answer(row["messages"][1]["content"]) == row["answer"]
+
+
+def test_chat_documents_match_the_chat_template(tiny_build):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_build.model, local_files_only=True)
+    doc = synthetic.Document("Ana has 3 pens. How many pens does Ana have now?", "So 3 + 0 = 3.\n#### 3", chat=True)
+    messages = [{"role": "user", "content": doc.question}, {"role": "assistant", "content": doc.solution}]
+    assert base_model.document_text(doc) == tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def test_default_base_model_knows_the_old_skill_and_is_weak_at_the_new(default_build):
+    """The paper's regime (docs/design.md §7): fluent in chat on +/- problems, weak at doubling."""
+    rows = lambda path: [json.loads(line) for line in path.read_text().splitlines()][:200]  # noqa: E731
+    old = base_model.evaluate(default_build.model, rows(default_build.forgetting), "chat")
+    new = base_model.evaluate(default_build.model, rows(default_build.sft_heldout), "chat")
+    print(json.dumps({"old": old["accuracy"], "new": new["accuracy"], "majority": old["majority_baseline"]}))
+    assert old["majority_baseline"] < 0.1
+    assert old["accuracy"] >= ACCURACY_FLOOR
+    assert new["accuracy"] < old["accuracy"] / 2
     info = json.loads((default_build.model / base_model.SUCCESS).read_text())
     assert 0.5e6 < info["parameters"] < 5e6
+
+
+def test_the_embedded_teacher_is_larger_and_shares_the_tokenizer(tmp_path):
+    world = dataclasses.replace(TINY, name="tiny-t", teacher_hidden_size=96, teacher_num_layers=3, teacher_steps=4)
+    settings = [f"storage_root={tmp_path}", f"base_model={json.dumps(to_dict(world))}", "priors.embedded_teacher=true"]
+    inputs = resolve_inputs(load_config(RunConfig, None, settings), progress=False)
+    teacher, student = inputs.prior_model_path, inputs.model_path
+    assert teacher.name.startswith("tiny-t-teacher-") and student.name.startswith("tiny-t-")
+    assert (teacher / "tokenizer.json").read_bytes() == (student / "tokenizer.json").read_bytes()
+    size = lambda path: json.loads((path / base_model.SUCCESS).read_text())["parameters"]  # noqa: E731
+    assert size(teacher) > 2 * size(student)
+
+
+# The TINY build's weights on the pinned CPU kernels (pipeline/cpu_kernels.py), recorded on an AMD EPYC
+# (AVX-512, AVX512-BF16); CI's CPU checks it again on every push.
+RECORDED_TINY_WEIGHTS = "f25984998809c4c206457bcf197e32528e61f2ccf269b892420ecfd97d8421dd"
+
+
+@pytest.mark.parametrize(
+    "cpu",
+    [
+        {"bf16": True, "env": {}},  # the CPU reports native bf16 (AVX512-BF16/AMX)
+        {"bf16": False, "env": {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}},  # an AVX2-only CPU without bf16
+    ],
+    ids=["bf16-cpu", "avx2-cpu"],
+)
+def test_the_build_gives_the_recorded_weights_on_any_x86_cpu(tmp_path, cpu):
+    """Same bits whatever the CPU reports: fp32 pretraining and pinned kernels, each build in a fresh
+    process (MKL reads its settings at load time)."""
+    script = (
+        "import json, sys, torch\n"
+        f"torch.cpu._is_avx512_bf16_supported = lambda: {cpu['bf16']}\n"
+        "from pipeline import base_model\n"
+        "from tests.conftest import TINY\n"
+        "out = base_model.build(TINY, sys.argv[1], progress=False)\n"
+        "print(json.loads((out.model / base_model.SUCCESS).read_text())['weights_sha256'])\n"
+    )
+    env = {**os.environ, **cpu_kernels.PINNED, **cpu["env"]}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], env=env, cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == RECORDED_TINY_WEIGHTS

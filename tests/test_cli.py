@@ -40,7 +40,8 @@ def test_data_inspect_prints_counts_example_and_fingerprint(tmp_path, capsys):
 def test_base_model_eval_reports_accuracy_and_baseline(tmp_path, capsys):
     assert cli.main(["base-model", "eval", "--format", "plain", *tiny_overrides(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| plain |" in out and "majority-answer baseline" in out
+    assert "majority-answer baseline" in out
+    assert "| held-out (SFT skill) | " in out and "| forgetting (old skill) | " in out and "| plain |" in out
 
 
 def test_bad_config_is_an_error_not_a_traceback(tmp_path, capsys):

@@ -109,7 +109,7 @@ def _cfg(**kw) -> EvalConfig:
 def test_hf_eval_end_to_end_greedy_matches_the_base_model_evaluator(tiny_build, tmp_path):
     heldout = [json.loads(line) for line in tiny_build.sft_heldout.read_text().splitlines()][:12]
     report = evaluate.evaluate(
-        _cfg(), tiny_build.model, tmp_path / "a", evaluate.embedded_set(tiny_build.sft_heldout), progress=False
+        _cfg(), tiny_build.model, tmp_path / "a", evaluate.embedded_sets(tiny_build)[:1], progress=False
     )
     reference = base_model.evaluate(tiny_build.model, heldout, "chat")
     assert report["sets"][evaluate.EMBEDDED_SET]["greedy"] == pytest.approx(reference["accuracy"])
@@ -120,7 +120,7 @@ def test_hf_eval_end_to_end_greedy_matches_the_base_model_evaluator(tiny_build, 
     assert report["overall"]["average_at_n"] == pytest.approx(recount)
     assert "| arith-heldout | 12 |" in (tmp_path / "a" / "report.md").read_text()
     again = evaluate.evaluate(
-        _cfg(), tiny_build.model, tmp_path / "b", evaluate.embedded_set(tiny_build.sft_heldout), progress=False
+        _cfg(), tiny_build.model, tmp_path / "b", evaluate.embedded_sets(tiny_build)[:1], progress=False
     )
     assert (tmp_path / "a" / "samples.jsonl").read_text() == (tmp_path / "b" / "samples.jsonl").read_text()
     assert again["overall"] == report["overall"]
@@ -175,7 +175,7 @@ def test_bad_eval_inputs_fail_clearly(tiny_build, tmp_path):
 
 @pytest.mark.vllm
 def test_vllm_and_hf_greedy_answers_agree(tiny_build, tmp_path):
-    default = evaluate.embedded_set(tiny_build.sft_heldout)
+    default = evaluate.embedded_sets(tiny_build)[:1]
     evaluate.evaluate(_cfg(), tiny_build.model, tmp_path / "hf", default, progress=False)
     vllm = evaluate.evaluate(
         EvalConfig(engine="vllm", n=3, max_new_tokens=64, limit=12),

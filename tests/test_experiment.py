@@ -27,10 +27,11 @@ def test_grid_expands_lists_and_seeds_with_readable_names():
         "sweep-target_sft-eta0.25-s1",
         "sweep-target_sft-eta0.75-s0",
         "sweep-target_sft-eta0.75-s1",
-        "sweep-dft-s0",
-        "sweep-dft-s1",
+        "sweep-dft-lr0.0001-s0",
+        "sweep-dft-lr0.0001-s1",
     ]
     assert runs[2].label == "target_sft(eta=0.25)" and runs[2].target == TargetConfig(preset="target_sft", eta=0.25)
+    assert runs[-1].label == "dft[lr=0.0001]"
     assert "train.lr=0.0001" in runs[-1].overrides() and "train.seed=1" in runs[-1].overrides()
     assert 'train.target={"preset": "target_sft", "eta": 0.25}' in runs[2].overrides()
 
@@ -85,10 +86,10 @@ def test_experiment_flow_end_to_end_then_zero_prior_passes(prefect_server, tiny_
     assert sorted(first["failed_runs"]) == ["e1-dft-s0", "e1-dft-s1"]
     summary = json.loads((tmp_path / "experiments" / "e1" / "summary.json").read_text())
     ok = [r for r in summary["runs"] if r["status"] == "ok"]
-    assert len(ok) == 4 and all(r["eval"]["problems"] == 6 and len(r["loss_curve"]) == 3 for r in ok)
+    assert len(ok) == 4 and all(r["eval"]["arith"]["problems"] == 6 and len(r["loss_curve"]) == 3 for r in ok)
     failed = [r for r in summary["runs"] if r["status"] == "failed"]
     assert all("diverged" in r["error"] for r in failed)
-    assert summary["base"]["problems"] == 6
+    assert summary["base"]["arith"]["problems"] == 6
     table = (tmp_path / "experiments" / "e1" / "comparison.md").read_text()
     assert "| e1-dft-s0 | 0 | failed: DivergedError: run e1-dft-s0 diverged" in table
     assert "| target_sft(eta=0.5) | 2 |" in table and "| base model (untrained) |" in table
@@ -96,7 +97,7 @@ def test_experiment_flow_end_to_end_then_zero_prior_passes(prefect_server, tiny_
     pct, pts = r"\d+\.\d%", r"[+-]\d+\.\d"
     row = rf"\| target_sft\(eta=0.5\) \| 2 \| {pct} \[{pct}, {pct}\] \|.*\| {pts} pt \[{pts}, {pts}\] \| [012]/2 \|"
     assert re.search(row, table), table
-    assert all(len(r["scores"]) == 6 for r in ok)  # per-problem Average@n, for the bootstrap
+    assert all(len(r["scores"]["arith"]) == 6 for r in ok)  # per-problem Average@n, for the bootstrap
     assert (tmp_path / "experiments" / "e1" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "runs" / "e1-sft-s1" / "eval" / "report.json").exists()
     with get_client(sync_client=True) as client:
@@ -119,3 +120,51 @@ def test_experiment_flow_end_to_end_then_zero_prior_passes(prefect_server, tiny_
         None, _overrides(tiny_build, tmp_path, "e2", [{"preset": "target_sft", "eta": 0.25}], [0], False)
     )
     assert again["failed_runs"] == [] and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_choose_takes_the_best_mean_and_breaks_ties_toward_less():
+    def run(lr, steps, seed, score):
+        train = {"lr": lr, "max_steps": steps}
+        label = f"sft[lr={lr}, max_steps={steps}]"
+        return {"label": label, "seed": seed, "status": "ok", "train": train, "eval": {"v": {"average_at_n": score}}}
+
+    runs = [run(1e-3, 80, 0, 0.5), run(1e-3, 80, 1, 0.7), run(3e-3, 80, 0, 0.6), run(3e-3, 80, 1, 0.6)]
+    runs += [run(1e-3, 160, 0, 0.6), run(1e-3, 160, 1, 0.6)]  # the same mean, more steps: not chosen
+    choice = experiment.choose(runs, "v")
+    assert choice["chosen"] == {"lr": 1e-3, "max_steps": 80}
+    assert [c["average_at_n"] for c in choice["candidates"]] == [[0.5, 0.7], [0.6, 0.6], [0.6, 0.6]]
+
+
+def test_select_never_reads_the_held_out_problems(prefect_server, tmp_path):
+    """`target-sft select` on an embedded world whose held-out and forgetting files are gone: it trains
+    plain SFT at every (lr, steps), scores the validation split only, and writes its choice."""
+    import dataclasses
+
+    from flows import cli
+    from pipeline import base_model
+    from pipeline.config import to_dict
+    from tests.conftest import TINY
+
+    world = dataclasses.replace(TINY, name="tiny-select")
+    build = base_model.build(world, tmp_path, progress=False)
+    build.sft_heldout.unlink()
+    build.forgetting.unlink()
+    overrides = [
+        f"storage_root={tmp_path}",
+        f"base_model={json.dumps(to_dict(world))}",
+        "data.max_length=128",
+        "train={batch_size: 4, micro_batch_size: 4, eval_every: 1, eval_examples: 4, checkpoint_every: 2}",
+        "eval={n: 1, max_new_tokens: 24}",
+        "select={lrs: [0.001, 0.01], max_steps: [2]}",
+        "experiment.name=sel",
+    ]
+    assert cli.main(["select", *(arg for item in overrides for arg in ("--set", item))]) == 0
+    selection = json.loads((tmp_path / "experiments" / "sel-select" / "selection.json").read_text())
+    assert selection["set"] == "arith-validation" and len(selection["candidates"]) == 2
+    assert selection["chosen"] in [c["train"] for c in selection["candidates"]]
+    for run in ("sel-select-sft-lr0.001-max_steps2-s0", "sel-select-sft-lr0.01-max_steps2-s0"):
+        report = json.loads((tmp_path / "runs" / run / "eval" / "report.json").read_text())
+        assert list(report["sets"]) == ["arith-validation"]
+        info = json.loads((tmp_path / "runs" / run / "run.json").read_text())
+        assert info["config"]["data"]["eval_path"] == str(build.validation)  # the eval loss too
+    assert not build.sft_heldout.exists() and not build.forgetting.exists()

@@ -130,6 +130,8 @@ CONFIG_CASES = [
     ),
     ("train.target={{preset: target_sft, eta: 3}}", "train.target: eta must be in [0, 1], got 3.0"),
     ("train.target=sftt", "train.target: unknown target preset 'sftt'"),
+    ("priors={{embedded_teacher: true, model_path: /t}}", "priors.embedded_teacher shares the embedded model's"),
+    ("select.lrs=[0]", "select.lrs[0]=0.0: must be > 0"),
 ]
 
 

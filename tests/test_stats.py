@@ -55,11 +55,12 @@ def test_compare_to_must_name_a_target_of_the_grid():
 def test_comparison_table_shows_intervals_and_the_paired_column():
     def run(label: str, seed: int, scores: list[float]) -> dict:
         overall = {"average_at_n": float(np.mean(scores)), "pass_at_n": 1.0, "greedy": 0.5}
-        return {"label": label, "seed": seed, "run": f"{label}-s{seed}", "status": "ok", "eval": overall,
-                "loss_curve": [(1, 1.0, 1.0)], "heldout_ce": None, "scores": scores}  # fmt: skip
+        return {"label": label, "seed": seed, "run": f"{label}-s{seed}", "status": "ok", "eval": {"arith": overall},
+                "loss_curve": [(1, 1.0, 1.0)], "heldout_ce": None, "scores": {"arith": scores}}  # fmt: skip
 
     runs = [run("sft", s, [0.0, 0.5, 1.0, 0.5]) for s in (0, 1)] + [run("dft", s, [0.5, 1.0, 1.0, 1.0]) for s in (0, 1)]
     table = experiment.comparison_markdown(experiment.Comparison("e", 2, None, runs, compare_to="sft"))
-    assert "| Average@2 [95% CI] |" in table and "| Δ vs sft [95% CI] | seeds won |" in table
+    assert "## `arith` (" in table and "| Average@2 [95% CI] |" in table
+    assert "| Δ vs sft [95% CI] | seeds won |" in table
     dft_row = next(line for line in table.splitlines() if line.startswith("| dft |"))
     assert "87.5% [" in dft_row and "| +37.5 pt [" in dft_row and "| 2/2 |" in dft_row
