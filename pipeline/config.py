@@ -594,6 +594,8 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             "priors.embedded_teacher shares the embedded model's tokenizer: it needs model.path and "
             "priors.model_path unset; for your own model, set priors.model_path to its teacher instead"
         )
+    if not cfg.select.lrs or not cfg.select.max_steps or not cfg.select.seeds:
+        problems.append("select.lrs, select.max_steps and select.seeds each need at least one value")
     if cfg.priors.worker_index >= cfg.priors.num_workers:
         problems.append(
             f"priors.worker_index={cfg.priors.worker_index} must be below priors.num_workers={cfg.priors.num_workers}"

@@ -132,6 +132,7 @@ CONFIG_CASES = [
     ("train.target=sftt", "train.target: unknown target preset 'sftt'"),
     ("priors={{embedded_teacher: true, model_path: /t}}", "priors.embedded_teacher shares the embedded model's"),
     ("select.lrs=[0]", "select.lrs[0]=0.0: must be > 0"),
+    ("select.max_steps=[]", "select.lrs, select.max_steps and select.seeds each need at least one value"),
 ]
 
 
