@@ -470,3 +470,17 @@ def test_finalize_sweeps_temporaries_a_killed_writer_left(tmp_path):
     # rewriting an existing shard with the same bytes (what overlapping workers do) is harmless
     store.write_bytes_atomic(str(shards / "00003.parquet"), b"whole")
     assert (shards / "00003.parquet").read_bytes() == b"whole"
+
+
+def test_gamma_report_groups_the_observed_tokens_by_kind(tiny_build, tmp_path):
+    """benchmarks/gamma.py: γ = p_base(observed) from a captured set, by kind of token; it refuses a set
+    that is not captured yet in one line."""
+    args = [f"--set={item}" for item in tiny_args(tiny_build, tmp_path, "priors.shard_size=8")]
+    command = [sys.executable, str(REPO / "benchmarks" / "gamma.py"), "--config", str(REPO / "configs/demo.yaml")]
+    missing = subprocess.run([*command, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert missing.returncode == 1 and "is not captured; run `target-sft priors" in missing.stderr
+    priors.capture(make_cfg(tiny_build, tmp_path), progress=False)
+    out = subprocess.run([*command, *args], capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    shares = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ") and "%" in line}
+    assert {"digits", "words", "chat markers"} <= set(shares), out
+    assert "scored tokens, mean γ" in out and "lowest-γ tokens" in out
