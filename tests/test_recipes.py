@@ -37,6 +37,25 @@ def test_recipe_dry_run(setting):
     assert cfg.eval.max_new_tokens < cfg.eval.max_model_len
 
 
+REGIMES = Path(__file__).resolve().parent.parent / "configs" / "regimes"
+
+
+@pytest.mark.parametrize("regime", ["new-format", "clean-data", "teacher"])
+def test_regime_dry_run(regime):
+    """configs/regimes/: each world differs from the demo only where its comment says."""
+    cfg = load_config(RunConfig, REGIMES / f"{regime}.yaml")
+    demo = load_config(RunConfig, PAPER.parent / "demo.yaml")
+    assert experiment.dry_run(cfg)["runs"] and cfg.experiment.name == f"regime-{regime}"
+    assert (cfg.eval.n, cfg.eval.max_new_tokens, cfg.train.batch_size) == (4, 128, 16)
+    if regime == "new-format":
+        bm = cfg.base_model
+        assert (bm.chat_share, bm.new_op_share, bm.sft_new_op, bm.sft_style) == (0.0, 0.0, False, "base")
+    else:
+        assert (cfg.train.lr, cfg.train.max_steps) == (demo.train.lr, demo.train.max_steps)
+        assert cfg.priors.embedded_teacher == (regime == "teacher")
+        assert cfg.base_model.sft_noise_fraction == (0.0 if regime == "clean-data" else 0.3)
+
+
 @pytest.mark.parametrize(
     "overrides,error,message",
     [
