@@ -83,7 +83,7 @@ def test_experiment_flow_end_to_end_then_zero_prior_passes(prefect_server, tiny_
     overrides = [*_overrides(tiny_build, tmp_path, "e1", targets, [0, 1], True), "experiment.compare_to=sft"]
     first = experiment_flow(None, overrides)
     assert first["prior"]["forward_passes"] > 0
-    assert sorted(first["failed_runs"]) == ["e1-dft-s0", "e1-dft-s1"]
+    assert sorted(first["failed_runs"]) == ["e1-dft-lr1000000000000.0-s0", "e1-dft-lr1000000000000.0-s1"]
     summary = json.loads((tmp_path / "experiments" / "e1" / "summary.json").read_text())
     ok = [r for r in summary["runs"] if r["status"] == "ok"]
     assert len(ok) == 4 and all(r["eval"]["arith"]["problems"] == 6 and len(r["loss_curve"]) == 3 for r in ok)
@@ -91,7 +91,8 @@ def test_experiment_flow_end_to_end_then_zero_prior_passes(prefect_server, tiny_
     assert all("diverged" in r["error"] for r in failed)
     assert summary["base"]["arith"]["problems"] == 6
     table = (tmp_path / "experiments" / "e1" / "comparison.md").read_text()
-    assert "| e1-dft-s0 | 0 | failed: DivergedError: run e1-dft-s0 diverged" in table
+    diverged = "e1-dft-lr1000000000000.0-s0"
+    assert f"| {diverged} | 0 | failed: DivergedError: run {diverged} diverged" in table
     assert "| target_sft(eta=0.5) | 2 |" in table and "| base model (untrained) |" in table
     # the interval over problems and seeds, and the paired difference to sft with the seeds won
     pct, pts = r"\d+\.\d%", r"[+-]\d+\.\d"
