@@ -28,9 +28,9 @@ from pipeline.targets import from_config
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unexpected)
-def prepare_base(config: str | None, overrides: list[str]) -> str:
-    """Build (or reuse) the embedded base model, or check the configured one; returns its path."""
-    return str(resolve_inputs(load_config(RunConfig, config, overrides), progress=False).model_path)
+def prepare_base(config: str | None, overrides: list[str], progress: bool = False) -> str:
+    """Build (or reuse) the embedded base model and teacher, or check the configured one; returns its path."""
+    return str(resolve_inputs(load_config(RunConfig, config, overrides), progress=progress).model_path)
 
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unexpected)
@@ -72,7 +72,7 @@ def experiment_flow(config: str | None = None, overrides: list[str] | None = Non
     runs = experiment.expand_grid(cfg.experiment)  # a bad grid fails here, before any work
     seconds = {"base model": 0.0, "priors": 0.0, "training": 0.0, "evaluation": 0.0}  # wall time per stage
     started = time.time()
-    prepare_base(config, overrides)
+    prepare_base(config, overrides, progress)  # the teacher's first build takes minutes: show its bar
     seconds["base model"] += time.time() - started
     prior = None
     if any(from_config(spec.target).needs_prior for spec in runs):
