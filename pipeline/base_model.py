@@ -133,20 +133,10 @@ def build(cfg: BaseModelConfig, storage_root: str | Path, progress: bool = True)
 
 
 def world(cfg: BaseModelConfig) -> synthetic.World:
+    """The synthetic world a build config describes (every World field has the config field's name)."""
     return synthetic.World(
-        cfg.seed,
-        cfg.max_number,
-        cfg.max_steps_per_problem,
-        cfg.pretrain_problems,
-        cfg.sft_train_problems,
-        cfg.heldout_problems,
-        cfg.forgetting_problems,
-        cfg.validation_problems,
-        cfg.sft_noise_fraction,
-        cfg.chat_share,
-        cfg.new_op_share,
-        cfg.sft_new_op,
-        cfg.sft_style,
+        max_steps=cfg.max_steps_per_problem,
+        **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(synthetic.World) if f.name != "max_steps"},
     )
 
 
