@@ -31,8 +31,8 @@ from pipeline.errors import EvalError
 from pipeline.models import load_model, load_model_config, load_tokenizer, pad_id
 from pipeline.prior_engines import set_vllm_cpu_environment, shutdown_vllm
 from pipeline.resolve import eval_dir, resolve_device, resolve_dtype, resolve_engine, resolve_inputs, run_dir
+from pipeline.sampling import sample, sample_key
 from pipeline.storage import atomic_write_text, sha256_json, write_jsonl
-from pipeline.tokens import pad_rows
 from pipeline.tracking import Trackers
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 EMBEDDED_SET = "arith-heldout"
 FORGETTING_SET = "arith-forgetting"
 VALIDATION_SET = "arith-validation"
+SAMPLER_VERSION = 2
+"""2: `pipeline.sampling` (per-sample random streams); 1: transformers `generate` (one stream per batch)."""
 
 
 @dataclass
@@ -82,7 +84,7 @@ def summarize(correct: list[list[bool]], greedy: list[bool] | None) -> dict[str,
 
 
 class HFGenerator:
-    """transformers `generate` over left-padded batches of token-id prompts."""
+    """transformers models through `pipeline.sampling` (static cache, per-sample random streams)."""
 
     name = "hf"
 
@@ -94,35 +96,35 @@ class HFGenerator:
         model: Any = load_model(model_path, trust_remote_code, dtype=getattr(torch, dtype))
         self.model = model.to(self.device).eval()
         self.pad_id = pad  # left padding under the attention mask: never generated from
+        self.stop_ids = stop_ids(model)
         self.batch_size, self.progress = batch_size, progress
 
-    @torch.no_grad()
     def generate(
-        self, prompts: list[list[int]], n: int, sampling: dict[str, Any], max_new_tokens: int
+        self, prompts: list[list[int]], n: int, sampling: dict[str, Any], max_new_tokens: int, keys: list[int]
     ) -> list[list[list[int]]]:
         """n completions (token ids) per prompt; `sampling` empty means greedy."""
         outputs: list[list[list[int]]] = []
         batches = range(0, len(prompts), self.batch_size)
-        for start in tqdm(batches, desc="generate", unit="batch", disable=not self.progress):
-            chunk = prompts[start : start + self.batch_size]
-            ids, mask = pad_rows(chunk, self.pad_id, left=True)
-            longest = ids.shape[1]
-            generated = self.model.generate(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=n,
-                pad_token_id=self.pad_id,
-                **(sampling or {"do_sample": False}),
-            )[:, longest:].cpu()
-            for row in range(len(chunk)):
-                outputs.append([generated[row * n + j].tolist() for j in range(n)])
+        for start in tqdm(batches, desc="generate", unit="batch", disable=not self.progress, mininterval=2.0):
+            end = start + self.batch_size
+            outputs += sample(
+                self.model, prompts[start:end], keys[start:end], n, max_new_tokens, self.stop_ids, self.pad_id,
+                temperature=sampling.get("temperature", 1.0), top_p=sampling.get("top_p", 1.0), greedy=not sampling,
+            )  # fmt: skip
         return outputs
 
     def close(self) -> None:
         del self.model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def stop_ids(model: Any) -> list[int]:
+    """The tokens that end a completion: the generation config's and the model config's eos ids."""
+    ids: set[int] = set()
+    for value in (model.generation_config.eos_token_id, model.config.eos_token_id):
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    return sorted(ids)
 
 
 class VLLMGenerator:
@@ -148,8 +150,9 @@ class VLLMGenerator:
         self.progress = progress
 
     def generate(
-        self, prompts: list[list[int]], n: int, sampling: dict[str, Any], max_new_tokens: int
+        self, prompts: list[list[int]], n: int, sampling: dict[str, Any], max_new_tokens: int, keys: list[int]
     ) -> list[list[list[int]]]:
+        """`keys` unused: the CPU build takes no per-request seeds, so vLLM's samples follow `eval.seed` alone."""
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(
@@ -222,8 +225,7 @@ def evaluate(
         engine = HFGenerator(
             Path(model_path), cfg.dtype, cfg.batch_size, progress, trust_remote_code, pad_id(tokenizer)
         )
-    torch.manual_seed(cfg.seed)
-    sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
+    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p}
 
     # --- loop: generate and verify, set by set ---------------------------------------------------------
     report: dict[str, Any] = {
@@ -258,6 +260,7 @@ def report_fingerprint(cfg: EvalConfig, model_path: Path, sets: list[EvalSetConf
 
     A retrained model is written to a new folder and renamed into place, so its files get new
     mtimes; an unchanged model and unchanged settings give the same fingerprint and the report is reused.
+    SAMPLER_VERSION keeps reports drawn by an older decode loop from being reused beside new ones.
     """
     files = [p for p in sorted(model_path.iterdir()) if p.is_file()]
     for s in sets:
@@ -265,7 +268,8 @@ def report_fingerprint(cfg: EvalConfig, model_path: Path, sets: list[EvalSetConf
         files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.exists()]
     template = {} if chat is None else {"template": chat.chat_template, "kwargs": chat.chat_template_kwargs}
-    return sha256_json({"eval": to_dict(cfg), "sets": [to_dict(s) for s in sets], "files": stats, **template})
+    identity = {"sampler": SAMPLER_VERSION, "eval": to_dict(cfg), "sets": [to_dict(s) for s in sets]}
+    return sha256_json({**identity, "files": stats, **template})
 
 
 def _read_report(path: Path) -> dict[str, Any] | None:
@@ -286,8 +290,9 @@ def evaluate_set(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Sample, decode greedily and verify one set; returns its summary and one record per problem."""
     prompts = [prompt_ids(tokenizer, p.prompt, cfg.system_prompt, template_kwargs) for p in problems]
-    sampled = engine.generate(prompts, cfg.n, sampling, cfg.max_new_tokens)
-    greedy = engine.generate(prompts, 1, {}, cfg.max_new_tokens) if cfg.greedy else None
+    keys = [sample_key(cfg.seed, s.name, i) for i in range(len(problems))]
+    sampled = engine.generate(prompts, cfg.n, sampling, cfg.max_new_tokens, keys)
+    greedy = engine.generate(prompts, 1, {}, cfg.max_new_tokens, keys) if cfg.greedy else None
     texts = [tokenizer.batch_decode(sampled[i], skip_special_tokens=True) for i in range(len(problems))]
     greedy_texts = [str(tokenizer.decode(g[0], skip_special_tokens=True)) for g in greedy] if greedy else []
     verdicts = check_answers(
