@@ -46,7 +46,7 @@ def test_regime_dry_run(regime):
     cfg = load_config(RunConfig, REGIMES / f"{regime}.yaml")
     demo = load_config(RunConfig, PAPER.parent / "demo.yaml")
     assert experiment.dry_run(cfg)["runs"] and cfg.experiment.name == f"regime-{regime}"
-    assert (cfg.eval.n, cfg.eval.max_new_tokens, cfg.train.batch_size) == (4, 128, 16)
+    assert (cfg.eval.n, cfg.eval.max_new_tokens, cfg.train.batch_size) == (demo.eval.n, 128, 16) == (2, 128, 16)
     if regime == "new-format":
         bm = cfg.base_model
         assert (bm.chat_share, bm.new_op_share, bm.sft_new_op, bm.sft_style) == (0.0, 0.0, False, "base")
