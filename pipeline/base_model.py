@@ -87,9 +87,18 @@ def paths(cfg: BaseModelConfig, storage_root: str | Path) -> BaseModelPaths:
 BUILD_VERSION = 2
 
 
+# Fields added after BUILD_VERSION 2, with the value that builds what came before: left at it, they
+# stay out of the hash, so the builds made before they existed keep their names and are reused.
+ADDED_LATER = {"own_style_share": 0.0}
+
+
 def build_hash(cfg: BaseModelConfig) -> str:
     """Identity of a build: every field that shapes it (the teacher's fields shape only the teacher's)."""
-    fields = {k: v for k, v in to_dict(cfg).items() if not k.startswith("teacher_")}
+    fields = {
+        k: v
+        for k, v in to_dict(cfg).items()
+        if not k.startswith("teacher_") and not (k in ADDED_LATER and v == ADDED_LATER[k])
+    }
     return sha256_json({**fields, "build_version": BUILD_VERSION})
 
 

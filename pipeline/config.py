@@ -159,6 +159,10 @@ class BaseModelConfig:
     sft_style: Literal["base", "own"] = "own"
     """Phrasing of the SFT demonstrations: `own` (`Step 1: 3 + 4 gives 7.`, off-policy for a base that
     learned `So 3 + 4 = 7.`), or `base`, the pretraining phrasing."""
+    own_style_share: Fraction = 0.0
+    """Share of pretraining solutions written in the `own` phrasing: 0 leaves it unseen by the base (the
+    demo), a small share makes it rare but seen, as other models' writing is for a real base model
+    (configs/regimes/rare-phrasing.yaml)."""
     sft_train_problems: PositiveInt = 4000
     """Chat-format SFT demonstrations."""
     sft_noise_fraction: Fraction = 0.3

@@ -46,6 +46,7 @@ class World:
     new_op_share: float
     sft_new_op: bool
     sft_style: Literal["base", "own"]
+    own_style_share: float
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,10 @@ def make_splits(world: World) -> SyntheticSplits:
     for _ in range(world.pretrain_problems):
         problem = fresh_problem(rng.random() < world.new_op_share)
         chat = rng.random() < world.chat_share
-        pretrain.append(Document(question_text(problem, rng), solution_text(problem, rng), chat))
+        # drawn only where the share is set: a world without it keeps the random stream (and model) it had
+        own = world.own_style_share > 0 and rng.random() < world.own_style_share
+        question = question_text(problem, rng)
+        pretrain.append(Document(question, solution_text(problem, rng, style="own" if own else "base"), chat))
     sft_train = []
     for _ in range(world.sft_train_problems):
         problem = fresh_problem(world.sft_new_op)

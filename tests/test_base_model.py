@@ -96,6 +96,21 @@ def test_the_world_is_the_papers_regime():
         assert synthetic.extract_answer(row["messages"][1]["content"]) == row["answer"]
 
 
+def test_a_rare_phrasing_world_rewrites_two_percent_of_the_pretraining_solutions():
+    """configs/regimes/rare-phrasing.yaml: 2% of pretraining solutions in the SFT set's phrasing. The
+    evaluation splits, drawn first, are the demo world's exactly; the rest is drawn the same way."""
+    demo = synthetic.make_splits(base_model.world(BaseModelConfig(seed=1, pretrain_problems=4000)))
+    rare = synthetic.make_splits(
+        base_model.world(BaseModelConfig(seed=1, pretrain_problems=4000, own_style_share=0.02))
+    )
+    own = [d for d in rare.pretrain if d.solution.startswith("Step 1: ")]
+    assert 0.01 < len(own) / 4000 < 0.03 and all("The answer is" in d.solution for d in own)
+    assert (rare.heldout, rare.forgetting, rare.validation) == (demo.heldout, demo.forgetting, demo.validation)
+    assert len(rare.sft_train) == len(demo.sft_train)
+    assert all(r["messages"][1]["content"].startswith("Step 1: ") for r in rare.sft_train)
+    assert base_model.build_hash(BaseModelConfig()) != base_model.build_hash(BaseModelConfig(own_style_share=0.02))
+
+
 def test_chat_documents_match_the_chat_template(tiny_build):
     tokenizer = AutoTokenizer.from_pretrained(tiny_build.model, local_files_only=True)
     doc = synthetic.Document("Ana has 3 pens. How many pens does Ana have now?", "So 3 + 0 = 3.\n#### 3", chat=True)

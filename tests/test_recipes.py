@@ -40,7 +40,7 @@ def test_recipe_dry_run(setting):
 REGIMES = Path(__file__).resolve().parent.parent / "configs" / "regimes"
 
 
-@pytest.mark.parametrize("regime", ["new-format", "clean-data", "teacher"])
+@pytest.mark.parametrize("regime", ["new-format", "clean-data", "teacher", "rare-phrasing"])
 def test_regime_dry_run(regime):
     """configs/regimes/: each world differs from the demo only where its comment says."""
     cfg = load_config(RunConfig, REGIMES / f"{regime}.yaml")
@@ -54,6 +54,7 @@ def test_regime_dry_run(regime):
         assert (cfg.train.lr, cfg.train.max_steps) == (demo.train.lr, demo.train.max_steps)
         assert cfg.priors.embedded_teacher == (regime == "teacher")
         assert cfg.base_model.sft_noise_fraction == (0.0 if regime == "clean-data" else 0.3)
+        assert cfg.base_model.own_style_share == (0.02 if regime == "rare-phrasing" else 0.0)
 
 
 @pytest.mark.parametrize(
