@@ -192,9 +192,10 @@ class BaseModelConfig:
     steps: PositiveInt = 700
     """Pretraining steps (fixed, not time-based, so the build is deterministic)."""
     precision: Literal["auto", "bf16", "fp32"] = "fp32"
-    """Pretraining matmul precision. fp32 gives the same model on any x86 CPU (with the pinned CPU
-    kernels, docs/design.md §7); bf16 autocast is faster on CPUs with AVX512-BF16/AMX but its results
-    depend on the vendor; `auto` picks bf16 where the CPU has it."""
+    """Pretraining matmul precision. fp32 gives the same model run after run on one CPU kind (with the
+    pinned CPU kernels; across vendors only up to rounding, docs/design.md §7); bf16 autocast is faster
+    on CPUs with AVX512-BF16/AMX but its results depend on the vendor; `auto` picks bf16 where the CPU
+    has it."""
     lr: PositiveFloat = 3e-3
     """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
     warmup_steps: NonNegativeInt = 30

@@ -1,12 +1,13 @@
-"""Vendor-independent CPU kernels, so the embedded build and the demo give the same numbers on any
-x86 CPU (docs/design.md §7).
+"""Pinned CPU kernels, so the embedded build and the demo give the same numbers run after run and on
+every machine of one CPU kind (docs/design.md §7).
 
 fp32 alone is not enough: PyTorch's ATen picks AVX-512 or AVX2 loops by CPU, and MKL and oneDNN pick
-their own code paths by vendor and ISA, each summing in its own order. Pinning all three to their AVX2
-paths (which every x86 CPU of the last decade runs, Intel and AMD alike) removes that choice. MKL reads
-MKL_CBWR when the process loads it, so the variables must be set before Python starts: the Makefile
-exports them, and the `target-sft` command re-executes itself once with them where they are unset.
-A user's own values always win; TARGET_SFT_CPU_KERNELS=native turns the pinning off.
+their own code paths by vendor and ISA, each summing in its own order. This pins all three to their
+AVX2 paths. It is not vendor-proof: MKL honours MKL_CBWR=AVX2 on Intel processors only and uses its
+AUTO branch on others (measured under emulation: README "The same numbers across x86 CPUs"). MKL
+reads MKL_CBWR when the process loads it, so the variables must be set before Python starts: the
+Makefile exports them, and the `target-sft` command re-executes itself once with them where they are
+unset. A user's own values always win; TARGET_SFT_CPU_KERNELS=native turns the pinning off.
 """
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ RECORDED_TINY_WEIGHTS = "f25984998809c4c206457bcf197e32528e61f2ccf269b892420ecfd
     ],
     ids=["bf16-cpu", "avx2-cpu"],
 )
-def test_the_build_gives_the_recorded_weights_on_any_x86_cpu(tmp_path, cpu):
+def test_the_build_gives_the_recorded_weights_whatever_bf16_and_mkl_isa_the_cpu_reports(tmp_path, cpu):
     """Same bits whatever the CPU reports: fp32 pretraining and pinned kernels, each build in a fresh
     process (MKL reads its settings at load time)."""
     script = (

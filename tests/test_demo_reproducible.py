@@ -1,7 +1,9 @@
 """The demo's numbers on this CPU (docs/design.md §7): its base model, a short Target-SFT run on the
 demo's settings (priors, fused loss, optimizer) and a few evaluation samples, each against a value
 recorded in the repo on an AMD EPYC. CI checks them again on whatever x86 CPU it runs, so a CPU
-whose pinned kernels compute differently fails here instead of silently changing the demo's table.
+whose pinned kernels compute differently fails here instead of silently changing the demo's table
+(an emulated Intel CPU does: MKL honours the pinned branch on Intel only; README "The same numbers across
+x86 CPUs").
 
 The values hold only with the pinned kernels (`make test` exports them; pipeline/cpu_kernels.py)."""
 
