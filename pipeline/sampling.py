@@ -7,7 +7,7 @@ with `eval.batch_size` and with its neighbours. Here the cache is a transformers
 grown a block at a time, finished rows leave the batch once they are half of it, and sample j of a
 problem with key k draws from a generator seeded with k + j: its tokens do not depend on the batch
 it runs in (up to the float rounding of batched matmuls). `benchmarks/generate.py` measures it
-against `model.generate`; greedy decoding gives the same tokens (`tests/test_evaluate.py`).
+against `model.generate`; greedy decoding gives the same tokens (`tests/test_sampling.py`).
 """
 
 from __future__ import annotations
