@@ -19,10 +19,14 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-# The same CPU kernels on any x86 CPU (pipeline/cpu_kernels.py); a value already set wins.
-export MKL_CBWR ?= AVX2
+# Pinned CPU kernels (pipeline/cpu_kernels.py): the same numbers on every machine of one CPU kind;
+# TARGET_SFT_CPU_KERNELS=portable: on every x86 CPU, at ~2x the matmul time; =native: nothing pinned.
+# A value already set wins.
+ifneq ($(TARGET_SFT_CPU_KERNELS),native)
+export MKL_CBWR ?= $(if $(filter portable,$(TARGET_SFT_CPU_KERNELS)),COMPATIBLE,AVX2)
 export ONEDNN_MAX_CPU_ISA ?= AVX2
 export ATEN_CPU_CAPABILITY ?= avx2
+endif
 
 .PHONY: demo test lint install install-gpu lock lock-gpu clean-venv
 

@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from pipeline import synthetic
+from pipeline import cpu_kernels, synthetic
 from pipeline.config import BaseModelConfig, to_dict
 from pipeline.schedule import warmup_cosine
 from pipeline.storage import atomic_dir, sha256_json, write_jsonl
@@ -245,7 +245,9 @@ def pretrain(
     sequences = torch.tensor(ids[: n_seq * cfg.seq_len]).view(n_seq, cfg.seq_len)
     generator = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n_seq, generator=generator)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95), fused=cpu_kernels.adamw_fused("cpu")
+    )
 
     use_bf16 = resolve_precision(cfg.precision) == "bf16"
     model.train()

@@ -1,13 +1,16 @@
 """Pinned CPU kernels, so the embedded build and the demo give the same numbers run after run and on
-every machine of one CPU kind (docs/design.md §7).
+every machine of one CPU kind, or, in the portable mode, on every x86 CPU (docs/design.md §7).
 
 fp32 alone is not enough: PyTorch's ATen picks AVX-512 or AVX2 loops by CPU, and MKL and oneDNN pick
-their own code paths by vendor and ISA, each summing in its own order. This pins all three to their
-AVX2 paths. It is not vendor-proof: MKL honours MKL_CBWR=AVX2 on Intel processors only and uses its
-AUTO branch on others (measured under emulation: README "The same numbers across x86 CPUs"). MKL
-reads MKL_CBWR when the process loads it, so the variables must be set before Python starts: the
-Makefile exports them, and the `target-sft` command re-executes itself once with them where they are
-unset. A user's own values always win; TARGET_SFT_CPU_KERNELS=native turns the pinning off.
+their own code paths by vendor and ISA, each summing in its own order. The default pins all three to
+their AVX2 paths. It is not vendor-proof: MKL honours MKL_CBWR=AVX2 on Intel processors only and
+uses its AUTO branch on others (README "The same numbers across x86 CPUs"). The portable mode
+(TARGET_SFT_CPU_KERNELS=portable) asks MKL for its vendor-neutral COMPATIBLE branch and AdamW for
+its fused kernel (whose square root is exact, where ATen's `torch.sqrt` goes through MKL's vector
+math, an ulp and CPU-dependent): the same bits on every x86 CPU measured, at about twice the matmul
+time. MKL reads MKL_CBWR when the process loads it, so the variables must be set before Python
+starts: the Makefile exports them, and the `target-sft` command re-executes itself once with them
+where they are unset. A user's own values always win; TARGET_SFT_CPU_KERNELS=native turns pinning off.
 """
 
 from __future__ import annotations
@@ -16,19 +19,43 @@ import os
 import platform
 import sys
 
+from pipeline.errors import ConfigError
+
 PINNED = {"MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-OPT_OUT = "TARGET_SFT_CPU_KERNELS"
+PORTABLE = {**PINNED, "MKL_CBWR": "COMPATIBLE"}
+MODE = "TARGET_SFT_CPU_KERNELS"
+"""unset or `pinned`: PINNED; `portable`: PORTABLE; `native`: no pinning (this CPU's fastest paths)."""
+MODES = ("pinned", "portable", "native")
+
+
+def wanted() -> dict[str, str]:
+    """The variables the chosen mode sets (none where pinning is off or the CPU is not x86)."""
+    mode = os.environ.get(MODE) or "pinned"
+    if mode not in MODES:
+        raise ConfigError(f"{MODE}={mode!r} is not one of {', '.join(MODES)}; unset it for the default (pinned)")
+    if mode == "native" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return {}
+    return PORTABLE if mode == "portable" else PINNED
 
 
 def missing() -> dict[str, str]:
-    """The pinning variables this process lacks (none where pinning is off or does not apply)."""
-    if os.environ.get(OPT_OUT) == "native" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return {}
-    return {k: v for k, v in PINNED.items() if k not in os.environ}
+    """The chosen mode's variables this process lacks."""
+    return {k: v for k, v in wanted().items() if k not in os.environ}
+
+
+def adamw_fused(device_type: str) -> bool | None:
+    """AdamW's `fused` argument: True on CPU when MKL runs its COMPATIBLE branch (the portable
+    mode), so no square root goes through MKL's CPU-dependent vector math; None (PyTorch's own
+    choice) elsewhere, which leaves the default mode's numbers as they were."""
+    return True if device_type == "cpu" and os.environ.get("MKL_CBWR") == "COMPATIBLE" else None
 
 
 def reexec_pinned() -> None:
     """Replace this process by the same command with the pinning variables set; no-op when set."""
-    extra = missing()
+    try:
+        extra = missing()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     if extra:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **extra})

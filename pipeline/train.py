@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import data
+from pipeline import cpu_kernels, data
 from pipeline.batching import Batch, batch_shape_problem, collate, collate_for, micro_batches, step_batches
 from pipeline.checkpoints import (
     check_resume,
@@ -125,7 +125,8 @@ def _train_loop(cfg: RunConfig, resume: bool, progress: bool) -> Path:
     to_batch = collate_for(tc, pad_id(tokenizer), priors)
     heldout = _heldout_examples(cfg, inputs.heldout_path, tokenizer)
     model, loss_model, fsdp = _build_model(inputs.model_path, cfg, spec, device, world)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    fused = cpu_kernels.adamw_fused(device)  # True only in the portable CPU mode
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, tc.warmup_steps, tc.max_steps))
     start_step = load_checkpoint(out, model, optimizer, scheduler, fsdp, rank) if resume else 0
     finished = start_step >= tc.max_steps and final.joinpath("config.json").exists()  # a rerun of a done run

@@ -6,8 +6,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import base_model, cpu_kernels, synthetic
 from pipeline.config import BaseModelConfig, RunConfig, load_config, to_dict
+from pipeline.errors import ConfigError
 from pipeline.resolve import resolve_inputs
 
 from .conftest import REPO, TINY
@@ -145,6 +148,25 @@ def test_the_embedded_teacher_is_larger_and_shares_the_tokenizer(tmp_path):
 # The TINY build's weights on the pinned CPU kernels (pipeline/cpu_kernels.py), recorded on an AMD EPYC
 # (AVX-512, AVX512-BF16); CI's CPU checks it again on every push.
 RECORDED_TINY_WEIGHTS = "f25984998809c4c206457bcf197e32528e61f2ccf269b892420ecfd97d8421dd"
+# The same build in the portable mode: these bits natively on that AMD EPYC and under QEMU emulation
+# of an Intel Haswell and an AVX2-only AMD EPYC-Rome (README "The same numbers across x86 CPUs").
+RECORDED_PORTABLE_TINY_WEIGHTS = "ec59bfb880a0f87114da5f6256b20f644071b6613c346462f9cc0022d90e1fb4"
+
+
+def _tiny_build_weights(out: Path, env: dict[str, str], bf16: bool = True, emulate: tuple[str, ...] = ()) -> str:
+    """The TINY build's weight checksum from a fresh process (MKL reads its settings at load time),
+    optionally under an emulator command such as `qemu-x86_64 -cpu Haswell`."""
+    script = (
+        "import json, sys, torch\n"
+        f"torch.cpu._is_avx512_bf16_supported = lambda: {bf16}\n"
+        "from pipeline import base_model\n"
+        "from tests.conftest import TINY\n"
+        "out = base_model.build(TINY, sys.argv[1], progress=False)\n"
+        "print(json.loads((out.model / base_model.SUCCESS).read_text())['weights_sha256'])\n"
+    )
+    command = [*emulate, sys.executable, "-c", script, str(out)]
+    result = subprocess.run(command, env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True, check=True)
+    return result.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize(
@@ -156,18 +178,46 @@ RECORDED_TINY_WEIGHTS = "f25984998809c4c206457bcf197e32528e61f2ccf269b892420ecfd
     ids=["bf16-cpu", "avx2-cpu"],
 )
 def test_the_build_gives_the_recorded_weights_whatever_bf16_and_mkl_isa_the_cpu_reports(tmp_path, cpu):
-    """Same bits whatever the CPU reports: fp32 pretraining and pinned kernels, each build in a fresh
-    process (MKL reads its settings at load time)."""
-    script = (
-        "import json, sys, torch\n"
-        f"torch.cpu._is_avx512_bf16_supported = lambda: {cpu['bf16']}\n"
-        "from pipeline import base_model\n"
-        "from tests.conftest import TINY\n"
-        "out = base_model.build(TINY, sys.argv[1], progress=False)\n"
-        "print(json.loads((out.model / base_model.SUCCESS).read_text())['weights_sha256'])\n"
-    )
-    env = {**os.environ, **cpu_kernels.PINNED, **cpu["env"]}
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)], env=env, cwd=REPO, capture_output=True, text=True, check=True
-    )
-    assert result.stdout.strip().splitlines()[-1] == RECORDED_TINY_WEIGHTS
+    """Same bits whatever the CPU reports: fp32 pretraining and pinned kernels."""
+    assert _tiny_build_weights(tmp_path, {**cpu_kernels.PINNED, **cpu["env"]}, cpu["bf16"]) == RECORDED_TINY_WEIGHTS
+
+
+def test_the_portable_mode_gives_the_weights_recorded_on_three_cpus(tmp_path):
+    """MKL's COMPATIBLE branch and fused AdamW: a different model from the pinned one, and the one
+    every x86 CPU measured builds, so it holds on a CI machine of any vendor."""
+    env = {**cpu_kernels.PORTABLE, cpu_kernels.MODE: "portable"}
+    assert _tiny_build_weights(tmp_path, env) == RECORDED_PORTABLE_TINY_WEIGHTS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cpu", ["Haswell", "EPYC-Rome"])
+def test_the_portable_mode_builds_the_same_weights_on_an_emulated_intel_and_amd_cpu(tmp_path, cpu):
+    """The cross-vendor check itself, under QEMU user-mode emulation (about a minute each)."""
+    if shutil.which("qemu-x86_64") is None:
+        pytest.skip("needs QEMU user-mode emulation: apt install qemu-user")
+    env = {**cpu_kernels.PORTABLE, cpu_kernels.MODE: "portable"}
+    weights = _tiny_build_weights(tmp_path, env, emulate=("qemu-x86_64", "-cpu", cpu))
+    assert weights == RECORDED_PORTABLE_TINY_WEIGHTS
+
+
+@pytest.mark.parametrize(
+    ("mode", "mkl", "fused"), [(None, "AVX2", None), ("pinned", "AVX2", None), ("portable", "COMPATIBLE", True)]
+)
+def test_each_cpu_kernel_mode_sets_its_variables_and_adamw_kernel(monkeypatch, mode, mkl, fused):
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
+    for name in (*cpu_kernels.PINNED, cpu_kernels.MODE):
+        monkeypatch.delenv(name, raising=False)
+    if mode:
+        monkeypatch.setenv(cpu_kernels.MODE, mode)
+    assert cpu_kernels.missing() == {"MKL_CBWR": mkl, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    monkeypatch.setenv("MKL_CBWR", mkl)
+    assert cpu_kernels.adamw_fused("cpu") is fused
+    assert cpu_kernels.adamw_fused("cuda") is None  # GPUs keep PyTorch's own choice
+
+
+def test_native_mode_pins_nothing_and_an_unknown_mode_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.MODE, "native")
+    assert cpu_kernels.missing() == {}
+    monkeypatch.setenv(cpu_kernels.MODE, "fast")
+    with pytest.raises(ConfigError, match="TARGET_SFT_CPU_KERNELS='fast' is not one of pinned, portable, native"):
+        cpu_kernels.missing()
