@@ -14,6 +14,7 @@ import json
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -235,8 +236,11 @@ def pretrain(
     documents: list[str],
     cfg: BaseModelConfig,
     progress: bool,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[float]:
-    """Causal-LM pretraining on packed sequences for a fixed number of steps."""
+    """Causal-LM pretraining on packed sequences for a fixed number of steps. `on_step(steps done)`
+    runs after every optimizer step (benchmarks/base_curve.py evaluates there); it must leave the
+    model's weights and the global RNG as it found them."""
     ids: list[int] = []
     for encoded in tokenizer(documents, add_special_tokens=False)["input_ids"]:
         ids.extend(encoded)
@@ -268,6 +272,8 @@ def pretrain(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1)
         tokens_per_s = (bar.format_dict["rate"] or 0) * batch.numel()
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
     model.eval()

@@ -221,3 +221,17 @@ def test_native_mode_pins_nothing_and_an_unknown_mode_is_one_clear_line(monkeypa
     monkeypatch.setenv(cpu_kernels.MODE, "fast")
     with pytest.raises(ConfigError, match="TARGET_SFT_CPU_KERNELS='fast' is not one of pinned, portable, native"):
         cpu_kernels.missing()
+
+
+def test_pretrain_calls_on_step_after_every_step_and_a_callback_that_reads_does_not_change_the_run():
+    splits = synthetic.make_splits(base_model.world(TINY))
+    tokenizer = base_model.train_tokenizer(splits, TINY.vocab_size)
+    documents = [base_model.document_text(d) for d in splits.pretrain]
+    checksums, seen = [], []
+    for on_step in (None, seen.append):
+        torch.manual_seed(TINY.seed)
+        model = base_model.new_model(TINY, tokenizer)
+        base_model.pretrain(model, tokenizer, documents, TINY, False, on_step)
+        checksums.append(base_model.weights_checksum(model))
+    assert seen == list(range(1, TINY.steps + 1))
+    assert checksums[0] == checksums[1]
