@@ -211,9 +211,13 @@ def check_resume(out: Path, cfg: RunConfig, resume: bool) -> dict[str, Any] | No
         raise TrainError(f"run folder {out} already exists; pass --resume to continue it or pick another train.name")
     previous = json.loads(info.read_text())
     before, now = flatten(previous["config"]), flatten(to_dict(cfg))
+    # A field added after the run started is not recorded in its run.json; at its default it
+    # means what the run did (base_model.own_style_share=0.0 builds the same world), so it is no change.
+    defaults = flatten(to_dict(RunConfig()))
+    added_at_default = {k for k in now.keys() - before.keys() if k in defaults and now[k] == defaults[k]}
     differ = sorted(
         key
-        for key in before.keys() | now.keys()
+        for key in (before.keys() | now.keys()) - added_at_default
         if key not in RESUME_MAY_CHANGE and not key.startswith(RESUME_IGNORES) and before.get(key) != now.get(key)
     )
     if differ:

@@ -440,6 +440,22 @@ def test_resume_may_extend_a_run_but_not_change_its_data_or_start_from_nothing(t
         train.train(cfg_for(tiny_build, tmp_path, *extra, "train.max_steps=4"), resume=True, progress=False)
 
 
+def test_resume_accepts_a_run_recorded_before_a_field_existed_when_the_field_is_at_its_default(tiny_build, tmp_path):
+    """Runs trained before `base_model.own_style_share` existed (the demo's, before the rare-phrasing
+    world) resume and are reused; a non-default value is still a change."""
+    train.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=2"), progress=False)
+    info_path = tmp_path / "runs" / "strict" / "run.json"
+    info = json.loads(info_path.read_text())
+    del info["config"]["base_model"]["own_style_share"]
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(train.TrainError, match=r"base_model.own_style_share was None, now 0.02"):
+        changed = (*SHORT, "train.max_steps=3", "base_model.own_style_share=0.02")
+        train.train(cfg_for(tiny_build, tmp_path, *changed), resume=True, progress=False)
+    longer = train.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=3"), resume=True, progress=False)
+    steps = [json.loads(line)["step"] for line in (longer.parent / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
 def test_rerun_of_a_finished_run_rewrites_nothing(tiny_build, tmp_path):
     cfg = cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=2")
     final = train.train(cfg, progress=False)
