@@ -77,8 +77,9 @@ def demo(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) ->
 
 
 def select(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) -> int:
-    """`target-sft select [CONFIG]`: plain SFT at every select.lrs × select.max_steps, scored on the
-    validation split only; writes selection.json and prints the settings every target then uses."""
+    """`target-sft select [CONFIG]`: `select.target` (plain SFT by default) at every select.lrs ×
+    select.max_steps, scored on the validation split only; writes selection.json and prints the
+    settings chosen (for SFT, those every target then uses; for another target, its own)."""
     from flows.experiment import experiment_flow
 
     validation = cfg.select.validation

@@ -10,8 +10,9 @@ import argparse
 from prefect import flow, task
 
 from flows import retry_unexpected
-from pipeline import launch
+from pipeline import launch, priors
 from pipeline.config import RunConfig, load_config
+from pipeline.prior_cache import PriorStore
 from pipeline.resolve import run_dir
 from pipeline.targets import from_config
 
@@ -19,8 +20,16 @@ from pipeline.targets import from_config
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unexpected)
 def capture_priors(config: str | None, overrides: list[str]) -> dict:
     """Capture or reuse the prior set (one worker per GPU); returns its key, manifest path and forward passes."""
-    result = launch.capture_priors(load_config(RunConfig, config, overrides), config, overrides, progress=False)
-    return {"key": result.key, "manifest": result.manifest_path, "forward_passes": result.forward_passes}
+    cfg = load_config(RunConfig, config, overrides)
+    result = launch.capture_priors(cfg, config, overrides, progress=False)
+    profile = PriorStore(cfg.storage_root).gamma_profile(result.key) if result.complete else None
+    return {
+        "key": result.key,
+        "manifest": result.manifest_path,
+        "forward_passes": result.forward_passes,
+        "gamma_profile": profile,
+        "prior_role": priors.prior_role(cfg),
+    }
 
 
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unexpected)

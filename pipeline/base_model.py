@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections import Counter
@@ -31,8 +32,9 @@ from transformers import (
 
 from pipeline import cpu_kernels, synthetic
 from pipeline.config import BaseModelConfig, to_dict
+from pipeline.errors import ModelError
 from pipeline.schedule import warmup_cosine
-from pipeline.storage import atomic_dir, sha256_json, write_jsonl
+from pipeline.storage import atomic_dir, inside, sha256_json, write_jsonl
 
 EOS, PAD, END = "<|endoftext|>", "<|pad|>", "<|end|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -79,8 +81,7 @@ class BaseModelPaths:
 def paths(cfg: BaseModelConfig, storage_root: str | Path) -> BaseModelPaths:
     """Folders named `<name>-<config hash>`: a changed config never overwrites an older build."""
     folder = f"{cfg.name}-{build_hash(cfg)[:8]}"
-    root = Path(storage_root)
-    return BaseModelPaths(root / "models" / folder, root / "datasets" / folder)
+    return BaseModelPaths(inside(storage_root, "models", folder), inside(storage_root, "datasets", folder))
 
 
 # Bumped whenever the build's code makes something else from the same config (data, tokenizer, training),
@@ -103,8 +104,29 @@ def build_hash(cfg: BaseModelConfig) -> str:
     return sha256_json({**fields, "build_version": BUILD_VERSION})
 
 
-def build(cfg: BaseModelConfig, storage_root: str | Path, progress: bool = True) -> BaseModelPaths:
-    """Build the embedded base model and its data, or reuse a finished build of the same config."""
+SHIPPED = Path(__file__).resolve().parent / "worlds"
+"""Pretrained weights of the registered worlds' bases (`<name>-<hash8>.safetensors`) with the
+checksum of the build that made them (`<name>-<hash8>.json`): the demo's first run loads them
+instead of spending minutes pretraining. `build(..., from_scratch=True)` pretrains and compares."""
+
+
+def shipped_weights(cfg: BaseModelConfig) -> tuple[Path, dict[str, Any]] | None:
+    """The shipped weights file of this build and its record, if the repository holds them."""
+    stem = SHIPPED / f"{cfg.name}-{build_hash(cfg)[:8]}"
+    if not stem.with_suffix(".safetensors").exists():
+        return None
+    return stem.with_suffix(".safetensors"), json.loads(stem.with_suffix(".json").read_text())
+
+
+def build(
+    cfg: BaseModelConfig, storage_root: str | Path, progress: bool = True, from_scratch: bool = False
+) -> BaseModelPaths:
+    """Build the embedded base model and its data, or reuse a finished build of the same config.
+
+    Where the repository ships this build's weights (`SHIPPED`), they are loaded and checked
+    against the recorded checksum instead of pretraining; `from_scratch` pretrains anyway (into a
+    fresh root, to compare with the shipped bits: `target-sft base-model build --from-scratch`).
+    """
     out = paths(cfg, storage_root)
     if (out.model / SUCCESS).exists():
         return out
@@ -115,7 +137,11 @@ def build(cfg: BaseModelConfig, storage_root: str | Path, progress: bool = True)
     tokenizer = train_tokenizer(splits, cfg.vocab_size)
     model = new_model(cfg, tokenizer)
     started = time.time()
-    losses = pretrain(model, tokenizer, [document_text(d) for d in splits.pretrain], cfg, progress)
+    shipped = None if from_scratch else shipped_weights(cfg)
+    if shipped is not None:
+        losses = _load_shipped(model, *shipped)
+    else:
+        losses = pretrain(model, tokenizer, [document_text(d) for d in splits.pretrain], cfg, progress)
     if (out.model / SUCCESS).exists():  # another process finished the same (deterministic) build meanwhile
         return out
     for folder in (out.datasets, out.model):
@@ -135,11 +161,38 @@ def build(cfg: BaseModelConfig, storage_root: str | Path, progress: bool = True)
             "parameters": sum(p.numel() for p in model.parameters()),
             "pretrain_seconds": round(time.time() - started, 1),
             "precision": resolve_precision(cfg.precision),
-            "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+            "final_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None,
             "weights_sha256": weights_checksum(model),
+            "weights_from": "shipped" if shipped is not None else "pretraining",
         }
         (tmp / SUCCESS).write_text(json.dumps(info, indent=2))
     return out
+
+
+def _load_shipped(model: torch.nn.Module, path: Path, record: dict[str, Any]) -> list[float]:
+    """Load shipped weights into the freshly made model, refused unless their checksum is the one the
+    pretraining recorded (a damaged or swapped file must not become a world's base)."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])  # tied: saved once
+    model.load_state_dict(state)
+    if weights_checksum(model) != record["weights_sha256"]:
+        raise ModelError(f"{path} does not hold the weights its record names; restore it (git checkout -- {path.name})")
+    return []
+
+
+def ship(cfg: BaseModelConfig, built: BaseModelPaths) -> Path:
+    """Copy a finished from-scratch build's weights into `SHIPPED` with its checksum (maintainers:
+    after registering a world, commit the two files)."""
+    info = json.loads((built.model / SUCCESS).read_text())
+    stem = SHIPPED / f"{cfg.name}-{build_hash(cfg)[:8]}"
+    SHIPPED.mkdir(exist_ok=True)
+    shutil.copyfile(built.model / "model.safetensors", stem.with_suffix(".safetensors"))
+    record = {k: info[k] for k in ("build_hash", "weights_sha256", "precision", "final_loss", "pretrain_seconds")}
+    kernels = {k: os.environ.get(k) for k in cpu_kernels.PINNED}  # the arithmetic it was built in
+    stem.with_suffix(".json").write_text(json.dumps({**record, "cpu_kernels": kernels}, indent=2) + "\n")
+    return stem.with_suffix(".safetensors")
 
 
 def world(cfg: BaseModelConfig) -> synthetic.World:

@@ -158,4 +158,13 @@ def batch_shape_problem(tc: TrainConfig, world: int) -> str | None:
             f"train.batch_size={tc.batch_size} is not a multiple of micro_batch_size × processes = "
             f"{tc.micro_batch_size} × {world}; change one of them"
         )
+    if tc.epochs is None and tc.max_steps * tc.batch_size > MAX_PLANNED:
+        return (
+            f"train.max_steps={tc.max_steps} × train.batch_size={tc.batch_size} plans more than {MAX_PLANNED:.0e} "
+            "example slots, which the step plan holds in memory; use fewer steps (or train.epochs)"
+        )
     return None
+
+
+MAX_PLANNED = 10**8
+"""Example slots `step_batches` may plan (~1 GB of references): 400,000 steps of 256, far past any SFT run."""

@@ -12,11 +12,16 @@ the recorded ones, except `RESUME_MAY_CHANGE`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import math
 import os
+import pickle
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -109,33 +114,42 @@ def verify_checkpoint(folder: Path) -> str | None:
     """Why a checkpoint folder cannot be trusted (missing or changed file), or None when it verifies."""
     try:
         manifest = json.loads((folder / "checkpoint.json").read_text())
-        for name, digest in manifest["sha256"].items():
+        listed = manifest["sha256"]
+        present = {p.name for p in folder.iterdir() if p.is_file() and p.name != "checkpoint.json"}
+        unlisted = sorted(present - set(listed))
+        if unlisted or "trainer_state.pt" not in listed or not any(n.endswith(".safetensors") for n in listed):
+            return f"checkpoint.json does not cover {unlisted or 'the weights and trainer state'}"
+        for name, digest in listed.items():
             if sha256_file(folder / name) != digest:
                 return f"{name} does not match its checksum"
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"unreadable ({type(e).__name__}: {e})"
     return None
 
 
-def newest_good_checkpoint(out: Path) -> Path | None:
-    """The newest checkpoint that verifies; a truncated or changed newer one is skipped, with a warning."""
+def newest_good_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that verifies and whose trainer state loads (without running code), with
+    that state; a truncated, changed or unloadable newer one is skipped, with a warning."""
     for folder in sorted((out / "checkpoints").glob("step-*"), reverse=True):
         problem = verify_checkpoint(folder)
         if problem is None:
-            return folder
+            try:
+                return folder, torch.load(folder / "trainer_state.pt", weights_only=True)  # never executes code
+            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+                problem = f"trainer_state.pt does not load as plain tensors: {(str(e).splitlines() or [''])[0][:200]}"
         log.warning("checkpoint %s is unusable (%s); trying the one before it", folder, problem)
     return None
 
 
 def load_checkpoint(out: Path, model: nn.Module, optimizer: Any, scheduler: Any, fsdp: bool, rank: int) -> int:
-    folder = newest_good_checkpoint(out)
-    if folder is None:
+    found = newest_good_checkpoint(out)
+    if found is None:
         if list((out / "checkpoints").glob("step-*")):
             raise TrainError(f"no checkpoint of {out} verifies; start a new run (another train.name)")
         return 0
+    folder, state = found
     log.info("resuming %s from %s", out, folder.name)
     model_state = _retied(model, {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()})
-    state = torch.load(folder / "trainer_state.pt", weights_only=True)  # never executes code
     if fsdp:  # every rank loads the full state and keeps its own shard
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -157,9 +171,19 @@ def load_checkpoint(out: Path, model: nn.Module, optimizer: Any, scheduler: Any,
         torch.cuda.set_rng_state(rng["cuda"])
     metrics = out / "metrics.jsonl"
     if metrics.exists() and rank == 0:  # drop steps a killed run logged after its last checkpoint
-        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
+        kept = [line for line in metrics.read_text().splitlines() if _logged_step(line) <= state["step"]]
         atomic_write_text(metrics, "".join(line + "\n" for line in kept))
     return int(state["step"])
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a damaged line (a crash mid-write, an edit) counts as after
+    every checkpoint, so resume drops it."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        log.warning("metrics.jsonl: dropping a damaged line %r", line[:80])
+        return math.inf
 
 
 def _retied(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -191,6 +215,34 @@ RESUME_MAY_CHANGE = {
 RESUME_IGNORES = ("storage_root", "eval", "experiment", "priors")
 
 
+@contextlib.contextmanager
+def run_lock(out: Path, held: bool = True) -> Iterator[None]:
+    """Hold `<runs>/.<name>.lock` for a run's whole life, so two `train` (or `--resume`) of one run
+    cannot interleave their steps in one folder. Only rank 0 holds it (`held`); the lock goes with
+    the process, however it ends. `storage gc` never removes a run whose lock is held.
+
+    Raises:
+        TrainError: another process holds it.
+    """
+    if not held:
+        yield
+        return
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(out.parent / f".{out.name}.lock", "w")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise TrainError(f"cannot create the run folder {out}: {e.strerror}; check storage_root") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainError(
+                f"run {out.name!r} is being trained by another process right now ({out}); wait for it to finish, "
+                "or pick another train.name"
+            ) from None
+        yield
+
+
 def check_resume(out: Path, cfg: RunConfig, resume: bool) -> dict[str, Any] | None:
     """A new run needs a fresh folder; a resumed one must have the same resolved training config.
 
@@ -209,8 +261,14 @@ def check_resume(out: Path, cfg: RunConfig, resume: bool) -> dict[str, Any] | No
         return None
     if not resume:
         raise TrainError(f"run folder {out} already exists; pass --resume to continue it or pick another train.name")
-    previous = json.loads(info.read_text())
-    before, now = flatten(previous["config"]), flatten(to_dict(cfg))
+    try:
+        previous = json.loads(info.read_text())
+        before, now = flatten(previous["config"]), flatten(to_dict(cfg))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise TrainError(
+            f"{info} is damaged (not the JSON a run writes), so what the run was cannot be checked; "
+            "start a new run (another train.name)"
+        ) from None
     # A field added after the run started is not recorded in its run.json; at its default it
     # means what the run did (base_model.own_style_share=0.0 builds the same world), so it is no change.
     defaults = flatten(to_dict(RunConfig()))

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import base_model, data, evaluate, experiment, launch
+from pipeline import base_model, data, evaluate, experiment, launch, priors, regimes
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import CacheError, ConfigError, TargetSFTError
 from pipeline.models import load_tokenizer
@@ -45,7 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     base = commands.add_parser("base-model", help="build or evaluate the embedded base model")
     base_commands = base.add_subparsers(dest="action", required=True)
-    _add_config_args(base_commands.add_parser("build", help="build it (idempotent)"), required=False)
+    build = base_commands.add_parser("build", help="build it (idempotent)")
+    _add_config_args(build, required=False)
+    build.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="pretrain even where the repository ships this build's weights, then compare with them",
+    )
+    build.add_argument("--ship", action="store_true", help="(maintainers) copy its weights into pipeline/worlds/")
     evaluate = base_commands.add_parser("eval", help="greedy held-out accuracy")
     _add_config_args(evaluate, required=False)
     evaluate.add_argument("--format", choices=["plain", "chat", "both"], default="both")
@@ -114,15 +121,20 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
                 raise ConfigError(f"`{args.command}` runs a Prefect flow: use the `target-sft` command (flows.cli)")
             return flow_commands[args.command](args, config_path, cfg)
         if args.command == "base-model" and args.action == "build":
-            out = base_model.build(cfg.base_model, cfg.storage_root)
+            out = base_model.build(cfg.base_model, cfg.storage_root, from_scratch=args.from_scratch)
             print(f"base model: {out.model}\nembedded data: {out.datasets}")
+            print(compare_with_shipped(cfg, out))
+            if args.ship:
+                print(f"shipped: {base_model.ship(cfg.base_model, out)}")
         elif args.command == "base-model":
             formats = ["plain", "chat"] if args.format == "both" else [args.format]
             print_base_eval(cfg, formats)
         elif args.command == "data":
             inspect_data(cfg)
         elif args.command == "train":
-            if args.nproc:
+            if args.nproc is not None:
+                if args.nproc < 1:
+                    raise ConfigError(f"--nproc {args.nproc}: give the number of processes (GPUs), at least 1")
                 cfg.train.processes = args.nproc
             final = launch.train_or_launch(cfg, config_path, args.overrides, args.resume, progress=True)
             if os.environ.get("RANK", "0") == "0":  # once, not per torchrun process
@@ -132,7 +144,11 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
             report = json.loads(report_path.read_text())
             print(evaluate.markdown_report(report) + f"\nreport: {report_path}")
         elif args.command == "check":
-            print(json.dumps(experiment.dry_run(cfg), indent=2))
+            plan = experiment.dry_run(cfg)
+            problems = experiment.check_inputs(cfg)
+            if problems:
+                raise ConfigError(f"{len(problems)} problem(s): " + "; ".join(problems))
+            print(json.dumps(plan, indent=2))
         elif args.command == "priors":
             if cfg.priors.num_workers > 1:
                 gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
@@ -141,6 +157,9 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
             state = "complete" if result.complete else "this worker's shards done; others still missing"
             print(f"prior set {result.key}: {state}")
             print(f"manifest: {result.manifest_path}\nforward passes: {result.forward_passes}")
+            if result.complete:
+                profile = PriorStore(cfg.storage_root).gamma_profile(result.key)
+                print(regimes.describe(profile, priors.prior_role(cfg)))
         elif args.command == "cache":
             return cache_command(args.action, getattr(args, "key", None), PriorStore(cfg.storage_root))
     except TargetSFTError as e:
@@ -158,6 +177,20 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
         )
         return 1
     return 0
+
+
+def compare_with_shipped(cfg: RunConfig, out: base_model.BaseModelPaths) -> str:
+    """One line: how this build's weights compare with the ones the repository ships for it."""
+    info = json.loads((out.model / base_model.SUCCESS).read_text())
+    shipped = base_model.shipped_weights(cfg.base_model)
+    if shipped is None:
+        return f"weights {info['weights_sha256'][:16]}… from {info.get('weights_from', 'pretraining')} (none shipped)"
+    same = shipped[1]["weights_sha256"] == info["weights_sha256"]
+    return (
+        f"weights {info['weights_sha256'][:16]}… from {info.get('weights_from', 'pretraining')}: "
+        f"{'identical to' if same else 'DIFFERENT from'} the shipped {shipped[0].name}"
+        + ("" if same else " (another CPU arithmetic: see docs/design.md §7)")
+    )
 
 
 def print_base_eval(cfg: RunConfig, formats: list[str]) -> list[dict]:
@@ -203,14 +236,16 @@ def cache_command(action: str, key: str | None, store: PriorStore) -> int:
                     continue
                 print(
                     f"| {k} | yes | {m['counts']['examples']} | {m['counts']['scored_tokens']} | {m['engine']} | "
-                    f"{m['statistics']['bytes_per_scored_token']:.1f} |"
+                    f"{m['statistics'].get('bytes_per_scored_token', float('nan')):.1f} |"
                 )
             else:
                 print(f"| {k} | no ({len(store.done_shards(k))} shards so far) | | | | |")
         return 0
     assert key is not None
     if action == "show":
+        profile = store.gamma_profile(key)  # computed (and recorded) here for sets captured before profiles
         print(json.dumps(store.manifest(key), indent=2))
+        print(regimes.describe(profile))
     elif action == "verify":
         problems = store.verify(key)
         print("ok" if not problems else "\n".join(problems))

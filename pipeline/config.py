@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, cast, get_args, get_
 import yaml
 
 from pipeline.errors import ConfigError, TargetError
+from pipeline.storage import resolve_root
 
 T = TypeVar("T")
 
@@ -55,7 +56,22 @@ class SafeName:
     def problem(self, value: str) -> str | None:
         if not SAFE_NAME.fullmatch(value) or value in (".", ".."):
             return "a name must be one folder name of letters, digits, '.', '_' and '-' (not '.' or '..')"
+        if len(value) > MAX_NAME:
+            return f"a name is at most {MAX_NAME} characters (a run's names add suffixes; filesystems stop at 255)"
         return None
+
+
+MAX_NAME = 120
+
+
+@dataclass(frozen=True)
+class Device:
+    """A torch device string that can exist: `auto`, `cpu`, `cuda`, `cuda:N`, `mps`."""
+
+    def problem(self, value: str) -> str | None:
+        if value in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", value):
+            return None
+        return "not a device; use auto, cpu, cuda or cuda:N"
 
 
 PositiveInt = Annotated[int, Range(1)]
@@ -66,6 +82,9 @@ Fraction = Annotated[float, Range(0, 1)]
 OpenFraction = Annotated[float, Range(0, 1, low_open=True)]
 """A share in (0, 1]."""
 Name = Annotated[str, SafeName()]
+Seed = Annotated[int, Range(0, 2**32 - 1)]
+"""A random seed numpy, torch and vLLM all accept."""
+DeviceName = Annotated[str, Device()]
 
 
 @dataclass
@@ -138,7 +157,7 @@ class BaseModelConfig:
 
     name: Name = "tiny-arith"
     """Folder name under `<storage>/models/` and `<storage>/datasets/`."""
-    seed: int = 0
+    seed: Seed = 0
     """Seeds data generation, initialisation and batch order."""
     threads: PositiveInt = 2
     """torch CPU threads; fixed because float reductions depend on the thread count."""
@@ -229,7 +248,7 @@ class PriorsConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Prior model precision; auto is float32 on CPU (vLLM matches transformers to 4e-6 there),
     bfloat16 on GPU."""
-    device: str = "auto"
+    device: DeviceName = "auto"
     """hf engine device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
     tensor_parallel_size: PositiveInt = 1
     """vllm engine: GPUs per model replica."""
@@ -323,7 +342,7 @@ class TrainConfig:
     """Linear warmup, then cosine decay to 10% of the peak."""
     max_grad_norm: PositiveFloat = 1.0
     """Gradient clipping (global L2 norm)."""
-    seed: int = 0
+    seed: Seed = 0
     """Seeds the data order and everything random."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """bf16 autocast on GPU, fp32 on CPU (auto)."""
@@ -400,7 +419,7 @@ class EvalConfig:
     """Nucleus sampling threshold."""
     max_new_tokens: PositiveInt = 128
     """Longest completion."""
-    seed: int = 0
+    seed: Seed = 0
     """Seeds the sampling."""
     greedy: bool = True
     """Also decode greedily once per problem and report greedy accuracy."""
@@ -430,7 +449,7 @@ class ExperimentConfig:
     """The grid: presets or `{preset: ..., param: ...}` mappings; a list of values expands to one run
     per value (`{preset: target_sft, eta: [0.25, 0.5, 0.75]}`). A `train:` mapping inside an entry
     sets that run's own train settings (e.g. `{preset: sft, train: {lr: 1.0e-4}}`)."""
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[Seed] = field(default_factory=lambda: [0])
     """Every target runs once per seed (train.seed and eval.seed)."""
     compare_to: str | None = None
     """A target label of the grid (e.g. `sft`) that every other target is compared with, paired on
@@ -451,11 +470,15 @@ class SelectConfig:
     """Learning rates tried."""
     max_steps: list[PositiveInt] = field(default_factory=lambda: [80, 160])
     """Step counts tried (each with each learning rate)."""
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[Seed] = field(default_factory=lambda: [0])
     """Seeds per candidate; the choice maximises the mean validation Average@n."""
     validation: EvalSetConfig | None = None
     """The validation problems; None: the embedded build's validation split. It also replaces the
     held-out examples of the training-time eval loss."""
+    target: Any = "sft"
+    """The target the candidates train: plain SFT (the shared settings every target uses), or another
+    target (a preset or mapping, as in `experiment.targets`) to choose that objective's own lr
+    (DFT's loss is 10-20x smaller than SFT's, so a shared lr can starve it)."""
 
 
 @dataclass
@@ -516,6 +539,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     errors: list[str] = []
     built = _build(cls, raw, "", errors)
     if isinstance(built, RunConfig) and not errors:  # cross-field checks need every field well-formed
+        try:
+            built.storage_root = resolve_root(built.storage_root)
+        except ConfigError as e:
+            errors.append(str(e))
         errors += cross_field_problems(built)
     if errors:
         raise ConfigError("; ".join(errors))
@@ -549,6 +576,8 @@ def parse_yaml(text: str, what: str) -> Any:
         return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{what} is not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} nests lists or mappings too deeply to be a config") from None
 
 
 def _read_yaml_file(path: Path) -> dict[str, Any]:
@@ -582,6 +611,38 @@ def target_config(value: Any, key: str = "target") -> TargetConfig:
     return cast(TargetConfig, target)
 
 
+def section_problems(cls: type, raw: dict[str, Any], prefix: str) -> list[str]:
+    """What `load_config` would refuse in `raw` as a `cls` section (unknown keys, types, ranges)."""
+    errors: list[str] = []
+    try:
+        _build(cls, raw, prefix, errors)
+    except ConfigError as e:
+        errors.append(str(e))
+    return errors
+
+
+RESERVED_TEMPLATE_KWARGS = (
+    "conversation", "add_generation_prompt", "continue_final_message", "tokenize", "chat_template", "padding",
+    "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+)  # fmt: skip
+"""Arguments of `apply_chat_template` the pipeline sets itself on every render (data.py)."""
+
+
+def template_kwargs_problems(kwargs: dict[str, Any]) -> list[str]:
+    """`data.chat_template_kwargs` reach `apply_chat_template`: no reserved names, and the two it
+    interprets itself (`tools`, `documents`) must be lists of mappings."""
+    problems = []
+    for name in sorted(set(kwargs) & set(RESERVED_TEMPLATE_KWARGS)):
+        problems.append(
+            f"data.chat_template_kwargs.{name}: the pipeline sets {name!r} itself on every render; remove it"
+        )
+    for name in ("tools", "documents"):
+        value = kwargs.get(name)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+            problems.append(f"data.chat_template_kwargs.{name} must be a list of mappings, got {value!r:.60}")
+    return problems
+
+
 def cross_field_problems(cfg: RunConfig) -> list[str]:
     """Constraints between fields that no single field's type can express."""
     from pipeline.targets import from_config
@@ -599,6 +660,10 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             "priors.embedded_teacher shares the embedded model's tokenizer: it needs model.path and "
             "priors.model_path unset; for your own model, set priors.model_path to its teacher instead"
         )
+    try:
+        from_config(target_config(cfg.select.target, "select.target"))
+    except (ConfigError, TargetError) as e:
+        problems.append(f"select.target: {e}")
     if not cfg.select.lrs or not cfg.select.max_steps or not cfg.select.seeds:
         problems.append("select.lrs, select.max_steps and select.seeds each need at least one value")
     if cfg.priors.worker_index >= cfg.priors.num_workers:
@@ -607,6 +672,10 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
         )
     if "::" in cfg.storage_root:
         problems.append(f"storage_root={cfg.storage_root!r}: '::' would chain two filesystems; rename the folder")
+    problems += template_kwargs_problems(cfg.data.chat_template_kwargs)
+    names = [s.name for s in cfg.eval.sets]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"eval.sets names {name!r} twice; one report would replace the other: rename one")
     for i, s in enumerate(cfg.eval.sets):
         if not re.search(r"\{[A-Za-z_][A-Za-z0-9_]*\}", s.prompt_template):
             problems.append(

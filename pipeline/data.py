@@ -31,7 +31,7 @@ from pipeline import tokens
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
 from pipeline.loss import IGNORE  # the label that scores nothing (one definition, beside the loss)
-from pipeline.storage import sha256_json
+from pipeline.storage import fast_hash_file, sha256_json
 from pipeline.tokens import Example  # re-exported: data.Example is how stages name it
 
 log = logging.getLogger(__name__)
@@ -178,18 +178,38 @@ def _load_dataset(path: str, split: str | None, subset: str | None, data_files: 
     import datasets
 
     try:
+        if Path(path).is_dir() and data_files is None:
+            _check_files_inside(path, datasets.load_dataset_builder(path, name=subset).config.data_files)
         loaded = datasets.load_dataset(path, name=subset, data_files=data_files, cache_dir=_cache_dir(path))
+    except DataError:
+        raise
     except Exception as e:  # datasets raises many kinds (ValueError, FileNotFoundError, DatasetNotFoundError, ...)
-        raise DataError(f"cannot load the dataset {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        message = (str(e).splitlines() or [""])[0]
+        if isinstance(e, StopIteration) or not message:  # datasets' own message for an empty file is empty
+            raise DataError(f"cannot load the dataset {path}: it holds no rows (an empty data file?)") from None
+        raise DataError(f"cannot load the dataset {path}: {type(e).__name__}: {message}") from None
     return _dataset_source(path, _pick_split(loaded, split, path))
 
 
+def _check_files_inside(folder: str, data_files: Any) -> None:
+    """A downloaded folder's README may name `../../secret.jsonl` or `/etc/...` in its `data_files`;
+    `datasets` would read them. Only files inside the folder are data of that folder."""
+    base = os.path.realpath(folder)
+    for files in (data_files or {}).values():
+        for name in files:
+            if os.path.commonpath([base, os.path.realpath(name)]) != base:
+                raise DataError(
+                    f"the README of {folder} names data file {name!r}, outside the dataset folder; only files "
+                    "inside it are read (fix its `data_files`, or point data.path at that file)"
+                )
+
+
 def _cache_dir(path: str) -> str | None:
-    """A datasets cache folder per local source and its files' (name, size, mtime).
+    """A datasets cache folder per local source and its files' (name, size, content hash).
 
     `datasets` keys the Arrow cache of a local folder by its README's relative data-file patterns,
     so two folders laid out alike (two Hub snapshots, say) would share a cache and one would be read
-    as the other. Keyed by the absolute path and the file stamps, a changed file gets a new cache.
+    as the other. Keyed by the absolute path and the files' contents, a changed file gets a new cache.
     """
     import datasets
 
@@ -201,8 +221,11 @@ def _cache_dir(path: str) -> str | None:
     )
 
 
-def _file_stamps(path: str) -> list[tuple[str, int, int]] | None:
-    """(absolute name, size, mtime) of every file a local source reads; None for a Hub name."""
+def _file_stamps(path: str) -> list[tuple[str, int, str]] | None:
+    """(absolute name, size, content hash) of every file a local source reads; None for a Hub name.
+
+    Content, not mtime: an edit of the same length with its timestamp restored (`touch -r`) must
+    not serve the old tokens."""
     local = Path(path)
     if local.is_dir():
         files = sorted(p for p in local.rglob("*") if p.is_file() and ".cache" not in p.parts)
@@ -212,7 +235,7 @@ def _file_stamps(path: str) -> list[tuple[str, int, int]] | None:
         files = [local]
     else:
         return None
-    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return [(str(p.resolve()), p.stat().st_size, fast_hash_file(p)) for p in files]
 
 
 def _pick_split(loaded: Any, split: str | None, where: str) -> Any:
@@ -226,8 +249,11 @@ def _pick_split(loaded: Any, split: str | None, where: str) -> Any:
 def _dataset_source(where: str, dataset: Any) -> Source:
     def stream(columns: list[str] | None) -> Iterator[dict[str, Any]]:
         keep = dataset if columns is None else dataset.select_columns([c for c in columns if c in dataset.column_names])
-        for batch in keep.iter(batch_size=TOKENIZE_BATCH):
-            yield from (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True))
+        try:
+            for batch in keep.iter(batch_size=TOKENIZE_BATCH):
+                yield from (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True))
+        except UnicodeDecodeError:  # Arrow keeps a Latin-1 file's bytes as they are, until they are read
+            raise DataError(f"{where} holds text that is not valid UTF-8; re-save it as UTF-8") from None
 
     return Source(where, list(dataset.column_names), stream)
 
@@ -253,6 +279,8 @@ def _parse_json(text: str, where: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{where} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise DataError(f"{where} nests arrays or objects too deeply to be a training row") from None
 
 
 ROLE_NAMES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
@@ -420,9 +448,64 @@ def _render(
 ) -> str:
     if not messages:
         return ""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
-    assert isinstance(text, str)
+    import jinja2
+
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
+        )
+    except DataError:  # the render timer (check_template_time) fired inside the template
+        raise
+    except jinja2.TemplateError as e:  # sandbox refusals, undefined names, raise_exception(...), syntax
+        raise DataError(f"the chat template failed: {type(e).__name__}: {_first_line(e)}") from None
+    except (ArithmeticError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        raise DataError(f"the chat template failed: {type(e).__name__}: {_first_line(e)}") from None
+    if not isinstance(text, str):
+        raise DataError("the chat template did not render to text; check data.chat_template_kwargs")
+    added = len(text) - sum(len(str(m.get("content", ""))) for m in messages)
+    if added > MAX_TEMPLATE_TEXT:
+        raise DataError(
+            f"the chat template adds {added:,} characters to one conversation (limit {MAX_TEMPLATE_TEXT:,}); "
+            "a template that inflates every row is almost surely wrong"
+        )
     return text
+
+
+MAX_TEMPLATE_TEXT = 1 << 20
+"""Characters a chat template may add around a conversation's messages (tool schemas included):
+real templates add hundreds to tens of thousands; `{{ 'x' * 20000000 }}` would make tokenising hang."""
+TEMPLATE_SECONDS = 10.0
+"""How long rendering the first row may take (checked where a timer can interrupt: the main thread)."""
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [""])[0][:300]
+
+
+def check_template_time(render: Any) -> None:
+    """Run `render()` (one row's rendering) under a timer, so a template that loops for hours fails
+    in seconds with one line. Timers interrupt only the main thread; elsewhere (a Prefect worker
+    thread) the call runs unbounded, and the size limit above still holds."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        render()
+        return
+
+    def expired(signum: int, frame: Any) -> None:
+        raise DataError(
+            f"rendering one conversation with the chat template took over {TEMPLATE_SECONDS:.0f} s; "
+            "check data.chat_template for unbounded loops"
+        )
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
+    try:
+        render()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def chat_template_text(template: str) -> str:
@@ -471,7 +554,7 @@ def prepare(
         meta = {f.name: getattr(prepared, f.name) for f in dataclasses.fields(prepared) if f.name != "examples"}
         return meta, prepared.examples
 
-    meta, examples = tokens.cached(folder, build)
+    meta, examples = tokens.cached(folder, build, tokens.Limits(cfg.max_length, len(tokenizer)))
     meta["skipped"] = [tuple(pair) for pair in meta["skipped"]]
     prepared = PreparedData(examples=examples, **meta)
     log.info("data %s: %s (tokens from %s)", data_path, prepared.counts(), folder)
@@ -516,6 +599,10 @@ def _tokenize(
     out = PreparedData(examples=[], fingerprint="", tokenizer_hash=tok_hash, format=fmt, rows=0)
     while batch := list(itertools.islice(rows, TOKENIZE_BATCH)):  # a batch at a time: few rows and texts held
         out.rows += len(batch)
+        if out.rows == len(batch):  # the first batch: one row under a timer, before the template runs on all
+            probe = PreparedData(examples=[], fingerprint="", tokenizer_hash=tok_hash, format=fmt, rows=0)
+            first = batch[:1]
+            check_template_time(lambda: _render_rows(first, fmt, cfg, tokenizer, probe))  # noqa: B023 (called at once)
         rendered = _render_rows(batch, fmt, cfg, tokenizer, out)
         if not rendered:
             continue

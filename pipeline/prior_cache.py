@@ -13,6 +13,7 @@ same shard write identical bytes: several workers on one key still give one cons
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
@@ -30,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import prior_schema
+from pipeline import prior_schema, regimes
 from pipeline.errors import CacheError
 from pipeline.prior_engines import PriorRecord
 from pipeline.storage import sha256_json
@@ -103,18 +104,21 @@ class PriorStore:
             )
         try:
             manifest = json.loads(self.fs.cat_file(path))
-            files = [shard["file"] for shard in manifest["shards"]]
+            files = [shard["file"] for shard in manifest["shards"] if isinstance(shard, dict) and "file" in shard]
         except (ValueError, KeyError, TypeError):
-            raise CacheError(
-                f"the manifest of prior set {key} is corrupted (not the JSON a capture writes); "
-                f"`target-sft cache rm {key}` and capture again"
-            ) from None
+            manifest, files = None, []
         for name in files:  # a manifest must never lead the reader outside its own set
             if not isinstance(name, str) or not SHARD_FILE_RE.fullmatch(name):
                 raise CacheError(
                     f"the manifest of prior set {key} names shard file {name!r}, which is not a shard of the set; "
                     f"`target-sft cache rm {key}` and capture again"
                 )
+        missing = _missing_fields(manifest) if manifest is not None else "not the JSON a capture writes"
+        if missing:
+            raise CacheError(
+                f"the manifest of prior set {key} is corrupted ({missing}); "
+                f"`target-sft cache rm {key}` and capture again"
+            )
         return cast(dict[str, Any], manifest)
 
     # writing ---------------------------------------------------------------------------------
@@ -166,9 +170,11 @@ class PriorStore:
             [],
             {"examples": 0, "scored_tokens": 0, "bytes": 0, "seconds": 0.0, "prior_mass": 0.0, "outside_topk": 0},
         )
+        histogram = regimes.code_histogram([])
         for index in range(num_shards):
             data = self.fs.cat_file(self.shard_path(key, index))
             table = pq.read_table(io.BytesIO(data))
+            histogram += regimes.code_histogram([_flat(table, "obs_logprob_q")])
             timing = self.shard_path(key, index).replace(".parquet", ".timing.json")
             seconds = json.loads(self.fs.cat_file(timing))["seconds"] if self.fs.exists(timing) else 0.0
             stats = shard_statistics(table, inputs["k"])
@@ -203,6 +209,7 @@ class PriorStore:
                 "logprob_max_abs_error": prior_schema.MAX_ABS_ERROR,
             },
             "capture": capture or {},
+            "gamma_profile": _profile_or_none(histogram, (capture or {}).get("prior_role", "unknown")),
             "shards": shards,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -218,9 +225,21 @@ class PriorStore:
         manifest = self.manifest(key)
         problems = []
         on_disk = self.done_shards(key)
-        expected = {s["index"] for s in manifest["shards"]}
+        entries = [s["index"] for s in manifest["shards"]]
+        expected = set(entries)
+        if len(entries) != len(expected) or len({s["file"] for s in manifest["shards"]}) != len(entries):
+            problems.append("the manifest lists a shard twice")
         if on_disk != expected:
             problems.append(f"shards on storage {sorted(on_disk ^ expected)} differ from the manifest")
+        counts = manifest["counts"]
+        for name, total in (
+            ("shards", len(entries)),
+            ("examples", sum(s["examples"] for s in manifest["shards"])),
+            ("scored_tokens", sum(s["scored_tokens"] for s in manifest["shards"])),
+        ):
+            if counts.get(name) != total:
+                problems.append(f"counts.{name}={counts.get(name)} but the shard entries add up to {total}")
+        seen: dict[int, str] = {}
         for shard in manifest["shards"]:
             path = f"{self.dir(key)}/{shard['file']}"
             if not self.fs.exists(path):
@@ -230,9 +249,41 @@ class PriorStore:
             if hashlib.sha256(data).hexdigest() != shard["sha256"]:
                 problems.append(f"{shard['file']} checksum mismatch (corrupted or replaced)")
                 continue
-            if pq.read_metadata(io.BytesIO(data)).num_rows != shard["examples"]:
+            table = pq.read_table(io.BytesIO(data))
+            if table.num_rows != shard["examples"]:
                 problems.append(f"{shard['file']} row count differs from the manifest")
+            if shard_statistics(table, manifest["key_inputs"]["k"])["scored_tokens"] != shard["scored_tokens"]:
+                problems.append(f"{shard['file']} scored-token count differs from the manifest")
+            for index in table.column("example_index").to_pylist():
+                if index in seen:
+                    problems.append(f"example {index} appears in {seen[index]} and in {shard['file']}")
+                seen[index] = shard["file"]
         return problems
+
+    def gamma_profile(self, key: str) -> dict[str, Any]:
+        """The set's γ profile (pipeline/regimes.py): from its manifest, or, for a set captured before
+        profiles were recorded, computed from its shards and written back into the manifest.
+
+        Raises:
+            CacheError: the set is incomplete, corrupted, or has no scored tokens.
+        """
+        manifest = self.manifest(key)
+        if isinstance(manifest.get("gamma_profile"), dict):
+            return cast(dict[str, Any], manifest["gamma_profile"])
+        reader = self.open(key)
+        histogram = regimes.code_histogram(
+            _flat(pq.read_table(io.BytesIO(reader.shard_bytes(shard)), columns=["obs_logprob_q"]), "obs_logprob_q")
+            for shard in manifest["shards"]
+        )
+        try:
+            found = regimes.profile(histogram, manifest.get("capture", {}).get("prior_role", "unknown"))
+        except CacheError as e:
+            raise CacheError(f"prior set {key}: {e}") from None
+        with contextlib.suppress(OSError, PermissionError):  # a read-only cache still gets its answer
+            self.write_bytes_atomic(
+                f"{self.dir(key)}/manifest.json", json.dumps({**manifest, "gamma_profile": found}, indent=2).encode()
+            )
+        return found
 
     def remove(self, key: str) -> None:
         folder = self.dir(key)
@@ -259,6 +310,53 @@ class PriorStore:
                 "recapture priors for this configuration"
             )
         return PriorReader(self, key, manifest)
+
+
+def _flat(table: pa.Table, column: str) -> np.ndarray:
+    """One list column of a shard as one flat array (every example's entries in order)."""
+    return table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+
+
+def _profile_or_none(histogram: np.ndarray, captured_by: str) -> dict[str, Any] | None:
+    """A set with no scored tokens has no profile; `cache show` and `priors` then say so in one line."""
+    return regimes.profile(histogram, captured_by) if histogram.sum() else None
+
+
+MANIFEST_FIELDS: dict[str, type] = {
+    "key_inputs": dict,
+    "engine": str,
+    "counts": dict,
+    "statistics": dict,
+    "shards": list,
+}
+SHARD_FIELDS: dict[str, type] = {
+    "index": int,
+    "file": str,
+    "sha256": str,
+    "bytes": int,
+    "examples": int,
+    "scored_tokens": int,
+}
+COUNT_FIELDS = ("shards", "examples", "scored_tokens")
+
+
+def _missing_fields(manifest: Any) -> str | None:
+    """What a manifest lacks of the structure `finalize` writes, or None; every reader relies on it."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    for name, kind in MANIFEST_FIELDS.items():
+        if not isinstance(manifest.get(name), kind):
+            return f"field {name!r} is missing or not a {kind.__name__}"
+    if "k" not in manifest["key_inputs"]:
+        return "key_inputs has no 'k'"
+    for name in COUNT_FIELDS:
+        if not isinstance(manifest["counts"].get(name), int):
+            return f"counts.{name} is missing"
+    for i, shard in enumerate(manifest["shards"]):
+        for name, kind in SHARD_FIELDS.items():
+            if not isinstance(shard, dict) or not isinstance(shard.get(name), kind):
+                return f"shard entry {i} has no {name!r}"
+    return None
 
 
 def storage_error(root: str, error: Exception) -> CacheError:
@@ -329,19 +427,23 @@ class PriorReader:
     def k(self) -> int:
         return int(self.manifest["key_inputs"]["k"])
 
-    def iter_records(self) -> Iterator[PriorRecord]:
-        for shard in self.manifest["shards"]:
-            yield from self.read_shard(shard)
-
-    def read_shard(self, shard: dict[str, Any], indices: pa.Array | None = None) -> list[PriorRecord]:
-        """One shard's records (only the examples in `indices`, when given), after its checksum."""
+    def shard_bytes(self, shard: dict[str, Any]) -> bytes:
+        """A shard file's bytes, refused unless they match the manifest's checksum."""
         data = self.store.fs.cat_file(f"{self.store.dir(self.key)}/{shard['file']}")
         if hashlib.sha256(data).hexdigest() != shard["sha256"]:
             raise CacheError(
                 f"prior set {self.key}: {shard['file']} fails its checksum (corrupted); "
                 f"run `target-sft cache verify {self.key}` and recapture"
             )
-        table = pq.read_table(io.BytesIO(data))
+        return cast(bytes, data)
+
+    def iter_records(self) -> Iterator[PriorRecord]:
+        for shard in self.manifest["shards"]:
+            yield from self.read_shard(shard)
+
+    def read_shard(self, shard: dict[str, Any], indices: pa.Array | None = None) -> list[PriorRecord]:
+        """One shard's records (only the examples in `indices`, when given), after its checksum."""
+        table = pq.read_table(io.BytesIO(self.shard_bytes(shard)))
         if indices is not None:  # drop other examples before decoding: memory and work stay per share
             table = table.filter(pc.is_in(table.column("example_index"), value_set=indices))
         return decode_shard(table, self.k)

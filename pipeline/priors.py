@@ -57,6 +57,14 @@ class CapturePlan:
     engine: str
     device: str
     dtype: str
+    teacher: bool = False
+    """The prior comes from another model than the one trained (its γ profile is the teacher's)."""
+
+
+def prior_role(cfg: RunConfig) -> str:
+    """`teacher` when the priors come from another model than the one trained, else `model`."""
+    other = cfg.priors.model_path is not None and cfg.priors.model_path != cfg.model.path
+    return "teacher" if cfg.priors.embedded_teacher or other else "model"
 
 
 def plan(cfg: RunConfig, progress: bool = True, prepared: data.PreparedData | None = None) -> CapturePlan:
@@ -81,7 +89,8 @@ def plan(cfg: RunConfig, progress: bool = True, prepared: data.PreparedData | No
     log.info("priors: engine %s on %s in %s; data %s", engine_name, device, dtype, prepared.counts())
     memo = hash_memo(PriorStore(cfg.storage_root))
     key_inputs = key_inputs_for(cfg, prior_model, prepared, engine_name, dtype, memo)
-    return CapturePlan(cache_key(key_inputs), key_inputs, prepared, prior_model, engine_name, device, dtype)
+    teacher = prior_model != inputs.model_path
+    return CapturePlan(cache_key(key_inputs), key_inputs, prepared, prior_model, engine_name, device, dtype, teacher)
 
 
 def capture(cfg: RunConfig, progress: bool = True, planned: CapturePlan | None = None) -> CaptureResult:
@@ -125,7 +134,13 @@ def capture(cfg: RunConfig, progress: bool = True, planned: CapturePlan | None =
     # --- save: manifest and _SUCCESS once every shard exists ------------------------------------
     passes = engine.forward_passes if engine is not None else 0
     if store.done_shards(key) >= set(range(len(shards))):
-        capture = {"engine": p.engine, "device": p.device, "dtype": p.dtype, "data_counts": p.prepared.counts()}
+        capture = {
+            "engine": p.engine,
+            "device": p.device,
+            "dtype": p.dtype,
+            "data_counts": p.prepared.counts(),
+            "prior_role": "teacher" if p.teacher else "model",  # whose γ the profile is (pipeline/regimes.py)
+        }
         store.finalize(key, key_inputs, len(shards), p.engine, capture)
         log.info("prior set %s complete: %s", key, capture)
         return CaptureResult(key, manifest_path, passes, complete=True)

@@ -14,7 +14,7 @@ import torch
 
 from pipeline import base_model
 from pipeline.config import RunConfig
-from pipeline.errors import PriorError
+from pipeline.errors import ConfigError, PriorError
 from pipeline.prior_engines import vllm_available
 from pipeline.storage import inside
 
@@ -86,10 +86,29 @@ def resolve_engine(engine: str, key: str = "priors.engine") -> str:
     return engine
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str, key: str = "priors.device") -> str:
+    """`auto` is the first GPU where there is one; a named device must exist on this machine."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            raise PriorError(f"{key}={device} but this machine has {count} visible CUDA device(s); use auto or cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise PriorError(f"{key}=mps but MPS is not available here; use auto or cpu")
     return device
+
+
+def check_attention(implementation: str | None) -> None:
+    """flash_attention_2 needs its package; transformers' own error says so only after loading."""
+    import importlib.util
+
+    if implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package (and a GPU); "
+            "install it, or use sdpa"
+        )
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

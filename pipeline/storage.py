@@ -40,11 +40,61 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+REMOTE_SCHEMES = ("s3", "gs", "gcs")
+"""fsspec protocols a storage root may name; anything else with `://` is refused by `resolve_root`."""
+
+
+def resolve_root(root: str) -> str:
+    """The one reading of `storage_root` that every stage uses (docs/design.md §5).
+
+    `~` and `$VARS` are expanded here, once, so fsspec (which expands `~`) and pathlib (which does
+    not) can never disagree about where a stage writes; `file://` becomes its plain path. Remote
+    roots keep their URL; only persistent object stores are accepted (a `memory://` set would be
+    gone in the next process).
+    """
+    text = str(root).strip()
+    if not text:
+        raise ConfigError("storage_root is empty; give a folder (or s3://bucket/prefix)")
+    scheme, sep, rest = text.partition("://")
+    if sep and scheme == "file":
+        if not rest.startswith("/"):
+            raise ConfigError(f"storage_root={root!r}: a file:// URL needs an absolute path, e.g. file:///data/x")
+        text = rest
+    elif sep:
+        if scheme not in REMOTE_SCHEMES:
+            why = " (it does not persist beyond one process)" if scheme == "memory" else ""
+            raise ConfigError(
+                f"storage_root={root!r}: {scheme}:// is not a supported storage{why}; use a local or mounted "
+                "folder, s3://bucket/prefix or gs://bucket/prefix"
+            )
+        if not rest.strip("/"):
+            raise ConfigError(f"storage_root={root!r} names no bucket; use {scheme}://bucket/prefix")
+        return text
+    text = os.path.expandvars(os.path.expanduser(text))
+    if "$" in text or text.startswith("~"):
+        raise ConfigError(
+            f"storage_root={root!r}: {text!r} still holds an unset variable or an unknown ~user; write the path out"
+        )
+    return text
+
+
+def is_remote(root: str | Path) -> bool:
+    """Whether a (resolved) storage root is an object store rather than a folder."""
+    return "://" in str(root)
+
+
 def inside(root: str | Path, *parts: str) -> Path:
     """`root/parts...`, refused unless it stays inside `root` (lexically: shared storage may be a symlink).
 
     Every writer builds its folder through this, so no name can lead a write or a delete elsewhere.
+    Runs, evaluations and builds need a real folder (checkpoints, memory maps, file locks): a remote
+    root is refused here rather than turned into a local folder named `s3:`.
     """
+    if is_remote(root):
+        raise ConfigError(
+            f"storage_root={str(root)!r} holds prior sets only; runs, evaluations, tokens and the embedded "
+            f"model ({'/'.join(parts)}) need a local or mounted folder (NFS, a FUSE mount of the bucket)"
+        )
     base = os.path.normpath(root)
     path = os.path.normpath(os.path.join(base, *parts))
     if os.path.commonpath([base, path]) != base or path == base:
@@ -71,6 +121,18 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     """sha256 of a file's bytes, read in 16 MiB chunks."""
     digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fast_hash_file(path: Path, chunk: int = 1 << 24) -> str:
+    """xxh3-128 of a file's bytes: a content key for caches (not for integrity against tampering,
+    which the prior cache's sha256 checksums cover), fast enough to read every data file each time."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)

@@ -308,6 +308,8 @@ def label_trust(gamma: Gamma, p_y: Tensor, topk_entropy: Tensor | None) -> Tenso
 def _prior_residual(stats: SupportStats, tail: TailPolicy, eta: float) -> tuple[Tensor, Tensor, Tensor]:
     """π̃ ∝ p^(1−η)·π_T^η on S and on the tail, with π_T completed by the tail policy."""
     assert stats.prior_logp_s is not None
+    if float(torch.tensor(eta, dtype=stats.logp_s.dtype)) == 0.0:
+        eta = 0.0  # an η that underflows in this dtype (1e-300 in float32) is η = 0, or 0·(−inf) gives NaN
     valid = stats.valid_s
     neg_inf = torch.tensor(-math.inf, dtype=stats.logp_s.dtype, device=valid.device)
     prior_lp = torch.where(valid, stats.prior_logp_s, neg_inf)

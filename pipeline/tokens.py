@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,15 +85,32 @@ Stored = tuple[dict[str, Any], list[Example]]
 """What the cache holds: the dataset's metadata (JSON) and its examples."""
 
 
-def cached(folder: Path, build: Callable[[], Stored]) -> Stored:
+@dataclass(frozen=True)
+class Limits:
+    """What every stored example must satisfy; a cache entry that breaks it is damaged."""
+
+    max_length: int
+    vocab_size: int
+
+
+class Damaged(Exception):
+    """A cache entry that cannot be what `_save` wrote (truncated, edited, half-deleted)."""
+
+
+def cached(folder: Path, build: Callable[[], Stored], limits: Limits) -> Stored:
     """The examples stored in `folder`, built by `build()` (meta, examples) first if it is absent.
 
     Builders take turns under a lock beside the folder; one that waited finds the folder complete
     and reads it, so a dataset is tokenised once however many processes start together. Where the
     cache cannot be written (a read-only storage root), the examples are built and kept in memory.
+    A damaged entry is treated as absent: removed (under the lock) and built again, with one line.
     """
     if (folder / "meta.json").exists():
-        return _load(folder)
+        try:
+            return _load(folder, limits)
+        except Damaged as e:
+            damaged = str(e)
+        log.warning("tokens: the cache entry %s is damaged (%s); rebuilding it", folder, damaged)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         lock = open(folder.parent / f".{folder.name}.lock", "w")  # noqa: SIM115 (the with below closes it)
@@ -101,6 +119,11 @@ def cached(folder: Path, build: Callable[[], Stored]) -> Stored:
         return build()
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
+        if folder.exists():
+            try:
+                return _load(folder, limits)  # another process built it while we waited
+            except Damaged:
+                shutil.rmtree(folder, ignore_errors=True)
         if not (folder / "meta.json").exists():
             meta, examples = build()
             try:
@@ -110,7 +133,10 @@ def cached(folder: Path, build: Callable[[], Stored]) -> Stored:
                 return meta, examples
             log.info("tokens: wrote %d examples to %s", len(examples), folder)
             del examples  # the in-memory copy goes before the mapped one is read
-    return _load(folder)
+        try:
+            return _load(folder, limits)
+        except Damaged as e:  # unreadable right after writing it: the storage itself is at fault
+            raise OSError(f"the tokenisation cache {folder} cannot be read back: {e}") from None
 
 
 def _save(folder: Path, meta: dict[str, Any], examples: list[Example]) -> None:
@@ -127,12 +153,31 @@ def _save(folder: Path, meta: dict[str, Any], examples: list[Example]) -> None:
         (tmp / "meta.json").write_text(json.dumps({**meta, "format_version": FORMAT_VERSION}, sort_keys=True))
 
 
-def _load(folder: Path) -> Stored:
-    meta = json.loads((folder / "meta.json").read_text())
-    meta.pop("format_version")
-    ids, completion, offsets, index = (
-        np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("input_ids", "completion", "offsets", "index")
-    )
+def _load(folder: Path, limits: Limits) -> Stored:
+    """Map the arrays, after checking they fit together and within `limits`.
+
+    Raises:
+        Damaged: a missing, truncated or edited file, or an example longer than `max_length` or
+            with an id outside the vocabulary.
+    """
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        if not isinstance(meta, dict) or meta.pop("format_version", None) != FORMAT_VERSION:
+            raise Damaged("meta.json is not this format's")
+        ids, completion, offsets, index = (
+            np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("input_ids", "completion", "offsets", "index")
+        )
+    except (OSError, ValueError, EOFError) as e:  # missing, truncated, not JSON / not .npy
+        raise Damaged(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
+    if ids.ndim != 1 or completion.shape != ids.shape or offsets.ndim != 1 or index.ndim != 1:
+        raise Damaged("array shapes do not fit together")
+    if len(offsets) != len(index) + 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != len(ids):
+        raise Damaged("offsets do not span input_ids")
+    lengths = np.diff(offsets)
+    if lengths.min() < 1 or lengths.max() > limits.max_length:
+        raise Damaged(f"an example is {int(lengths.max())} tokens, over data.max_length={limits.max_length}")
+    if ids.min() < 0 or ids.max() >= limits.vocab_size:
+        raise Damaged(f"token ids outside the vocabulary (0..{limits.vocab_size - 1})")
     bounds = offsets.tolist()
     examples = [
         Example(i, ids[lo:hi], completion[lo:hi])

@@ -36,11 +36,16 @@ class Trackers:
     def __init__(self, report_to: Sequence[str], run_dir: Path, run_name: str, config: dict[str, Any]) -> None:
         self.run_dir, self.names = Path(run_dir), list(report_to)
         ids_path = self.run_dir / "tracking.json"
-        ids = json.loads(ids_path.read_text()) if ids_path.exists() else {}
+        ids = _read_ids(ids_path) if self.names and ids_path.exists() else {}  # only trackers read it
         self._tb = self._mlflow = self._wandb = None
         if "tensorboard" in self.names:
             from torch.utils.tensorboard import SummaryWriter
 
+            if (self.run_dir / "tensorboard").exists() and not (self.run_dir / "tensorboard").is_dir():
+                raise TrackingError(
+                    f"{self.run_dir / 'tensorboard'} is a file, not TensorBoard's folder; move it away, or drop "
+                    "tensorboard from train.report_to"
+                )
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), flush_secs=10)
             self._tb.add_text("config", "```json\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
         if "mlflow" in self.names:
@@ -97,6 +102,18 @@ class Trackers:
             self._mlflow.set_terminated(self._ids["mlflow"])
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _read_ids(path: Path) -> dict[str, Any]:
+    try:
+        ids = json.loads(path.read_text())
+    except (OSError, ValueError):
+        ids = None
+    if not isinstance(ids, dict):
+        raise TrackingError(
+            f"{path} is damaged, so the tracker runs to continue are unknown; delete it to log to new tracker runs"
+        )
+    return ids
 
 
 def _import(module: str, extra: str) -> Any:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import cpu_kernels, data
+from pipeline import cpu_kernels, data, diagnostics
 from pipeline.batching import Batch, batch_shape_problem, collate, collate_for, micro_batches, step_batches
 from pipeline.checkpoints import (
     check_resume,
@@ -39,18 +39,20 @@ from pipeline.checkpoints import (
     full_state,
     load_checkpoint,
     rng_states,
+    run_lock,
     save_checkpoint,
     untied_for_saving,
     write_run_info,
 )
 from pipeline.config import RunConfig, TrainConfig, to_dict
-from pipeline.errors import CacheError, DivergedError, TrainError
+from pipeline.errors import CacheError, DivergedError, TrackingError, TrainError
 from pipeline.loss import TargetStats, fused_q_target_loss
 from pipeline.models import load_model, load_tokenizer, pad_id
 from pipeline.prior_cache import PriorStore
 from pipeline.prior_engines import PriorRecord
-from pipeline.resolve import resolve_inputs, run_dir, tokens_dir
+from pipeline.resolve import check_attention, resolve_inputs, run_dir, tokens_dir
 from pipeline.schedule import warmup_cosine
+from pipeline.storage import atomic_write_text
 from pipeline.targets import TargetSpec, from_config
 from pipeline.tracking import Trackers
 
@@ -90,7 +92,8 @@ class TargetLossModel(nn.Module):
 
 def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train; returns the folder of the final Hugging Face model."""
-    final = _train_loop(cfg, resume, progress)
+    with run_lock(run_dir(cfg), held=os.environ.get("RANK", "0") == "0"):
+        final = _train_loop(cfg, resume, progress)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_initialized():  # the group _init_distributed joined
         # Only now, with the loop's frame gone: FSDP modules hold pending gloo work, and freed at
         # interpreter exit instead it can abort the process ("terminate called without an active
@@ -109,6 +112,7 @@ def _train_loop(cfg: RunConfig, resume: bool, progress: bool) -> Path:
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     spec = from_config(tc.target)  # unknown presets and parameters fail here, before anything runs
+    check_attention(cfg.model.attn_implementation)
     if problem := batch_shape_problem(tc, world):
         raise TrainError(problem)
     out, final = run_dir(cfg), run_dir(cfg) / "final"
@@ -130,9 +134,14 @@ def _train_loop(cfg: RunConfig, resume: bool, progress: bool) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, tc.warmup_steps, tc.max_steps))
     start_step = load_checkpoint(out, model, optimizer, scheduler, fsdp, rank) if resume else 0
     finished = start_step >= tc.max_steps and final.joinpath("config.json").exists()  # a rerun of a done run
+    try:  # before run.json: a tracker that cannot start must leave no half-made run behind
+        trackers = Trackers(tc.report_to if rank == 0 else [], out, tc.name, to_dict(cfg))
+    except TrackingError:
+        if previous is None and rank == 0:
+            shutil.rmtree(out, ignore_errors=True)  # a new run: nothing in it predates this process (lock held)
+        raise
     if rank == 0 and not finished:
         write_run_info(out, cfg, prior_key, prepared, start_step, device)
-    trackers = Trackers(tc.report_to if rank == 0 else [], out, tc.name, to_dict(cfg))
 
     # --- loop ------------------------------------------------------------------------------------
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device == "cuda")
@@ -175,6 +184,7 @@ def _train_loop(cfg: RunConfig, resume: bool, progress: bool) -> Path:
     model_state = untied_for_saving(model, full_state(model, optimizer, fsdp)[0]) if fsdp else None
     if rank == 0 and not finished:
         _save_final(model, tokenizer, model_state, final)
+        _record_diagnostics(out, cfg, prepared.examples, prior_key, device)
     if world > 1:
         dist.barrier()
     return final
@@ -244,6 +254,22 @@ def _log_step(out: Path, tc: TrainConfig, record: dict[str, Any], trackers: Trac
         tc.name, record["step"], tc.max_steps, record["loss"], record["tokens_per_s"],
         "?" if math.isnan(eta) else time.strftime("%H:%M:%S", time.gmtime(eta)),
     )  # fmt: skip
+
+
+def _record_diagnostics(out: Path, cfg: RunConfig, examples: list[Any], prior_key: str | None, device: str) -> None:
+    """pipeline/diagnostics.py on the final model, into run.json's `diagnostics` (the KL term when the
+    run's prior set, or the experiment's, is at hand)."""
+    key = prior_key or cfg.train.prior_key
+    records = None
+    if key is not None:
+        try:
+            records = PriorStore(cfg.storage_root).open(key).load({e.index for e in examples[: diagnostics.SLICE]})
+        except CacheError as e:
+            log.info("diagnostics without the KL term: %s", e)
+    found = diagnostics.run_diagnostics(out / "final", examples, records, device)
+    info = json.loads((out / "run.json").read_text())
+    atomic_write_text(out / "run.json", json.dumps({**info, "diagnostics": found}, indent=2, default=str))
+    log.info("run %s diagnostics: %s", out, found)
 
 
 def _save_final(model: Any, tokenizer: Any, state: dict[str, Any] | None, final: Path) -> None:

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import base_model, cpu_kernels, synthetic
 from pipeline.config import BaseModelConfig, RunConfig, load_config, to_dict
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ModelError
 from pipeline.resolve import resolve_inputs
 
 from .conftest import REPO, TINY
@@ -235,3 +235,29 @@ def test_pretrain_calls_on_step_after_every_step_and_a_callback_that_reads_does_
         checksums.append(base_model.weights_checksum(model))
     assert seen == list(range(1, TINY.steps + 1))
     assert checksums[0] == checksums[1]
+
+
+def test_shipped_weights_replace_pretraining_and_a_from_scratch_build_reproduces_them(tmp_path, monkeypatch, capsys):
+    """The demo's first run loads a registered world's shipped base instead of pretraining it; the
+    build still derives the same bits from scratch (here on the TINY world; the demo's own base is
+    checked the same way by `target-sft base-model build --from-scratch`, README)."""
+    from pipeline import cli
+
+    monkeypatch.setattr(base_model, "SHIPPED", tmp_path / "worlds")
+    scratch = base_model.build(TINY, tmp_path / "a", progress=False, from_scratch=True)
+    base_model.ship(TINY, scratch)
+    loaded = base_model.build(TINY, tmp_path / "b", progress=False)
+    info = json.loads((loaded.model / base_model.SUCCESS).read_text())
+    assert info["weights_from"] == "shipped"
+    assert info["weights_sha256"] == json.loads((scratch.model / base_model.SUCCESS).read_text())["weights_sha256"]
+    for name in ("sft_train.jsonl", "sft_heldout.jsonl", "forgetting.jsonl", "validation.jsonl"):
+        assert (loaded.datasets / name).read_bytes() == (scratch.datasets / name).read_bytes()
+    assert (loaded.model / "tokenizer.json").read_bytes() == (scratch.model / "tokenizer.json").read_bytes()
+    cfg = load_config(RunConfig, None, [f"base_model={json.dumps(to_dict(TINY))}"])
+    assert "identical to the shipped" in cli.compare_with_shipped(cfg, scratch)
+    (shipped,) = (tmp_path / "worlds").glob("*.safetensors")
+    data = bytearray(shipped.read_bytes())
+    data[-3] ^= 0xFF
+    shipped.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="does not hold the weights its record names"):
+        base_model.build(TINY, tmp_path / "c", progress=False)

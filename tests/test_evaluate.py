@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -192,3 +194,16 @@ def test_vllm_and_hf_greedy_answers_agree(tiny_build, tmp_path):
         len(s) == 3
         for s in [json.loads(x)["samples"] for x in (tmp_path / "vllm" / "samples.jsonl").read_text().splitlines()]
     )
+
+
+def test_a_changed_reference_answer_is_not_served_from_an_old_report(tiny_build, tmp_path):
+    """Same size and mtime, another answer: the report's key reads the set files' content (issue 25)."""
+    path = tmp_path / "set.jsonl"
+    path.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    stamp = path.stat()
+    sets = [EvalSetConfig(name="s", path=str(path))]
+    before = evaluate.report_fingerprint(EvalConfig(), Path(tiny_build.model), sets, None)
+    path.write_text(json.dumps({"question": "1+1?", "answer": "3"}) + "\n")
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stamp.st_size, stamp.st_mtime_ns)
+    assert evaluate.report_fingerprint(EvalConfig(), Path(tiny_build.model), sets, None) != before

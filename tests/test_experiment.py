@@ -8,7 +8,8 @@ import re
 import pytest
 
 from pipeline import experiment
-from pipeline.config import ExperimentConfig, TargetConfig
+from pipeline.config import EvalSetConfig, ExperimentConfig, RunConfig, TargetConfig, load_config
+from pipeline.errors import ConfigError
 from pipeline.targets import TargetError
 from tests.conftest import tiny_args
 
@@ -169,3 +170,18 @@ def test_select_never_reads_the_held_out_problems(prefect_server, tmp_path):
         info = json.loads((tmp_path / "runs" / run / "run.json").read_text())
         assert info["config"]["data"]["eval_path"] == str(build.validation)  # the eval loss too
     assert not build.sft_heldout.exists() and not build.forgetting.exists()
+
+
+def test_selection_of_an_objectives_own_lr_trains_that_objective_under_its_own_name():
+    """`select.target`: the second lr protocol of issue 22 (each objective at its own validated lr)."""
+    shared = load_config(RunConfig, None, ["experiment.name=w"])
+    own = load_config(RunConfig, None, ["experiment.name=w", "select.target={preset: target_sft, eta: 0.5}"])
+    validation = EvalSetConfig(name="val", path="val.jsonl")
+    for cfg, name, preset in ((shared, "w-select", "sft"), (own, "w-select-target_sft-eta0.5", "target_sft")):
+        overrides = experiment.selection_overrides(cfg, validation)
+        assert f"experiment.name={name}" in overrides
+        grid = load_config(RunConfig, None, overrides).experiment
+        runs = experiment.expand_grid(grid)
+        assert {r.target.preset for r in runs} == {preset} and len(runs) == 6
+    with pytest.raises(ConfigError, match=r"select\.target: .*unknown target preset 'nope'"):
+        load_config(RunConfig, None, ["select.target=nope"])

@@ -221,6 +221,35 @@ def test_corrupted_shard_is_caught_by_verify_and_refused_by_the_reader(tiny_buil
         list(store.open(result.key).iter_records())
 
 
+def _edit_manifest(path: Path, edit) -> None:
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+MANIFEST_EDITS = {
+    "edited example count": (lambda m: m["counts"].update(examples=m["counts"]["examples"] + 5), "counts.examples="),
+    "edited token count": (lambda m: m["counts"].update(scored_tokens=7), "counts.scored_tokens=7"),
+    "a shard entry listed twice": (lambda m: m["shards"].append(dict(m["shards"][0])), "lists a shard twice"),
+    "a shard entry pointing at another shard": (
+        lambda m: m["shards"][1].update({k: m["shards"][0][k] for k in ("file", "sha256", "bytes", "examples")}),
+        "appears in shards/00000.parquet and in shards/00000.parquet",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", list(MANIFEST_EDITS), ids=list(MANIFEST_EDITS))
+def test_verify_checks_counts_and_that_every_example_appears_once(tiny_build, tmp_path, edit):
+    """Before issue 25, `cache verify` said ok after each of these edits."""
+    result = priors.capture(make_cfg(tiny_build, tmp_path), progress=False)
+    store = PriorStore(str(tmp_path))
+    assert store.verify(result.key) == []
+    change, phrase = MANIFEST_EDITS[edit]
+    _edit_manifest(tmp_path / "priors" / result.key / "manifest.json", change)
+    problems = store.verify(result.key)
+    assert any(phrase in p for p in problems), problems
+
+
 def test_reader_refuses_incomplete_and_mismatched_sets(tiny_build, tmp_path):
     result = priors.capture(make_cfg(tiny_build, tmp_path), progress=False)
     store = PriorStore(str(tmp_path))

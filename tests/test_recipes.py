@@ -29,6 +29,10 @@ def test_recipe_dry_run(setting):
     assert (tc.lr, tc.batch_size, tc.epochs, tc.precision) == (5e-5, 256, 1, "bf16")
     assert cfg.data.max_length == (800 if setting.startswith("m23k") else 3072)
     assert cfg.priors.engine == "vllm" and cfg.eval.engine == "vllm" and cfg.eval.n == 16
+    # the papers' harness: Qwen2.5-Math's evaluation at N_SAMPLING=16, TEMPERATURE=1, top_p 1 (issue 22)
+    assert (cfg.eval.temperature, cfg.eval.top_p) == (1.0, 1.0)
+    if not setting.startswith("m23k"):
+        assert [s.name for s in cfg.eval.sets] == ["math500", "aime24", "amc23", "minerva", "olympiadbench"]
     assert all(s.answer_type == ("choice" if setting.startswith("m23k") else "math") for s in cfg.eval.sets)
     big = setting.endswith(("-7b", "-8b"))
     assert (tc.parallel, tc.processes) == (("fsdp", 8) if big else ("ddp", 1))
@@ -158,3 +162,37 @@ def test_recipe_runs_shrunk_through_priors_train_and_eval(setting, tiny_build, l
     report = json.loads(evaluate.evaluate_run(cfg, progress=False).read_text())
     assert captured.complete and (final / "config.json").exists()
     assert report["overall"]["problems"] == 4 * len(shipped.eval.sets)
+
+
+def test_check_names_every_missing_path_of_a_shipped_recipe(tmp_path, capsys):
+    """`target-sft check` on a recipe as shipped: its model, data and eval files are not on this machine."""
+    from pipeline import cli
+
+    recipe = PAPER / "numina-qwen2.5-math-1.5b.yaml"
+    assert cli.main(["check", str(recipe), f"--set=storage_root={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    cfg = load_config(RunConfig, recipe)
+    for path in [cfg.model.path, cfg.data.path, *(s.path for s in cfg.eval.sets)]:
+        assert str(path) in err, path
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen3"])
+def test_check_passes_on_the_fixture_families(family, llama3_style, qwen3_style, tmp_path, capsys):
+    import json
+
+    from pipeline import cli
+    from tests.conftest import hub_snapshot, write_jsonl
+
+    setting = "m23k-llama-3.2-3b" if family == "llama3" else "numina-qwen3-1.7b"
+    shipped = load_config(RunConfig, PAPER / f"{setting}.yaml")
+    data_path = hub_snapshot(tmp_path / "sft", _rows(shipped.data.format, shipped.data.columns))
+    sets = [{**{k: getattr(s, k) for k in ("name", "question_column", "answer_column", "answer_type",
+                                            "prompt_template")}, "path": str(write_jsonl(tmp_path / f"{s.name}.jsonl",
+                                                                                         _eval_rows(s)))}
+            for s in shipped.eval.sets]  # fmt: skip
+    model = llama3_style if family == "llama3" else qwen3_style
+    overrides = [f"storage_root={tmp_path / 'storage'}", f"model.path={model}", f"data.path={data_path}",
+                 f"eval.sets={json.dumps(sets)}", "train.parallel=ddp", "train.processes=1"]  # fmt: skip
+    code = cli.main(["check", str(PAPER / f"{setting}.yaml"), *(f"--set={o}" for o in overrides)])
+    assert code == 0, capsys.readouterr().err

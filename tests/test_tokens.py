@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -71,7 +72,7 @@ def _build_with_log(folder: str, log: str) -> list[int]:
         examples = [Example.from_labels(i, [i, i + 1, i + 2], [-100, i + 1, i + 2]) for i in range(5)]
         return {"note": "built"}, examples
 
-    meta, examples = tokens.cached(Path(folder), build)
+    meta, examples = tokens.cached(Path(folder), build, tokens.Limits(max_length=8, vocab_size=16))
     assert meta == {"note": "built"}
     return [int(x) for e in examples for x in e.input_ids]
 
@@ -100,3 +101,69 @@ def test_pad_rows_places_tokens_and_mask(left):
     expected = [[5, 6, 7], [0, 0, 8]] if left else [[5, 6, 7], [8, 0, 0]]
     assert ids.tolist() == expected and ids.dtype == torch.long
     assert mask.tolist() == [[1, 1, 1], [int(x != 0) for x in expected[1]]]
+
+
+def test_an_edit_of_the_same_length_with_its_timestamp_restored_is_tokenised_again(tiny_build, tokenizer, tmp_path):
+    """The cache is keyed on content: `touch -r` cannot make it serve the old tokens (issue 25)."""
+    source = tmp_path / "sft.jsonl"
+    text = Path(tiny_build.sft_train).read_text()
+    source.write_text(text)
+    stamp = source.stat()
+    cache = tmp_path / "tokens"
+    before = data.prepare(DataConfig(max_length=128), source, tokenizer, cache)
+    first = json.loads(text.split("\n", 1)[0])
+    completion = first["messages"][-1]["content"]
+    digits = str.maketrans("0123456789", "9876543210")
+    edited_row = {
+        **first,
+        "messages": [*first["messages"][:-1], {"content": completion.translate(digits), "role": "assistant"}],
+    }
+    assert len(json.dumps(edited_row)) == len(json.dumps(first)) and edited_row != first
+    lines = text.split("\n")
+    lines[0] = json.dumps(edited_row)
+    source.write_text("\n".join(lines))
+    os.utime(source, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert source.stat().st_size == stamp.st_size and source.stat().st_mtime_ns == stamp.st_mtime_ns
+    after = data.prepare(DataConfig(max_length=128), source, tokenizer, cache)
+    assert after.fingerprint != before.fingerprint
+    assert after.examples[0].input_ids.tolist() != before.examples[0].input_ids.tolist()
+
+
+def _stretch_first(offsets: np.ndarray) -> np.ndarray:
+    """Example 0 runs into example 1, which keeps one token: counts stay, a length breaks the limit."""
+    offsets = offsets.copy()
+    offsets[1] = offsets[2] - 1
+    return offsets
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "truncated input_ids.npy": lambda f: _truncate(f / "input_ids.npy"),
+    "truncated meta.json": lambda f: _truncate(f / "meta.json"),
+    "empty meta.json": lambda f: (f / "meta.json").write_text(""),
+    "deleted index.npy": lambda f: (f / "index.npy").unlink(),
+    "ids outside the vocabulary": lambda f: np.save(f / "input_ids.npy", np.load(f / "input_ids.npy") + 10**6),
+    "offsets that merge examples": lambda f: np.save(
+        f / "offsets.npy", np.concatenate([[0], np.load(f / "offsets.npy")[2:]])
+    ),
+    "an example past max_length": lambda f: np.save(f / "offsets.npy", _stretch_first(np.load(f / "offsets.npy"))),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE), ids=list(DAMAGE))
+def test_a_damaged_entry_is_rebuilt_with_one_line(tiny_build, tokenizer, tmp_path, damage, caplog):
+    """A truncated, emptied, half-deleted or edited entry is treated as absent: rebuilt, said once."""
+    cfg = DataConfig(max_length=48, limit=64)  # truncated to 48: two examples together are longer
+    prepared = data.prepare(cfg, tiny_build.sft_train, tokenizer, tmp_path)
+    expected = [(e.input_ids.tolist(), e.labels.tolist()) for e in prepared.examples]
+    del prepared  # its arrays map the files about to be damaged
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    DAMAGE[damage](folder)
+    caplog.set_level(logging.WARNING, logger="pipeline")
+    again = data.prepare(cfg, tiny_build.sft_train, tokenizer, tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(warnings) == 1 and "rebuilding it" in warnings[0]
+    assert [(e.input_ids.tolist(), e.labels.tolist()) for e in again.examples] == expected
