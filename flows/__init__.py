@@ -31,6 +31,27 @@ def default_prefect_home(
     return str(cwd / ".prefect" / version)
 
 
+def home_paths(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:
+    """The files Prefect writes that do not follow PREFECT_HOME, pointed into it.
+
+    Prefect 3.7 computes the defaults of `results.local_storage_path` and `server.memo_store_path`
+    inside their own settings sections, where the top-level `home` is not visible, so they fall back
+    to `~/.prefect/` whatever PREFECT_HOME says (prefect/settings/models/_defaults.py): the tests
+    left `~/.prefect/storage` behind and the demo warned about `~/.prefect/memo_store.toml`. Where a
+    home is set (ours or the user's) and the user has not chosen these paths, they go under it.
+    """
+    home = environ.get("PREFECT_HOME")
+    if not home:
+        return {}
+    wanted = {
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(Path(home) / "storage"),
+        "PREFECT_SERVER_MEMO_STORE_PATH": str(Path(home) / "memo_store.toml"),
+    }
+    aliases = {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": "PREFECT_LOCAL_STORAGE_PATH", "PREFECT_SERVER_MEMO_STORE_PATH":
+               "PREFECT_MEMO_STORE_PATH"}  # fmt: skip
+    return {k: v for k, v in wanted.items() if not environ.get(k) and not environ.get(aliases[k])}
+
+
 def retry_unexpected(task: Any, task_run: Any, state: Any) -> bool:
     """Every task's retry condition: retry what may pass next time (a lost GPU, a full node), never
     an input error or a divergence (`TargetSFTError`), which would only fail again."""
@@ -56,3 +77,4 @@ if _home is not None:
     os.environ["PREFECT_HOME"] = _home
     # A first start migrates a new database: on a busy 2-core machine that can pass Prefect's 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.update(home_paths(os.environ))

@@ -97,7 +97,10 @@ def default_build() -> base_model.BaseModelPaths:
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """A real temporary Prefect server (prefect_test_harness) for the flow tests."""
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(home / "storage")  # see flows.home_paths
+    os.environ["PREFECT_SERVER_MEMO_STORE_PATH"] = str(home / "memo_store.toml")
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):

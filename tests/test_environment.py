@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flows import default_prefect_home
+from flows import default_prefect_home, home_paths
 from tests.conftest import REPO
 
 VERSION = importlib.metadata.version("prefect")
@@ -47,10 +47,15 @@ if len(sys.argv) > 1:
     md.version = lambda name: sys.argv[1] if name == "prefect" else real(name)
 import flows
 md.version = real
-from prefect import flow
+from prefect import flow, task
+
+@task(persist_result=True)
+def kept() -> int:
+    return 1
 
 @flow
 def where() -> str:
+    kept()
     return os.environ["PREFECT_HOME"]
 
 print("home:", where())
@@ -83,6 +88,19 @@ def test_flows_run_after_another_prefect_version_migrated_its_home(tmp_path):
     assert f"home: {project / '.prefect' / VERSION}" in current.stdout
     assert (project / ".prefect" / VERSION / "prefect.db").exists()
     assert not (home / ".prefect").exists()  # nothing written into the user's own Prefect folder
+    # persisted results follow the home (Prefect's own default ignores PREFECT_HOME: flows.home_paths)
+    assert any((project / ".prefect" / VERSION / "storage").iterdir())
+
+
+def test_prefect_files_follow_the_chosen_home_unless_the_user_chose_them():
+    assert home_paths({"PREFECT_HOME": "/h"}) == {
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": "/h/storage",
+        "PREFECT_SERVER_MEMO_STORE_PATH": "/h/memo_store.toml",
+    }
+    assert home_paths({"PREFECT_HOME": "/h", "PREFECT_LOCAL_STORAGE_PATH": "/mine"}) == {
+        "PREFECT_SERVER_MEMO_STORE_PATH": "/h/memo_store.toml"
+    }
+    assert home_paths({}) == {}  # the user's own ~/.prefect (a profile): theirs to decide
 
 
 def test_demo_and_tests_install_the_one_lock():
