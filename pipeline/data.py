@@ -11,6 +11,7 @@ with `labels[t + 1] != -100`.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import glob
 import hashlib
@@ -71,6 +72,7 @@ class PreparedData:
 
 
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+BUILDERS = set(DATA_SUFFIXES.values())
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -100,6 +102,8 @@ def open_source(
     text = str(path)
     local = Path(text)
     if local.is_file() and data_files is None:
+        if local.suffix.lower() == ".jsonl":
+            return _jsonl_source(local)
         rows = _read_file(local)
         return Source(text, list(rows[0]) if rows else [], lambda cols: iter(_only(rows, cols)))
     if local.is_dir() and any((local / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
@@ -134,6 +138,49 @@ def _only(rows: list[dict[str, Any]], columns: list[str] | None) -> list[dict[st
     if columns is None:
         return rows
     return [{k: row[k] for k in columns if k in row} if isinstance(row, dict) else row for row in rows]
+
+
+def _jsonl_source(path: Path) -> Source:
+    """A JSONL file read a line at a time: tokenising takes the rows a batch at a time, so the file
+    is never held whole, as text or as Python objects (README "Data preparation"). Our own reader,
+    not Arrow's: its errors name the line, and pyarrow's JSON parser crashes the process on a row
+    nested 100,000 deep."""
+    _check_utf8(path)
+
+    def rows() -> Iterator[Any]:
+        with open(path, "rb") as fh:
+            for i, raw in enumerate(fh):  # split on "\n" only, as _read_file does
+                if raw.strip():
+                    yield _parse_json(raw.decode("utf-8"), f"{path} line {i + 1}")
+
+    first = next(rows(), None)
+    columns = list(first) if isinstance(first, dict) else []
+    return Source(str(path), columns, lambda cols: (_only([row], cols)[0] for row in rows()))
+
+
+NEWLINE = b"\n"
+
+
+def _check_utf8(path: Path, chunk: int = 1 << 24) -> None:
+    """Refuse a file that is not UTF-8, naming the line, without holding it (Arrow would only fail
+    later, on the row that holds the bad byte)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                at = max(e.start, 0)
+                where = line + block[:at].count(NEWLINE)
+                raise DataError(
+                    f"{path} line {where} is not valid UTF-8 (byte {offset + at}); re-encode the file as UTF-8"
+                ) from None
+            if not block:
+                return
+            line += block.count(NEWLINE)
+            offset += len(block)
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
@@ -180,7 +227,10 @@ def _load_dataset(path: str, split: str | None, subset: str | None, data_files: 
     try:
         if Path(path).is_dir() and data_files is None:
             _check_files_inside(path, datasets.load_dataset_builder(path, name=subset).config.data_files)
-        loaded = datasets.load_dataset(path, name=subset, data_files=data_files, cache_dir=_cache_dir(path))
+        # a builder name (json, csv, ...) is keyed by the files it reads, or datasets' own key (their
+        # mtimes) would serve an edit that kept the size and the timestamp from the old Arrow cache
+        source = data_files if path in BUILDERS and isinstance(data_files, str) else path
+        loaded = datasets.load_dataset(path, name=subset, data_files=data_files, cache_dir=_cache_dir(source))
     except DataError:
         raise
     except Exception as e:  # datasets raises many kinds (ValueError, FileNotFoundError, DatasetNotFoundError, ...)
