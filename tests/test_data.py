@@ -198,3 +198,19 @@ def test_summary_and_highlight(tiny_build, tokenizer):
     assert 0 < info["completion_tokens"] < info["tokens"]
     shown = data.highlight(prepared.examples[0], tokenizer, color=False)
     assert "⟦" in shown and "####" in shown.split("⟦", 1)[1]
+
+
+@pytest.mark.parametrize("glob_form", [False, True])
+def test_a_csv_edited_in_place_with_its_timestamp_restored_is_read_again(tmp_path, glob_form):
+    """datasets keys its Arrow cache of a builder's files (csv, globs) by their mtimes; ours reads
+    their content (pipeline/data.py `_cache_dir`)."""
+    import os
+
+    path = tmp_path / "rows.csv"
+    path.write_text("prompt,completion\nwhat is 1+1,2\n")
+    stamp = path.stat()
+    target = str(tmp_path / "*.csv") if glob_form else path
+    assert data.open_source(target).read(None) == [{"prompt": "what is 1+1", "completion": 2}]
+    path.write_text("prompt,completion\nwhat is 1+2,3\n")
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert data.open_source(target).read(None) == [{"prompt": "what is 1+2", "completion": 3}]
