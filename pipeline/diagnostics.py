@@ -44,7 +44,7 @@ def run_diagnostics(
     kl: list[np.ndarray] = []
     chosen = examples[:SLICE]
     for example in chosen:
-        ids = torch.as_tensor(example.input_ids, dtype=torch.long, device=device)[None]
+        ids = torch.from_numpy(example.input_ids.astype(np.int64)).to(device)[None]  # a copy: the cache is read-only
         hidden = model.base_model(input_ids=ids).last_hidden_state[0, :-1]
         scored = np.flatnonzero(example.completion[1:])  # position t predicts token t + 1
         head = model.get_output_embeddings()
