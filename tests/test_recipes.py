@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import experiment
-from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.config import ConfigError, RunConfig, load_config, to_dict
 from pipeline.errors import TargetError
 
 PAPER = Path(__file__).resolve().parent.parent / "configs" / "paper"
@@ -46,9 +46,10 @@ REGIMES = Path(__file__).resolve().parent.parent / "configs" / "regimes"
 
 @pytest.mark.parametrize("regime", ["new-format", "clean-data", "teacher", "rare-phrasing"])
 def test_regime_dry_run(regime):
-    """configs/regimes/: each world differs from the demo only where its comment says."""
+    """configs/regimes/: each earlier world differs from the model-weak world (the demo it was written
+    beside) only where its comment says."""
     cfg = load_config(RunConfig, REGIMES / f"{regime}.yaml")
-    demo = load_config(RunConfig, PAPER.parent / "demo.yaml")
+    demo = load_config(RunConfig, REGIMES / "model-weak.yaml")
     assert experiment.dry_run(cfg)["runs"] and cfg.experiment.name == f"regime-{regime}"
     assert (cfg.eval.n, cfg.eval.max_new_tokens, cfg.train.batch_size) == (demo.eval.n, 128, 16) == (2, 128, 16)
     if regime == "new-format":
@@ -196,3 +197,15 @@ def test_check_passes_on_the_fixture_families(family, llama3_style, qwen3_style,
                  f"eval.sets={json.dumps(sets)}", "train.parallel=ddp", "train.processes=1"]  # fmt: skip
     code = cli.main(["check", str(PAPER / f"{setting}.yaml"), *(f"--set={o}" for o in overrides)])
     assert code == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("world", ["model-weak", "model-intermediate", "model-strong"])
+def test_the_continuum_worlds_share_one_protocol_and_the_demo_is_the_strong_one(world):
+    """The three registered worlds: the same grid, seeds, sets and sampling (the papers' harness)."""
+    cfg = load_config(RunConfig, REGIMES / f"{world}.yaml")
+    assert experiment.dry_run(cfg)["runs"] and cfg.experiment.name == world
+    assert (cfg.eval.n, cfg.eval.temperature, cfg.eval.top_p, cfg.experiment.seeds) == (2, 1.0, 1.0, [0, 1, 2])
+    assert cfg.experiment.targets[:3] == ["sft", "dft", {"preset": "target_sft", "eta": 0.5}]
+    demo = load_config(RunConfig, PAPER.parent / "demo.yaml")
+    if world == "model-strong":
+        assert to_dict(demo) == to_dict(cfg)  # `make demo` runs this registered experiment
