@@ -315,13 +315,8 @@ def _hub_offline() -> bool:
 
 
 def _read_utf8(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(
-            f"{path} line {line} is not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8"
-        ) from None
+    _check_utf8(path)  # names the line of a bad byte
+    return path.read_text(encoding="utf-8")
 
 
 def _parse_json(text: str, where: str) -> Any:

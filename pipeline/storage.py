@@ -118,25 +118,25 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    """sha256 of a file's bytes, read in 16 MiB chunks."""
-    digest = hashlib.sha256()
+def _digest_file(path: Path, digest: Any, chunk: int = 1 << 24) -> str:
+    """Feed a file to `digest` in 16 MiB chunks; its hex digest."""
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)
-    return digest.hexdigest()
+    return str(digest.hexdigest())
 
 
-def fast_hash_file(path: Path, chunk: int = 1 << 24) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    return _digest_file(path, hashlib.sha256())
+
+
+def fast_hash_file(path: Path) -> str:
     """xxh3-128 of a file's bytes: a content key for caches (not for integrity against tampering,
     which the prior cache's sha256 checksums cover), fast enough to read every data file each time."""
     import xxhash
 
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    return _digest_file(path, xxhash.xxh3_128())
 
 
 def sha256_json(obj: Any) -> str:
