@@ -1,10 +1,12 @@
 """Checkpoints and the run folder's resume contract (docs/design.md §5).
 
 A checkpoint `<run>/checkpoints/step-N/` is a Hugging Face model folder (vLLM and transformers load
-it directly, in the training dtype) plus `trainer_state.pt` (optimizer, scheduler, every process's
-RNG state; loaded with `weights_only=True`, so it never executes code) and `checkpoint.json` (the
-sha256 of every file). It is written under a temporary name and renamed into place; the last two
-are kept, and resume takes the newest one that verifies.
+it directly, in the training dtype) plus the trainer state (optimizer, scheduler, every process's
+RNG state) as safetensors and a JSON skeleton, so loading it never executes code, and
+`checkpoint.json` (sha256 and size of every file). Digests are computed while writing and while
+reading (`tensorfiles`), so a save reads nothing back and a resume reads each byte once. It is
+written under a temporary name and renamed into place; the last two are kept, and resume takes the
+newest one that reads back as written.
 
 Resume is strict: the resolved training config, the dataset fingerprint and the prior key must be
 the recorded ones, except `RESUME_MAY_CHANGE`.
@@ -14,11 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import math
 import os
-import pickle
 import random
 import shutil
 from collections.abc import Iterator
@@ -27,15 +29,18 @@ from typing import Any, cast
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.config import RunConfig, flatten, to_dict
 from pipeline.errors import TrainError
 from pipeline.storage import atomic_write_text, sha256_file
+from pipeline.tensorfiles import Damaged, join_tree, load_tensors, save_tensors, split_tree
 
 log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+STATE_TENSORS = "trainer_state.safetensors"  # optimizer moments, RNG states: tensors of the trainer state
+STATE_SKELETON = "trainer_state.json"  # the rest of it (steps, lrs, scheduler), naming those tensors
 
 
 def full_state(model: nn.Module, optimizer: Any, fsdp: bool) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -84,22 +89,32 @@ def save_checkpoint(
     rng: list[dict[str, Any]] | None,
 ) -> None:
     """A Hugging Face model folder (vLLM and transformers load it directly, in the training dtype) plus
-    `trainer_state.pt` (optimizer, scheduler, every rank's RNG) and `checkpoint.json` (sha256 of every
-    file), written under a temporary name and renamed into place."""
+    the trainer state (optimizer, scheduler, every rank's RNG) and `checkpoint.json` (sha256 and size
+    of every file), written under a temporary name and renamed into place. The weights and the
+    trainer state are hashed as they are written, so nothing is read back (`tensorfiles`)."""
     final = out / "checkpoints" / f"step-{step:06d}"
     tmp = out / "checkpoints" / f".step-{step:06d}.tmp"
     try:  # created inside the try: a Ctrl-C right after mkdir still reaches the cleanup below
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        model.save_pretrained(tmp, state_dict=untied_for_saving(model, model_state))
-        tokenizer.save_pretrained(tmp)
+        weights = untied_for_saving(model, model_state)
+        files = {WEIGHTS: save_tensors(weights, tmp / WEIGHTS)}
         trainer_state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng, "step": step}
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        atomic_write_text(tmp / "checkpoint.json", json.dumps({"step": step, "sha256": files}, indent=2))
+        skeleton, tensors = split_tree(trainer_state)
+        files[STATE_TENSORS] = save_tensors(tensors, tmp / STATE_TENSORS)
+        blob = json.dumps(skeleton).encode()
+        (tmp / STATE_SKELETON).write_bytes(blob)
+        files[STATE_SKELETON] = {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}
+        _save_config(model, weights, tmp)
+        tokenizer.save_pretrained(tmp)
+        for small in sorted(tmp.iterdir()):  # config and tokenizer files: kilobytes, hashed after writing
+            if small.is_file() and small.name not in files:
+                files[small.name] = {"sha256": sha256_file(small), "size": small.stat().st_size}
+        manifest = {"step": step, "files": dict(sorted(files.items()))}
+        atomic_write_text(tmp / "checkpoint.json", json.dumps(manifest, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
-    except (OSError, RuntimeError, SafetensorError) as e:  # e.g. no space left on device
+    except (OSError, RuntimeError, TypeError) as e:  # e.g. no space left on device
         raise TrainError(
             f"could not write checkpoint step {step} to {out}: {e}; the previous checkpoint is intact"
         ) from e
@@ -110,34 +125,68 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
 
 
-def verify_checkpoint(folder: Path) -> str | None:
-    """Why a checkpoint folder cannot be trusted (missing or changed file), or None when it verifies."""
+def _save_config(model: Any, weights: dict[str, Any], folder: Path) -> None:
+    """The config files `save_pretrained` writes beside the weights (the weights we write ourselves)."""
+    config = model.config
+    config.architectures = [type(model).__name__.removeprefix("FSDP")]
+    floating = [t.dtype for t in weights.values() if t.is_floating_point()]
+    if floating:
+        config.dtype = str(floating[0]).split(".")[1]
+    config.save_pretrained(folder)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights and trainer state of one checkpoint, each byte read once: sizes are checked
+    first, and the digests of the files a resume loads are computed while they are read.
+
+    Raises:
+        Damaged: a file is missing, unlisted, of another size or changed; or the checkpoint was
+            written by an older version (a pickled `trainer_state.pt`).
+    """
     try:
         manifest = json.loads((folder / "checkpoint.json").read_text())
-        listed = manifest["sha256"]
+        if "files" not in manifest and "trainer_state.pt" in manifest.get("sha256", {}):
+            raise Damaged("written by an older target-sft (trainer_state.pt); resume it with that version")
+        files = manifest["files"]
         present = {p.name for p in folder.iterdir() if p.is_file() and p.name != "checkpoint.json"}
-        unlisted = sorted(present - set(listed))
-        if unlisted or "trainer_state.pt" not in listed or not any(n.endswith(".safetensors") for n in listed):
-            return f"checkpoint.json does not cover {unlisted or 'the weights and trainer state'}"
-        for name, digest in listed.items():
-            if sha256_file(folder / name) != digest:
-                return f"{name} does not match its checksum"
+        missing = sorted({WEIGHTS, STATE_TENSORS, STATE_SKELETON} - set(files))
+        unlisted = sorted(present - set(files))
+        if missing or unlisted:
+            raise Damaged(f"checkpoint.json does not cover {unlisted or missing}")
+        for name, entry in files.items():
+            size = (folder / name).stat().st_size
+            if size != entry["size"]:
+                raise Damaged(f"{name} has {size} bytes, checkpoint.json says {entry['size']}")
+        blob = (folder / STATE_SKELETON).read_bytes()
+        if hashlib.sha256(blob).hexdigest() != files[STATE_SKELETON]["sha256"]:
+            raise Damaged(f"{STATE_SKELETON} does not match its checksum")
+        state = join_tree(json.loads(blob), load_tensors(folder / STATE_TENSORS, files[STATE_TENSORS]))
+        return load_tensors(folder / WEIGHTS, files[WEIGHTS]), state
+    except Damaged:
+        raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"unreadable ({type(e).__name__}: {e})"
+        raise Damaged(f"unreadable ({type(e).__name__}: {e})") from None
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted (missing, unlisted or changed file), or None."""
+    try:
+        read_checkpoint(folder)
+    except Damaged as e:
+        return str(e)
     return None
 
 
-def newest_good_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that verifies and whose trainer state loads (without running code), with
-    that state; a truncated, changed or unloadable newer one is skipped, with a warning."""
+def newest_good_checkpoint(out: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The newest checkpoint that reads back as written, with its weights and trainer state; a
+    truncated, changed or older-format newer one is skipped, with a warning."""
     for folder in sorted((out / "checkpoints").glob("step-*"), reverse=True):
-        problem = verify_checkpoint(folder)
-        if problem is None:
-            try:
-                return folder, torch.load(folder / "trainer_state.pt", weights_only=True)  # never executes code
-            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-                problem = f"trainer_state.pt does not load as plain tensors: {(str(e).splitlines() or [''])[0][:200]}"
-        log.warning("checkpoint %s is unusable (%s); trying the one before it", folder, problem)
+        try:
+            return folder, *read_checkpoint(folder)
+        except Damaged as e:
+            log.warning("checkpoint %s is unusable (%s); trying the one before it", folder, e)
     return None
 
 
@@ -147,9 +196,9 @@ def load_checkpoint(out: Path, model: nn.Module, optimizer: Any, scheduler: Any,
         if list((out / "checkpoints").glob("step-*")):
             raise TrainError(f"no checkpoint of {out} verifies; start a new run (another train.name)")
         return 0
-    folder, state = found
+    folder, model_state, state = found
     log.info("resuming %s from %s", out, folder.name)
-    model_state = _retied(model, {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()})
+    model_state = _retied(model, model_state)
     if fsdp:  # every rank loads the full state and keeps its own shard
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,

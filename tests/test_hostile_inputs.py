@@ -396,8 +396,13 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def _evil_trainer_state(run: Path) -> None:
-    """The newest trainer_state.pt replaced by a pickle that would run code, its checksum updated to match."""
+def _newest(run: Path) -> Path:
+    return sorted((run / "checkpoints").glob("step-*"))[-1]
+
+
+def _older_format(run: Path) -> None:
+    """The newest checkpoint as the previous version wrote it: a pickled trainer_state.pt (one that
+    would run code) listed in a sha256-only checkpoint.json."""
     import pickle
 
     from pipeline.storage import sha256_file
@@ -406,20 +411,38 @@ def _evil_trainer_state(run: Path) -> None:
         def __reduce__(self):
             return (print, ("code ran",))
 
-    newest = sorted((run / "checkpoints").glob("step-*"))[-1]
+    newest = _newest(run)
     (newest / "trainer_state.pt").write_bytes(pickle.dumps({"step": Evil()}))
-    manifest = json.loads((newest / "checkpoint.json").read_text())
-    manifest["sha256"]["trainer_state.pt"] = sha256_file(newest / "trainer_state.pt")
-    (newest / "checkpoint.json").write_text(json.dumps(manifest))
+    listed = {p.name: sha256_file(p) for p in newest.iterdir() if p.name != "checkpoint.json"}
+    (newest / "checkpoint.json").write_text(json.dumps({"step": 2, "sha256": listed}))
+
+
+def _flip_a_byte(path: Path) -> None:
+    """One byte changed, size kept: only the digest computed while reading can see it."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 def _unlisted_weights(run: Path) -> None:
-    newest = sorted((run / "checkpoints").glob("step-*"))[-1]
+    manifest = json.loads((_newest(run) / "checkpoint.json").read_text())
+    manifest["files"].pop("model.safetensors")
+    (_newest(run) / "checkpoint.json").write_text(json.dumps(manifest))
+
+
+def _skeleton_names_a_missing_tensor(run: Path) -> None:
+    """A trainer_state.json edited to name a tensor that is not there, its checksum and size updated."""
+    import hashlib
+
+    newest = _newest(run)
+    blob = (newest / "trainer_state.json").read_text().replace('"tensor": "t.', '"tensor": "gone.', 1).encode()
+    (newest / "trainer_state.json").write_bytes(blob)
     manifest = json.loads((newest / "checkpoint.json").read_text())
-    manifest["sha256"].pop("model.safetensors")
+    manifest["files"]["trainer_state.json"] = {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}
     (newest / "checkpoint.json").write_text(json.dumps(manifest))
 
 
+FALLBACK = "trying the one before it"  # resumed from the checkpoint before
 RESUME_DAMAGE = [
     ("truncated run.json", lambda r: _truncate(r / "run.json"), [], "run.json is damaged"),
     ("empty run.json", lambda r: (r / "run.json").write_text(""), [], "run.json is damaged"),
@@ -427,15 +450,20 @@ RESUME_DAMAGE = [
     ("truncated tracking.json, a tracker", lambda r: (r / "tracking.json").write_text('{"ml'),
      ["train.report_to=[tensorboard]"], "tracking.json is damaged"),
     ("a garbage line in metrics.jsonl", lambda r: _append(r / "metrics.jsonl", "{garbage\n"), [], None),
-    ("a trainer_state.pt weights_only refuses", _evil_trainer_state, [], None),
-    ("a checkpoint file missing from checkpoint.json", _unlisted_weights, [], None),
+    ("a pickled trainer_state.pt from an older version", _older_format, [], FALLBACK),
+    ("one byte of the optimizer state changed", lambda r: _flip_a_byte(_newest(r) / "trainer_state.safetensors"),
+     [], FALLBACK),
+    ("one byte of the weights changed", lambda r: _flip_a_byte(_newest(r) / "model.safetensors"), [], FALLBACK),
+    ("the weights truncated", lambda r: _truncate(_newest(r) / "model.safetensors"), [], FALLBACK),
+    ("trainer_state.json names a missing tensor", _skeleton_names_a_missing_tensor, [], FALLBACK),
+    ("a checkpoint file missing from checkpoint.json", _unlisted_weights, [], FALLBACK),
     ("tensorboard is a file", lambda r: (r / "tensorboard").write_text("x"), ["train.report_to=[tensorboard]"],
      "is a file, not TensorBoard's folder"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("name,damage,extra,phrase", RESUME_DAMAGE, ids=[c[0] for c in RESUME_DAMAGE])
-def test_resume_with_damaged_files(world, capsys, name, damage, extra, phrase):
+def test_resume_with_damaged_files(world, capsys, caplog, name, damage, extra, phrase):
     """Each is one clear line (exit 2) or a resume from the last checkpoint that can be trusted."""
     argv = ["train", DEMO, *local("train.name=r", "train.max_steps=2", "train.checkpoint_every=1", *SMALL_BATCH,
                                   "data.limit=8")]  # fmt: skip
@@ -444,8 +472,8 @@ def test_resume_with_damaged_files(world, capsys, name, damage, extra, phrase):
     folder = world["root"] / "runs" / "r"
     damage(folder)
     code, err = run([*argv, "--set=train.max_steps=3", "--resume", *(f"--set={e}" for e in extra)], world, capsys)
-    if phrase is None:
-        assert code == 0 and "code ran" not in err, err
+    if phrase in (None, FALLBACK):
+        assert code == 0 and "code ran" not in err and (phrase or "") in err + caplog.text, err
         steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
         assert steps == sorted(steps) and steps[-1] == 3, steps
     else:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import batching, priors, train
+from pipeline.checkpoints import read_checkpoint
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import ConfigError
 from pipeline.prior_cache import CacheError
@@ -342,8 +343,7 @@ def test_full_disk_fails_cleanly_and_keeps_the_last_good_checkpoint(tiny_build, 
         checkpoints = mount / "runs" / "full" / "checkpoints"
         latest = checkpoints / (checkpoints / "latest").read_text().strip()
         load_file(str(latest / "model.safetensors"))  # loads: not corrupted
-        state = torch.load(latest / "trainer_state.pt", weights_only=True)
-        assert state["step"] >= 1
+        assert read_checkpoint(latest)[1]["step"] >= 1
         assert not list(checkpoints.glob(".step-*"))  # no half-written checkpoint left behind
     finally:
         subprocess.run(["umount", str(mount)], check=True)
@@ -500,6 +500,6 @@ def test_resume_falls_back_past_a_truncated_checkpoint(tiny_build, tmp_path, cap
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a half-written file
     with caplog.at_level("WARNING"):
         train.train(cfg, resume=True, progress=False)
-    assert "step-000004 is unusable (model.safetensors does not match its checksum)" in caplog.text
+    assert "step-000004 is unusable (model.safetensors has" in caplog.text
     assert max(abs(x - y) for x, y in zip(losses(final.parent), losses(straight.parent), strict=True)) < 1e-6
     assert_same_weights(final, straight, tol=1e-6)
