@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import base_model, data, evaluate, experiment, launch, priors, regimes
+from pipeline import base_model, data, evaluate, experiment, gc, launch, priors, regimes, storage
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import CacheError, ConfigError, TargetSFTError
 from pipeline.models import load_tokenizer
@@ -75,9 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     priors_cmd = commands.add_parser("priors", help="stage 1: capture sparse top-k priors (cached)")
     _add_config_args(priors_cmd, required=True)
 
-    cache = commands.add_parser("cache", help="inspect the prior cache")
+    cache = commands.add_parser("cache", help="inspect the prior cache; prune the storage root")
     cache_commands = cache.add_subparsers(dest="action", required=True)
     _add_config_args(cache_commands.add_parser("ls", help="list prior sets"), required=False)
+    gc_cmd = cache_commands.add_parser(
+        "gc", help="remove temporaries, unreferenced tokenisation entries, unfinished runs (never prior sets)"
+    )
+    gc_cmd.add_argument("--dry-run", action="store_true", help="list what would go and the space it frees")
+    gc_cmd.add_argument(
+        "--min-age", type=float, default=24.0, metavar="HOURS", help="keep anything changed more recently (24)"
+    )
+    _add_config_args(gc_cmd, required=False)
     for action, text in (
         ("show", "print a manifest"),
         ("verify", "re-check checksums and counts"),
@@ -160,6 +169,8 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
             if result.complete:
                 profile = PriorStore(cfg.storage_root).gamma_profile(result.key)
                 print(regimes.describe(profile, priors.prior_role(cfg)))
+        elif args.command == "cache" and args.action == "gc":
+            return gc_command(cfg.storage_root, args.dry_run, args.min_age)
         elif args.command == "cache":
             return cache_command(args.action, getattr(args, "key", None), PriorStore(cfg.storage_root))
     except TargetSFTError as e:
@@ -222,6 +233,21 @@ def inspect_data(cfg: RunConfig) -> None:
         print(f"  skipped row {index}: {reason}")
     print("\nexample 0 (completion tokens highlighted):")
     print(data.highlight(prepared.examples[0], tokenizer, color=sys.stdout.isatty()))
+
+
+def gc_command(storage_root: str, dry_run: bool, min_age_hours: float) -> int:
+    """`cache gc`: the rules are pipeline/gc.py's; a dry run first is the habit to keep."""
+    if storage.is_remote(storage_root):
+        raise ConfigError(
+            f"cache gc works on a folder (it takes the runs' file locks); {storage_root} is an object store: "
+            "prune it with `cache rm KEY` per prior set"
+        )
+    if not math.isfinite(min_age_hours) or min_age_hours < 0:
+        raise ConfigError(f"--min-age {min_age_hours}: give hours, 0 or more")
+    root = Path(storage_root)
+    dead = gc.find(root, min_age_hours * 3600)
+    print(gc.report(dead if dry_run else gc.collect(dead), root, removed=not dry_run))
+    return 0
 
 
 def cache_command(action: str, key: str | None, store: PriorStore) -> int:

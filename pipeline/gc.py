@@ -1,0 +1,165 @@
+"""`target-sft cache gc`: what a shared storage root can lose, and nothing else (docs/design.md §5).
+
+Prior sets are the product (an expensive capture every later experiment reuses), so gc never
+removes one: `cache rm KEY` does, by name. What it removes:
+
+* temporaries: a `.name.tmp-*` left by a killed writer (folders appear by rename, so a temporary
+  is never the only copy of anything);
+* tokenisation entries (`tokens/<key>/`) that no run, prior set or capture in progress was built
+  from (their dataset fingerprint), and damaged ones: `tokens/` is a cache, rebuilt on demand;
+* unfinished runs (no `final/`) that no experiment lists: a `train` that was killed or failed and
+  was never resumed;
+* evaluations in `evals/` of a model folder that no longer exists.
+
+Two rules hold for every candidate: nothing a process holds (the run's or the tokenisation entry's
+file lock, taken without waiting and held while removing) and nothing touched within `min_age`
+(a temporary without a lock may still be being written; an unfinished run may be resumed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Dead:
+    """One thing gc would remove."""
+
+    path: Path
+    why: str
+    size: int
+    lock: Path | None = None
+    """The lock its writer holds (`runs/.<name>.lock`, `tokens/.<key>.lock`), taken while removing it."""
+
+
+def find(root: Path, min_age: float, now: float | None = None) -> list[Dead]:
+    """Everything under `root` that gc would remove, oldest rules first; reads, never writes."""
+    now = time.time() if now is None else now
+    old = [p for p in _candidates(root) if now - _newest_mtime(p.path) >= min_age]
+    return [d for d in old if d.lock is None or not _held(d.lock)]
+
+
+def collect(dead: list[Dead]) -> list[Dead]:
+    """Remove `dead` (as `find` returned it), each under its lock; returns what was removed. A
+    candidate whose lock was taken since `find` is left alone."""
+    removed = []
+    for d in dead:
+        with _lock(d.lock) as ours:
+            if ours and d.path.exists():
+                # the lock file stays (empty): unlinking it would let a waiting and a new process both "hold" it
+                shutil.rmtree(d.path) if d.path.is_dir() and not d.path.is_symlink() else d.path.unlink()
+                removed.append(d)
+    return removed
+
+
+def _candidates(root: Path) -> Iterator[Dead]:
+    runs, tokens, priors = root / "runs", root / "tokens", root / "priors"
+    fingerprints, listed_runs = _references(root)
+    for area in ("models", "datasets", "tokens", "priors", "runs", "evals", "experiments"):
+        for tmp in sorted((root / area).glob(".*.tmp*")):
+            yield Dead(tmp, "temporary", _size(tmp), _owner_lock(tmp))
+    for tmp in sorted([*priors.glob("*/shards/.*.tmp-*"), *runs.glob("*/checkpoints/.*.tmp*")]):
+        owner = tmp.parent.parent
+        yield Dead(tmp, "temporary", _size(tmp), runs / f".{owner.name}.lock" if owner.parent == runs else None)
+    for entry in sorted(p for p in tokens.glob("*") if p.is_dir() and not p.name.startswith(".")):
+        fingerprint = _json(entry / "meta.json").get("fingerprint")
+        if fingerprint is None or fingerprint not in fingerprints:
+            why = "damaged tokenisation entry" if fingerprint is None else "tokenisation entry nothing was built from"
+            yield Dead(entry, why, _size(entry), tokens / f".{entry.name}.lock")
+    for run in sorted(p for p in runs.glob("*") if p.is_dir() and not p.name.startswith(".")):
+        if not (run / "final" / "config.json").exists() and run.name not in listed_runs:
+            yield Dead(run, "unfinished run no experiment lists", _size(run), runs / f".{run.name}.lock")
+    for folder in sorted(p for p in (root / "evals").glob("*") if p.is_dir() and not p.name.startswith(".")):
+        model = _json(folder / "report.json").get("model")
+        if model and not Path(model).exists():
+            yield Dead(folder, f"evaluation of a model that is gone ({model})", _size(folder))
+
+
+def _references(root: Path) -> tuple[set[str], set[str]]:
+    """The dataset fingerprints that runs and prior sets (complete or in progress) were built from,
+    and the runs that experiments list."""
+    fingerprints = {_json(p).get("dataset_fingerprint") for p in (root / "runs").glob("*/run.json")}
+    for key in (root / "priors").glob("*"):
+        fingerprints.add(_json(key / "key.json").get("dataset_fingerprint"))
+        fingerprints.add(_json(key / "manifest.json").get("key_inputs", {}).get("dataset_fingerprint"))
+    listed = set()
+    for summary in (root / "experiments").glob("*/summary.json"):
+        listed |= {r.get("run") for r in _json(summary).get("runs", []) if isinstance(r, dict)}
+    return {f for f in fingerprints if isinstance(f, str)}, {r for r in listed if isinstance(r, str)}
+
+
+def _owner_lock(tmp: Path) -> Path | None:
+    """`.name.tmp-*` is written under `.name.lock` where its writer takes one (tokens, runs)."""
+    name = tmp.name[1:].split(".tmp", 1)[0]
+    lock = tmp.parent / f".{name}.lock"
+    return lock if lock.exists() else None
+
+
+def _json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or {} when it is absent or damaged (gc must survive both)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _size(path: Path) -> int:
+    if not path.is_dir() or path.is_symlink():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_dir() or p.is_symlink())
+
+
+def _newest_mtime(path: Path) -> float:
+    """The last time anything in `path` changed: a run writing its metrics is young."""
+    stamps = [path.lstat().st_mtime]
+    if path.is_dir() and not path.is_symlink():
+        stamps += [p.lstat().st_mtime for p in path.rglob("*")]
+    return max(stamps)
+
+
+def _held(lock: Path) -> bool:
+    with _lock(lock) as ours:
+        return not ours
+
+
+@contextlib.contextmanager
+def _lock(lock: Path | None) -> Iterator[bool]:
+    """Take `lock` without waiting, for the block; yields whether we have it (no lock file: yes)."""
+    if lock is None or not lock.exists():
+        yield True
+        return
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def report(dead: list[Dead], root: Path, removed: bool) -> str:
+    """What gc removed (or, with a dry run, would remove), as a table with the space it frees."""
+    verb = "removed" if removed else "would remove"
+    lines = [f"| {verb} | why | size |", "|---|---|---:|"]
+    lines += [f"| {os.path.relpath(d.path, root)} | {d.why} | {_human(d.size)} |" for d in dead]
+    total = sum(d.size for d in dead)
+    lines.append(f"\n{len(dead)} entries, {_human(total)} {'freed' if removed else 'to free'} under {root}")
+    return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

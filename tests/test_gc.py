@@ -1,0 +1,107 @@
+"""`target-sft cache gc` removes exactly the dead entries of a storage root (pipeline/gc.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from pipeline import cli
+from pipeline.checkpoints import run_lock
+from pipeline.gc import _lock
+from tests.conftest import REPO, tiny_args
+
+DEMO = str(REPO / "configs" / "demo.yaml")
+DAY = 86400
+
+
+def _train(build, root: Path, name: str) -> None:
+    """Priors (once), then a two-step Target-SFT run."""
+    sets = tiny_args(build, root, f"train.name={name}", "train.max_steps=2", "train.batch_size=4",
+                     "train.micro_batch_size=4", "train.eval_every=0", "train.threads=1", "data.limit=16",
+                     "train.target=target_sft")  # fmt: skip
+    assert cli.main(["priors", DEMO, *(f"--set={s}" for s in sets)]) == 0
+    assert cli.main(["train", DEMO, *(f"--set={s}" for s in sets)]) == 0
+
+
+def _age(path: Path, days: float) -> None:
+    """Make `path` and everything in it look `days` old."""
+    stamp = time.time() - days * DAY
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        os.utime(p, (stamp, stamp), follow_symlinks=False)
+
+
+def test_gc_dry_run_lists_and_gc_removes_exactly_the_dead_entries(tiny_build, tmp_path, capsys):
+    root = tmp_path / "root"
+    _train(tiny_build, root, "live")  # finished: final/, priors, tokens it was built from
+    runs, tokens = root / "runs", root / "tokens"
+    (live_tokens,) = [p for p in tokens.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    (prior_set,) = [p for p in (root / "priors").iterdir() if p.is_dir()]
+
+    # dead: what killed writers and abandoned runs leave behind
+    dead = {
+        runs / "killed": lambda p: (shutil.copytree(runs / "live", p), shutil.rmtree(p / "final")),
+        tokens / "0123abcd": lambda p: (shutil.copytree(live_tokens, p), (p / "meta.json").write_text(
+            json.dumps({**json.loads((live_tokens / "meta.json").read_text()), "fingerprint": "f" * 64}))),
+        tokens / "damaged": lambda p: (shutil.copytree(live_tokens, p), (p / "meta.json").unlink()),
+        tokens / f".{live_tokens.name}.tmp-1a2b3c4d": lambda p: shutil.copytree(live_tokens, p),
+        runs / "live" / "checkpoints" / ".step-000009.tmp": lambda p: p.mkdir(),
+        prior_set / "shards" / ".00007.parquet.tmp-deadbeef": lambda p: p.write_bytes(b"x" * 100),
+        root / "evals" / "gone": lambda p: (p.mkdir(parents=True), (p / "report.json").write_text(
+            json.dumps({"model": str(tmp_path / "deleted-model")}))),
+    }  # fmt: skip
+    # alive although they look dead: held, listed by an experiment, or too young
+    alive = {
+        runs / "busy": lambda p: shutil.copytree(runs / "killed", p),  # its lock is held below
+        tokens / "busy": lambda p: shutil.copytree(tokens / "0123abcd", p),  # its lock is held below
+        runs / "listed": lambda p: shutil.copytree(runs / "killed", p),
+        root / "experiments" / "x": lambda p: (p.mkdir(parents=True), (p / "summary.json").write_text(
+            json.dumps({"runs": [{"run": "listed", "status": "failed"}]}))),
+        runs / "young": lambda p: shutil.copytree(runs / "killed", p),  # not aged: may yet be resumed
+    }  # fmt: skip
+    for path, make in [*dead.items(), *alive.items()]:
+        make(path)
+    for path in [*dead, *alive, runs / "live", live_tokens, prior_set]:
+        if path.name != "young":
+            _age(path, 3)
+    (tokens / ".busy.lock").touch()
+    everything = sorted(str(p) for p in root.rglob("*") if not p.name.endswith(".lock"))
+
+    with run_lock(runs / "busy"), _lock(tokens / ".busy.lock") as held:
+        assert held
+        assert cli.main(["cache", "gc", "--dry-run", f"--set=storage_root={root}"]) == 0
+        listed = capsys.readouterr().out
+        assert sorted(str(p) for p in root.rglob("*") if not p.name.endswith(".lock")) == everything  # nothing went
+        named = {
+            line.split(" | ")[0].strip("| ") for line in listed.splitlines() if line.startswith("| ") and "/" in line
+        }
+        assert named == {os.path.relpath(p, root) for p in dead}, listed
+        assert f"{len(dead)} entries" in listed and "to free" in listed
+
+        assert cli.main(["cache", "gc", f"--set=storage_root={root}"]) == 0
+        assert "freed" in capsys.readouterr().out
+    assert [p for p in dead if p.exists()] == []
+    assert [p for p in alive if not p.exists()] == []
+    assert (runs / "live" / "final" / "config.json").exists() and (prior_set / "_SUCCESS").exists()
+    assert (live_tokens / "meta.json").exists()
+
+    # what stayed still works: the live run's data is not tokenised again
+    _train(tiny_build, root, "again")
+    assert sorted(p.name for p in tokens.iterdir() if p.is_dir() and not p.name.startswith(".")) == sorted(
+        [live_tokens.name, "busy"]
+    )
+
+
+def test_gc_keeps_young_entries_and_refuses_an_object_store(tmp_path, capsys):
+    root = tmp_path / "root"
+    (root / "runs" / "fresh").mkdir(parents=True)
+    assert cli.main(["cache", "gc", f"--set=storage_root={root}"]) == 0
+    assert (root / "runs" / "fresh").exists() and "0 entries" in capsys.readouterr().out
+    assert cli.main(["cache", "gc", "--min-age", "0", f"--set=storage_root={root}"]) == 0
+    assert not (root / "runs" / "fresh").exists()
+    assert cli.main(["cache", "gc", "--min-age", "-1", f"--set=storage_root={root}"]) == 2
+    assert cli.main(["cache", "gc", "--set=storage_root=s3://bucket/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "--min-age -1" in err and "is an object store" in err
