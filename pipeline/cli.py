@@ -19,7 +19,7 @@ from pipeline import base_model, data, evaluate, experiment, gc, launch, priors,
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import CacheError, ConfigError, TargetSFTError
 from pipeline.models import load_tokenizer
-from pipeline.prior_cache import PriorStore
+from pipeline.prior_cache import PriorStore, storage_error
 from pipeline.resolve import resolve_inputs, tokens_dir
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -172,7 +172,15 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
         elif args.command == "cache" and args.action == "gc":
             return gc_command(cfg.storage_root, args.dry_run, args.min_age)
         elif args.command == "cache":
-            return cache_command(args.action, getattr(args, "key", None), PriorStore(cfg.storage_root))
+            store = PriorStore(cfg.storage_root)
+            try:
+                return cache_command(args.action, getattr(args, "key", None), store)
+            except TargetSFTError:
+                raise
+            except Exception as e:  # an object store's credentials, network, permissions: as `priors` says them
+                if not storage.is_remote(cfg.storage_root):
+                    raise
+                raise storage_error(cfg.storage_root, e) from None
     except TargetSFTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -62,7 +62,10 @@ class PriorStore:
     storage_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        self.fs, base = fsspec.core.url_to_fs(self.root, **(self.storage_options or {}))
+        try:
+            self.fs, base = fsspec.core.url_to_fs(self.root, **(self.storage_options or {}))
+        except ImportError as e:  # fsspec names the package: "Install gcsfs to access Google Storage"
+            raise CacheError(f"storage root {self.root}: {e} (`pip install` it into this environment)") from None
         self.base = base.rstrip("/") + "/priors"
 
     # paths -----------------------------------------------------------------------------------
@@ -123,7 +126,20 @@ class PriorStore:
 
     # writing ---------------------------------------------------------------------------------
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
-        """Temporary name + rename on filesystems; one PUT (already atomic) on object stores."""
+        """Temporary name + rename on filesystems; one PUT (already atomic) on object stores.
+
+        Raises:
+            CacheError: the filesystem refused (a full disk, a quota); the files already written stay.
+        """
+        try:
+            self._write_bytes_atomic(path, data)
+        except OSError as e:
+            raise CacheError(
+                f"cannot write {self.url(path)}: {e.strerror or e}; the shards already written are kept: free space "
+                "(or raise the quota) and rerun `target-sft priors`, which resumes"
+            ) from None
+
+    def _write_bytes_atomic(self, path: str, data: bytes) -> None:
         if is_object_store(self.fs):
             self.fs.pipe_file(path, data)
             return

@@ -609,3 +609,33 @@ def test_a_read_only_storage_root_is_one_clear_error(world, capsys):
         assert (code, "is not writable" in err or "Read-only" in err, err.count("\n")) == (2, True, 1), err
     finally:
         subprocess.run(["umount", str(world["root"])], check=True)
+
+
+def test_a_gs_root_without_gcsfs_is_one_line(world, capsys, monkeypatch):
+    """fsspec imports gcsfs on first use; where it is not installed that was an ImportError traceback."""
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if not installed (it is not in the lock)
+    for argv in (["cache", "ls"], ["priors", DEMO, *local()]):
+        code, err = run([*argv, "--set=storage_root=gs://bucket/team"], world, capsys)
+        assert (code, "gcsfs" in err, err.count("\n")) == (2, True, 1), err
+
+
+def test_a_full_disk_during_priors_is_one_line_and_the_rerun_resumes(world, capsys):
+    """ENOSPC in the middle of a capture (a 100 KiB tmpfs as the root), then more space: the rerun
+    computes only the missing shards. Mounting needs root, as CI runs."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    world["root"].mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(world["root"])], check=True)
+    try:
+        argv = ["priors", DEMO, *local("priors.shard_size=16", "data.limit=64")]
+        code, err = run(argv, world, capsys)
+        assert (code, "No space left on device" in err, "rerun `target-sft priors`" in err) == (2, True, True), err
+        assert err.count("error:") == 1 and "Traceback" not in err, err  # one line under the progress bar
+        subprocess.run(["mount", "-o", "remount,size=1m", str(world["root"])], check=True)
+        code = cli.main([fill(a, world) for a in argv])
+        out = capsys.readouterr().out
+        assert code == 0 and ": complete" in out, out
+        passes = int(out.split("forward passes: ")[1].split()[0])
+        assert 0 < passes < 4, out  # the shards finished before the disk filled were kept
+    finally:
+        subprocess.run(["umount", str(world["root"])], check=True)

@@ -81,3 +81,20 @@ def test_missing_s3_credentials_fail_clearly(s3_server, tiny_build, monkeypatch)
     s3fs.S3FileSystem.clear_instance_cache()
     with pytest.raises(CacheError, match="no credentials for s3://priors-bucket/team"):
         priors.capture(load_config(RunConfig, None, overrides(tiny_build, s3_server)), progress=False)
+
+
+@pytest.mark.parametrize("action", [["ls"], ["show", "0123456789abcdef0123"], ["verify", "0123456789abcdef0123"]])
+def test_cache_commands_without_s3_credentials_are_one_line(s3_server, monkeypatch, capsys, action):
+    """`cache ls s3://…` with no credentials said a botocore traceback; now what `priors` says."""
+    import s3fs
+
+    from pipeline import cli
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert cli.main(["cache", *action, f"--set=storage_root={s3_server}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no credentials for s3://priors-bucket/team" in err, err
