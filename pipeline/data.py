@@ -38,7 +38,7 @@ from pipeline.tokens import Example  # re-exported: data.Example is how stages n
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
-TOKENIZE_BATCH = 1024
+TOKENIZE_BATCH = 64  # rows per tokenizer call: its offsets are Python tuples, ~200 B/token while held
 """Rows read, rendered and tokenised together (one call of the Rust tokenizer)."""
 CANONICAL_COLUMNS = ("messages", "prompt", "completion", "question", "answer", "conversations")
 
@@ -594,10 +594,9 @@ def prepare(
         return _tokenize(cfg, data_path, tokenizer, tok_hash)
     folder = cache / token_key(cfg, data_path, tokenizer, tok_hash, stamps)
 
-    def build() -> tokens.Stored:
-        prepared = _tokenize(cfg, data_path, tokenizer, tok_hash)
-        meta = {f.name: getattr(prepared, f.name) for f in dataclasses.fields(prepared) if f.name != "examples"}
-        return meta, prepared.examples
+    def build(keep: Callable[[tokens.Example], None]) -> dict[str, Any]:
+        prepared = _tokenize(cfg, data_path, tokenizer, tok_hash, keep)
+        return {f.name: getattr(prepared, f.name) for f in dataclasses.fields(prepared) if f.name != "examples"}
 
     meta, examples = tokens.cached(folder, build, tokens.Limits(cfg.max_length, len(tokenizer)))
     meta["skipped"] = [tuple(pair) for pair in meta["skipped"]]
@@ -628,9 +627,15 @@ def token_key(
 
 
 def _tokenize(
-    cfg: DataConfig, data_path: str | Path, tokenizer: PreTrainedTokenizerBase, tok_hash: str
+    cfg: DataConfig,
+    data_path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    tok_hash: str,
+    keep: Callable[[tokens.Example], None] | None = None,
 ) -> PreparedData:
-    """Read the rows, render them, tokenise them in batches (the Rust tokenizer runs on every core)."""
+    """Read the rows, render them, tokenise them in batches (the Rust tokenizer runs on every core).
+
+    Each example goes to `keep` (the cache's writer) as it is made, or into the result's examples."""
     source = open_source(data_path, cfg.split, cfg.subset, cfg.data_files)
     if not source.columns:
         raise DataError(f"{data_path} holds no rows")
@@ -642,6 +647,13 @@ def _tokenize(
     if cfg.chat_template_kwargs:  # only when set, so that existing fingerprints (and prior keys) stay
         digest.update(json.dumps(cfg.chat_template_kwargs, sort_keys=True).encode() + b"\0")
     out = PreparedData(examples=[], fingerprint="", tokenizer_hash=tok_hash, format=fmt, rows=0)
+    kept = 0
+
+    def counted(example: tokens.Example) -> None:
+        nonlocal kept
+        kept += 1
+        (keep or out.examples.append)(example)
+
     while batch := list(itertools.islice(rows, TOKENIZE_BATCH)):  # a batch at a time: few rows and texts held
         out.rows += len(batch)
         if out.rows == len(batch):  # the first batch: one row under a timer, before the template runs on all
@@ -653,8 +665,8 @@ def _tokenize(
             continue
         enc = tokenizer([text for _, text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
         for (index, _, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
-            _keep(out, cfg, digest, index, np.asarray(ids, dtype=np.int32), _completion_mask(offsets, spans))
-    if not out.examples:
+            _keep(out, cfg, digest, index, np.asarray(ids, dtype=np.int32), _completion_mask(offsets, spans), counted)
+    if not kept:
         raise DataError(
             f"no examples left in {data_path} ({out.rows} rows: {out.dropped_too_long} too long, "
             f"{out.dropped_no_completion} without completion tokens, {len(out.skipped)} invalid); "
@@ -683,7 +695,15 @@ def _render_rows(
     return rendered
 
 
-def _keep(out: PreparedData, cfg: DataConfig, digest: Any, index: int, ids: np.ndarray, completion: np.ndarray) -> None:
+def _keep(
+    out: PreparedData,
+    cfg: DataConfig,
+    digest: Any,
+    index: int,
+    ids: np.ndarray,
+    completion: np.ndarray,
+    keep: Callable[[tokens.Example], None],
+) -> None:
     """Apply the length policy, then add the example to `out` and to the fingerprint."""
     if len(ids) > cfg.max_length:
         if cfg.truncation == "drop":
@@ -695,7 +715,7 @@ def _keep(out: PreparedData, cfg: DataConfig, digest: Any, index: int, ids: np.n
     if example.num_scored == 0:
         out.dropped_no_completion += 1
         return
-    out.examples.append(example)
+    keep(example)
     digest.update(np.asarray([index, len(ids)], dtype=np.int64).tobytes())
     digest.update(ids.astype(np.int64).tobytes())
     digest.update(example.labels.tobytes())

@@ -19,6 +19,7 @@ turns: the first builds, the others wait and read.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -97,13 +98,20 @@ class Damaged(Exception):
     """A cache entry that cannot be what `_save` wrote (truncated, edited, half-deleted)."""
 
 
-def cached(folder: Path, build: Callable[[], Stored], limits: Limits) -> Stored:
-    """The examples stored in `folder`, built by `build()` (meta, examples) first if it is absent.
+Build = Callable[[Callable[[Example], None]], dict[str, Any]]
+"""Tokenises a source, handing each example to the callable it is given; returns the meta."""
 
+
+def cached(folder: Path, build: Build, limits: Limits) -> Stored:
+    """The examples stored in `folder`, built by `build` first if it is absent.
+
+    A build streams each example into the arrays as it is tokenised (`Writer`), so it never holds
+    the dataset in memory: its peak is a tokeniser batch plus what the caller maps afterwards.
     Builders take turns under a lock beside the folder; one that waited finds the folder complete
     and reads it, so a dataset is tokenised once however many processes start together. Where the
-    cache cannot be written (a read-only storage root), the examples are built and kept in memory.
-    A damaged entry is treated as absent: removed (under the lock) and built again, with one line.
+    cache cannot be written (a read-only storage root, a full disk), the examples are built and kept
+    in memory. A damaged entry is treated as absent: removed (under the lock) and built again, with
+    one line.
     """
     if (folder / "meta.json").exists():
         try:
@@ -116,7 +124,7 @@ def cached(folder: Path, build: Callable[[], Stored], limits: Limits) -> Stored:
         lock = open(folder.parent / f".{folder.name}.lock", "w")  # noqa: SIM115 (the with below closes it)
     except OSError as e:  # an optimisation lost, not an error: INFO, not a second line on stderr
         log.info("tokens: cannot use the cache %s (%s); tokenising in memory", folder, e.strerror)
-        return build()
+        return _in_memory(build)
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
         if folder.exists():
@@ -125,34 +133,87 @@ def cached(folder: Path, build: Callable[[], Stored], limits: Limits) -> Stored:
             except Damaged:
                 shutil.rmtree(folder, ignore_errors=True)
         if not (folder / "meta.json").exists():
-            meta, examples = build()
             try:
-                _save(folder, meta, examples)
+                with atomic_dir(folder) as tmp, Writer(tmp) as writer:
+                    writer.finish(build(writer.add))
             except OSError as e:
-                log.info("tokens: cannot write %s (%s); using the examples in memory", folder, e.strerror)
-                return meta, examples
-            log.info("tokens: wrote %d examples to %s", len(examples), folder)
-            del examples  # the in-memory copy goes before the mapped one is read
+                log.info("tokens: cannot write %s (%s); tokenising in memory", folder, e.strerror or e)
+                return _in_memory(build)
+            log.info("tokens: wrote %d examples to %s", writer.count, folder)
+            _give_back_freed_heap()
         try:
             return _load(folder, limits)
         except Damaged as e:  # unreadable right after writing it: the storage itself is at fault
             raise OSError(f"the tokenisation cache {folder} cannot be read back: {e}") from None
 
 
-def _save(folder: Path, meta: dict[str, Any], examples: list[Example]) -> None:
-    """The arrays, written example by example: a concatenated copy of every token would double the
-    build's peak memory (README "Data preparation")."""
-    lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
-    with atomic_dir(folder) as tmp:
+def _give_back_freed_heap() -> None:
+    """Return the heap the tokeniser's batches freed to the OS before the arrays are mapped. glibc
+    keeps freed memory of other threads' arenas (the Rust tokenizer's); at 414 tokens per example
+    that is about 4 bytes per token the process would hold for its whole life (README "Data
+    preparation"). Best effort: only glibc has `malloc_trim`."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+def _in_memory(build: Build) -> Stored:
+    examples: list[Example] = []
+    return build(examples.append), examples
+
+
+class Writer:
+    """Examples appended to a cache folder's arrays one at a time. The `.npy` headers are written
+    last, over a fixed-size reservation, once the token count is known."""
+
+    HEADER = 128  # bytes reserved for each .npy header (magic, version, length, padded dict)
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.count, self.tokens = folder, 0, 0
+        self._files = {name: open(folder / f"{name}.npy", "wb") for name in ("input_ids", "completion")}  # noqa: SIM115
+        for handle in self._files.values():
+            handle.write(b"\0" * self.HEADER)
+        self._ends: list[int] = []
+        self._index: list[int] = []
+
+    def add(self, example: Example) -> None:
+        self._files["input_ids"].write(np.ascontiguousarray(example.input_ids, dtype=np.int32).tobytes())
+        self._files["completion"].write(np.ascontiguousarray(example.completion, dtype=np.bool_).tobytes())
+        self.tokens += len(example.input_ids)
+        self.count += 1
+        self._ends.append(self.tokens)
+        self._index.append(example.index)
+
+    def finish(self, meta: dict[str, Any]) -> None:
+        """Headers, offsets, index, then meta.json: the entry is readable only once all are there."""
         for name, dtype in (("input_ids", np.int32), ("completion", np.bool_)):
-            with open(tmp / f"{name}.npy", "wb") as fh:
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False}
-                np.lib.format.write_array_header_1_0(fh, {**header, "shape": (int(lengths.sum()),)})
-                for e in examples:
-                    fh.write(np.ascontiguousarray(getattr(e, name), dtype=dtype).tobytes())
-        np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-        np.save(tmp / "index.npy", np.array([e.index for e in examples], dtype=np.int64))
-        (tmp / "meta.json").write_text(json.dumps({**meta, "format_version": FORMAT_VERSION}, sort_keys=True))
+            handle = self._files[name]
+            handle.seek(0)
+            handle.write(_npy_header(np.dtype(dtype), self.tokens, self.HEADER))
+        self.close()
+        np.save(self.folder / "offsets.npy", np.array([0, *self._ends], dtype=np.int64))
+        np.save(self.folder / "index.npy", np.array(self._index, dtype=np.int64))
+        (self.folder / "meta.json").write_text(json.dumps({**meta, "format_version": FORMAT_VERSION}, sort_keys=True))
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _npy_header(dtype: np.dtype, length: int, size: int) -> bytes:
+    """A version-1.0 `.npy` header of exactly `size` bytes for a 1-D array (NEP 1: the dict is
+    padded with spaces and ends in a newline)."""
+    text = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (length,)})
+    body = size - 10  # magic (6), version (2), header length (2)
+    return b"\x93NUMPY\x01\x00" + body.to_bytes(2, "little") + text.encode("latin1").ljust(body - 1) + b"\n"
 
 
 def _load(folder: Path, limits: Limits) -> Stored:

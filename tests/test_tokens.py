@@ -65,12 +65,13 @@ def test_a_changed_setting_or_file_gets_its_own_entry(tiny_build, tokenizer, tmp
 
 
 def _build_with_log(folder: str, log: str) -> list[int]:
-    def build() -> tokens.Stored:
+    def build(keep) -> dict:
         with open(log, "a") as fh:
             fh.write(f"{os.getpid()}\n")
         time.sleep(0.5)  # long enough for every other process to reach the lock
-        examples = [Example.from_labels(i, [i, i + 1, i + 2], [-100, i + 1, i + 2]) for i in range(5)]
-        return {"note": "built"}, examples
+        for i in range(5):
+            keep(Example.from_labels(i, [i, i + 1, i + 2], [-100, i + 1, i + 2]))
+        return {"note": "built"}
 
     meta, examples = tokens.cached(Path(folder), build, tokens.Limits(max_length=8, vocab_size=16))
     assert meta == {"note": "built"}
@@ -167,3 +168,20 @@ def test_a_damaged_entry_is_rebuilt_with_one_line(tiny_build, tokenizer, tmp_pat
     warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
     assert len(warnings) == 1 and "rebuilding it" in warnings[0]
     assert [(e.input_ids.tolist(), e.labels.tolist()) for e in again.examples] == expected
+
+
+def test_the_streamed_arrays_are_plain_npy_files(tmp_path):
+    """The writer reserves the `.npy` header and fills it in last; numpy reads what it wrote."""
+    rng = np.random.default_rng(0)
+    examples = [
+        Example(i, rng.integers(0, 50_000, n).astype(np.int32), rng.random(n) > 0.5) for i, n in enumerate([3, 1, 40])
+    ]
+    with tokens.Writer(tmp_path) as writer:
+        for e in examples:
+            writer.add(e)
+        writer.finish({"note": 1})
+    ids, mask = np.load(tmp_path / "input_ids.npy"), np.load(tmp_path / "completion.npy")
+    assert ids.dtype == np.int32 and mask.dtype == np.bool_ and len(ids) == 44
+    np.testing.assert_array_equal(ids, np.concatenate([e.input_ids for e in examples]))
+    np.testing.assert_array_equal(mask, np.concatenate([e.completion for e in examples]))
+    assert np.load(tmp_path / "offsets.npy").tolist() == [0, 3, 4, 44]
