@@ -44,8 +44,27 @@ def serve(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) -
         except ValueError:
             raise ConfigError(f"--cron {cron!r} is not a cron schedule; e.g. '0 3 * * *' (daily at 03:00)") from None
     parameters = {"config": str(Path(config).resolve()) if config else None, "overrides": args.overrides}
+    check_api_reachable()
     experiment_flow.serve(name=name, cron=cron, parameters=parameters)
     return 0
+
+
+def check_api_reachable() -> None:
+    """`serve` registers its deployment with the server at PREFECT_API_URL; an unreachable one was an
+    httpx traceback after Prefect's own retries. Ask its health endpoint first, briefly."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as e:
+        raise ConfigError(
+            f"the Prefect server at PREFECT_API_URL={url} does not answer ({type(e).__name__}: {e}); start it "
+            "(`prefect server start`, README \"Schedules\") or point PREFECT_API_URL at the one you run"
+        ) from None
 
 
 def demo(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) -> int:

@@ -666,6 +666,10 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"select.target: {e}")
     if not cfg.select.lrs or not cfg.select.max_steps or not cfg.select.seeds:
         problems.append("select.lrs, select.max_steps and select.seeds each need at least one value")
+    for key in ("lrs", "max_steps", "seeds"):
+        values = getattr(cfg.select, key)
+        for value in sorted({v for v in values if values.count(v) > 1}):
+            problems.append(f"select.{key} lists {value:g} twice; each candidate is trained once: drop one")
     if cfg.priors.worker_index >= cfg.priors.num_workers:
         problems.append(
             f"priors.worker_index={cfg.priors.worker_index} must be below priors.num_workers={cfg.priors.num_workers}"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from flows import cli
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 FAKE_KEY = "0123456789abcdef0123"
@@ -119,6 +119,8 @@ def local(*extra: str) -> list[str]:
 EVAL_SET = "eval.sets=[{{name: arith, path: '{heldout}', answer_type: numeric, limit: 2}}]"
 
 CONFIG_CASES = [
+    ("select.lrs=[0.001,0.001]", "select.lrs lists 0.001 twice"),
+    ("select.seeds=[1,1]", "select.seeds lists 1 twice"),
     ("train.name=../../x", "train.name='../../x': a name must be one folder name"),
     ("train.name={outside}", "a name must be one folder name"),
     ("train.name=..", "not '.' or '..'"),
@@ -345,6 +347,15 @@ SERVE_CASES = [
 def test_serve_stage(world, capsys, flags, phrase):
     code, err = run(["serve", DEMO, "--set=storage_root={root}", *flags], world, capsys)
     assert (code, phrase in err, err.count("\n")) == (2, True, 1), err
+
+
+def test_serve_with_an_unreachable_prefect_server_is_one_line(world, capsys):
+    """PREFECT_API_URL naming a port nothing listens on was an httpx.ConnectError traceback."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):
+        code, err = run(["serve", DEMO, "--set=storage_root={root}", "--cron", "0 3 * * *"], world, capsys)
+    assert (code, "does not answer" in err, err.count("\n")) == (2, True, 1), err
 
 
 def test_case_count():
