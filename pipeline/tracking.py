@@ -50,21 +50,31 @@ class Trackers:
             self._tb.add_text("config", "```json\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
         if "mlflow" in self.names:
             mlflow = _import("mlflow", "mlflow")
-            self._mlflow = mlflow.MlflowClient()
-            if "mlflow" not in ids:
-                try:
+            try:  # a store it refuses or cannot write: at the first call, whichever that is
+                self._mlflow = mlflow.MlflowClient()
+                if "mlflow" not in ids:
                     experiment = mlflow.set_experiment(config.get("experiment", {}).get("name", "target-sft"))
-                except mlflow.exceptions.MlflowException as e:  # e.g. a tracking URI it refuses
-                    raise TrackingError(f"MLflow refused its tracking store: {str(e).splitlines()[0]}") from None
-                run = self._mlflow.create_run(experiment.experiment_id, run_name=run_name)
-                ids["mlflow"] = run.info.run_id
-                params = {k: str(v)[:500] for k, v in flatten(config, "/").items()}
-                self._mlflow.log_batch(ids["mlflow"], params=[mlflow.entities.Param(k, v) for k, v in params.items()])
+                    run = self._mlflow.create_run(experiment.experiment_id, run_name=run_name)
+                    ids["mlflow"] = run.info.run_id
+                    params = {k: str(v)[:500] for k, v in flatten(config, "/").items()}
+                    params_list = [mlflow.entities.Param(k, v) for k, v in params.items()]
+                    self._mlflow.log_batch(ids["mlflow"], params=params_list)
+            except (mlflow.exceptions.MlflowException, OSError) as e:
+                raise TrackingError(
+                    f"MLflow could not start ({_first_line(e)}); check MLFLOW_TRACKING_URI, or drop mlflow "
+                    "from train.report_to"
+                ) from None
         if "wandb" in self.names:
             wandb = _import("wandb", "wandb")
-            self._wandb = wandb.init(
-                id=ids.get("wandb"), resume="allow", name=run_name, config=config, dir=str(self.run_dir)
-            )
+            try:
+                self._wandb = wandb.init(
+                    id=ids.get("wandb"), resume="allow", name=run_name, config=config, dir=str(self.run_dir)
+                )
+            except (wandb.errors.Error, OSError) as e:  # e.g. no API key and no offline mode
+                raise TrackingError(
+                    f"W&B could not start ({_first_line(e)}); set WANDB_API_KEY, or WANDB_MODE=offline, or drop "
+                    "wandb from train.report_to"
+                ) from None
             ids["wandb"] = self._wandb.id
         self._ids = ids
         if ids:
@@ -102,6 +112,10 @@ class Trackers:
             self._mlflow.set_terminated(self._ids["mlflow"])
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
 
 
 def _read_ids(path: Path) -> dict[str, Any]:

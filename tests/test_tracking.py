@@ -11,7 +11,7 @@ import pytest
 from pipeline import evaluate, train
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import TrackingError
-from tests.conftest import tiny_args
+from tests.conftest import REPO, tiny_args
 
 
 def _cfg(build, storage, *extra):
@@ -146,3 +146,37 @@ def test_rerun_reuses_an_unchanged_evaluation_and_redoes_a_changed_one(tiny_buil
     changed = _cfg(tiny_build, tmp_path, "eval.n=3")
     report = json.loads(evaluate.evaluate_run(changed, progress=False).read_text())
     assert report["n"] == 3 and samples.stat().st_mtime_ns != stamp
+
+
+@pytest.mark.parametrize(
+    "tracker,env,phrase",
+    [
+        (
+            "mlflow",
+            {"MLFLOW_TRACKING_URI": "file:///etc/hostname/mlruns", "MLFLOW_ALLOW_FILE_STORE": "true"},
+            "MLflow could not start",
+        ),
+        ("wandb", {"WANDB_MODE": "online", "WANDB_API_KEY": None}, "W&B could not start"),
+    ],
+)
+def test_a_tracker_that_cannot_start_is_one_line_and_leaves_no_run_folder(
+    tiny_build, tmp_path, monkeypatch, capsys, tracker, env, phrase
+):
+    """MLflow with a store it refuses, W&B with no API key: were tracebacks, and a rerun needed --resume."""
+    from pipeline import cli
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no W&B settings
+    for name, value in env.items():
+        monkeypatch.delenv(name, raising=False) if value is None else monkeypatch.setenv(name, value)
+    if tracker == "wandb":  # an earlier test's offline settings live in W&B's process-wide singleton
+        import wandb
+
+        wandb.teardown()
+    sets = [f"--set={s}" for s in tiny_args(tiny_build, tmp_path / "root", "train.name=r", "train.max_steps=1",
+            "train.batch_size=4", "train.micro_batch_size=4", "train.target=sft", "data.limit=8")]  # fmt: skip
+    demo = str(REPO / "configs" / "demo.yaml")
+    code = cli.main(["train", demo, *sets, f"--set=train.report_to=[{tracker}]"])
+    err = capsys.readouterr().err
+    assert (code, phrase in err, err.count("error:"), "Traceback" in err) == (2, True, 1, False), err
+    assert not (tmp_path / "root" / "runs" / "r").exists()
+    assert cli.main(["train", demo, *sets]) == 0  # the same name starts fresh: no --resume needed
