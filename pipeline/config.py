@@ -360,6 +360,11 @@ class TrainConfig:
     """torch.compile the fused loss's chunk step (its passes over the chunk × vocab buffer fuse into a
     few kernels; meant for GPUs). The same numbers up to float summation order; the first step
     compiles, tens of seconds."""
+    loss_backend: Literal["auto", "torch", "triton"] = "torch"
+    """The fused loss's implementation: `torch` (chunked; the reference and the CPU path), `triton`
+    (`pipeline/triton_loss.py`, CUDA), `auto` (Triton on CUDA, torch elsewhere). Targets the kernels
+    do not take run on torch. The default stays `torch` until the kernels are measured on a GPU
+    (issue 23)."""
     checkpoint_every: PositiveInt = 50
     """Write a resumable checkpoint every N steps (and at the end): a Hugging Face model folder plus
     the trainer state, under `<run>/checkpoints/step-N/`; the last two are kept."""

@@ -21,10 +21,12 @@ token. Ids < 0 mark padding.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -194,10 +196,13 @@ class _FusedQLoss(torch.autograd.Function):
         scale: float | Tensor,
         chunk_size: int,
         compiled: bool,
+        backend: str,
     ) -> tuple[Tensor, Tensor]:
         dtype = _compute_dtype(hidden.dtype)
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         rows = (labels != IGNORE).nonzero().squeeze(-1)
+        if backend == "triton" and rows.numel():
+            return _triton_forward(ctx, hidden, weight, bias, labels, rows, spec, prior, tail, scale, needs_grad)
         grad_hidden = torch.zeros_like(hidden) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if needs_grad else None
         grad_bias = (
@@ -247,7 +252,67 @@ class _FusedQLoss(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
+
+
+def _triton_forward(
+    ctx: Any,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    rows: Tensor,
+    spec: TargetSpec,
+    prior: Prior | None,
+    tail: TailPolicy,
+    scale: float | Tensor,
+    needs_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """`_FusedQLoss.forward` through the Triton kernels (`pipeline/triton_loss.py`)."""
+    from pipeline import triton_loss
+
+    rows_prior = None if prior is None else prior.map(lambda t: t[rows])
+    ids, valid, prior_lp = _prior_support(labels[rows], rows_prior, torch.float32)
+    loss, coef, q_entropy, logp_y, grad_h, grad_w, grad_b = triton_loss.q_loss_and_grads(
+        hidden[rows].contiguous(), weight, bias, ids, valid, prior_lp, spec, tail, scale, needs_grad
+    )
+    grad_hidden = None
+    if grad_h is not None:
+        grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, grad_h.to(hidden.dtype))
+    ctx.save_for_backward(grad_hidden, grad_w, grad_b)
+    ctx.weight_dtype = weight.dtype
+    stat_sums = _stat_sums(coef, q_entropy, logp_y)
+    ctx.mark_non_differentiable(stat_sums)
+    return (loss * scale).float(), stat_sums
+
+
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, spec: TargetSpec, hidden: Tensor) -> str:
+    """Which implementation runs: `auto` is Triton on CUDA and the torch path elsewhere. Targets the
+    kernels do not take (`triton_loss.supports`) and fp64 run on the torch path whatever is asked.
+
+    Raises:
+        ValueError: an unknown backend, or `triton` where no Triton kernel can run.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"loss backend {backend!r}: choose one of {BACKENDS}")
+    if backend == "torch" or hidden.dtype == torch.float64:
+        return "torch"
+    on_cuda = hidden.device.type == "cuda"
+    if backend == "triton" and not (on_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise ValueError(
+            f"loss backend 'triton' needs a CUDA device (hidden is on {hidden.device}); use 'torch' or 'auto' "
+            "(TRITON_INTERPRET=1 runs the kernels on a CPU, slowly, for tests)"
+        )
+    if (backend == "auto" and not on_cuda) or importlib.util.find_spec("triton") is None:
+        return "torch"
+    from pipeline import triton_loss
+
+    return "triton" if triton_loss.supports(spec) else "torch"
 
 
 @functools.cache
@@ -338,6 +403,7 @@ def fused_q_target_loss(
     num_items: float | Tensor | None = None,
     chunk_size: int = 1024,
     compiled: bool = False,
+    backend: Backend = "torch",
 ) -> QLoss:
     """Fused lm_head + Q-target loss from hidden states, never forming [N, V] logits.
 
@@ -351,6 +417,10 @@ def fused_q_target_loss(
         chunk_size: Scored tokens per chunk; peak extra memory is about 2 × chunk × V floats.
         compiled: Run the chunk step through torch.compile (the same numbers up to float summation
             order; the first call compiles, tens of seconds).
+        backend: `torch` (the chunk loop above: the reference and the CPU path), `triton` (the
+            kernels of `pipeline/triton_loss.py`: logits stay on chip), or `auto` (Triton on CUDA).
+            Targets the kernels do not take run on the torch path (`resolve_backend`). The default
+            stays `torch` until the kernels are measured on a GPU (issue 23).
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"fused_q_target_loss supports reduction 'sum' or 'mean', got {reduction!r}")
@@ -370,5 +440,8 @@ def fused_q_target_loss(
         low = torch.get_autocast_dtype(device_type)
         hidden, weight, bias = hidden.to(low), weight.to(low), None if bias is None else bias.to(low)
     with torch.autocast(device_type, enabled=False):
-        loss, sums = _FusedQLoss.apply(hidden, weight, bias, labels, spec, prior, tail, scale, chunk_size, compiled)
+        chosen = resolve_backend(backend, spec, hidden)
+        loss, sums = _FusedQLoss.apply(
+            hidden, weight, bias, labels, spec, prior, tail, scale, chunk_size, compiled, chosen
+        )
     return QLoss(loss, TargetStats(sums))

@@ -62,9 +62,12 @@ log = logging.getLogger(__name__)
 class TargetLossModel(nn.Module):
     """The causal LM plus the fused Q-target loss, as one module (so DDP sees every parameter)."""
 
-    def __init__(self, model: Any, spec: TargetSpec, tail: str, chunk_size: int, compiled: bool = False) -> None:
+    def __init__(
+        self, model: Any, spec: TargetSpec, tail: str, chunk_size: int, compiled: bool = False, backend: str = "torch"
+    ) -> None:
         super().__init__()
         self.model, self.spec, self.tail, self.chunk_size, self.compiled = model, spec, tail, chunk_size, compiled
+        self.backend = backend
 
     def forward(self, batch: Batch, normaliser: float) -> tuple[torch.Tensor, TargetStats]:
         hidden = self.model.base_model(
@@ -86,6 +89,7 @@ class TargetLossModel(nn.Module):
             reduction="sum",
             chunk_size=self.chunk_size,
             compiled=self.compiled,
+            backend=self.backend,  # type: ignore[arg-type]
         )
         return out.loss / normaliser, out.stats
 
@@ -113,6 +117,8 @@ def _train_loop(cfg: RunConfig, resume: bool, progress: bool) -> Path:
     random.seed(tc.seed)
     spec = from_config(tc.target)  # unknown presets and parameters fail here, before anything runs
     check_attention(cfg.model.attn_implementation)
+    if tc.loss_backend == "triton" and device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise TrainError(f"train.loss_backend=triton needs a CUDA device (this run is on {device}); use torch or auto")
     if problem := batch_shape_problem(tc, world):
         raise TrainError(problem)
     out, final = run_dir(cfg), run_dir(cfg) / "final"
@@ -196,7 +202,8 @@ def _build_model(path: Path, cfg: RunConfig, spec: TargetSpec, device: str, worl
     model: Any = load_model(path, cfg.model.trust_remote_code, dtype=torch.float32, **kwargs).to(device)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    loss_model: nn.Module = TargetLossModel(model, spec, cfg.train.tail, cfg.train.chunk_size, cfg.train.compile_loss)
+    tc = cfg.train
+    loss_model: nn.Module = TargetLossModel(model, spec, tc.tail, tc.chunk_size, tc.compile_loss, tc.loss_backend)
     fsdp = world > 1 and cfg.train.parallel == "fsdp"
     if fsdp:
         loss_model = _fully_shard(loss_model, model)
@@ -297,7 +304,11 @@ def evaluate_loss(
     the train mode are restored even when a forward fails: under FSDP the scorer is the live module.
     """
     module: Any = loss_model.module if isinstance(loss_model, nn.parallel.DistributedDataParallel) else loss_model
-    scorer: Any = loss_model if fsdp else TargetLossModel(module.model, module.spec, module.tail, module.chunk_size)
+    scorer: Any = (
+        loss_model
+        if fsdp
+        else TargetLossModel(module.model, module.spec, module.tail, module.chunk_size, backend=module.backend)
+    )
     target, scorer.spec = scorer.spec, from_config("sft")
     module.eval()
     try:

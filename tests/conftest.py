@@ -12,6 +12,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run with numpy here; must be set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
