@@ -68,10 +68,20 @@ def run_one(args) -> dict:
             loss = F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100)
         elif args.method == "dense_q":
             loss = q_target_loss(hidden @ weight.T, labels, spec, **prior, reduction="mean").loss
-        else:
+        else:  # fused_q, fused_q_compiled, fused_q_triton, fused_q_chunk<N>
             compiled = args.method == "fused_q_compiled"
+            backend = "triton" if args.method == "fused_q_triton" else "torch"
+            chunk = int(args.method.removeprefix("fused_q_chunk")) if "chunk" in args.method else args.chunk_size
             loss = fused_q_target_loss(
-                hidden, weight, labels, spec, **prior, reduction="mean", chunk_size=args.chunk_size, compiled=compiled
+                hidden,
+                weight,
+                labels,
+                spec,
+                **prior,
+                reduction="mean",
+                chunk_size=chunk,
+                compiled=compiled,
+                backend=backend,
             ).loss
         loss.backward()
         return loss
@@ -115,7 +125,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--compiled", action="store_true", help="also time the torch.compile'd chunk step")
-    parser.add_argument("--method", choices=[*METHODS, "fused_q_compiled"], help=argparse.SUPPRESS)
+    parser.add_argument("--triton", action="store_true", help="also time the Triton kernels (CUDA)")
+    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[], help="also time the torch path at these")
+    parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.method:
@@ -127,7 +139,8 @@ def main() -> None:
         i = forwarded.index("--json")
         del forwarded[i : i + 2]
     results = []
-    for method in [*METHODS, *(["fused_q_compiled"] if args.compiled else [])]:
+    extra = [*(["fused_q_compiled"] if args.compiled else []), *(["fused_q_triton"] if args.triton else [])]
+    for method in [*METHODS, *extra, *(f"fused_q_chunk{c}" for c in args.chunk_sizes)]:
         out = subprocess.run(
             [sys.executable, __file__, *forwarded, "--method", method],
             check=True,
