@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
+@pytest.mark.slow  # 104 s on 2 cores; the lent GPU runs the full suite
 def test_gpu_suite_smoke_runs_every_step_and_writes_its_reports(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable}
