@@ -121,6 +121,14 @@ def _grad(h_ptr, w_ptr, b_ptr, lse_ptr, a_ptr, c_ptr, gh_ptr, gw_ptr, gb_ptr, N,
         tl.atomic_add(gw_ptr + cols[:, None] * D + d[None, :], gw, mask=col_ok[:, None] & d_ok[None, :])
 
 
+SUPPORT_ROWS = 1024
+"""Rows per step of the support gathers in torch (each holds rows × (k+1) × H floats)."""
+
+
+def _row_slices(n: int) -> list[slice]:
+    return [slice(start, min(start + SUPPORT_ROWS, n)) for start in range(0, n, SUPPORT_ROWS)]
+
+
 def q_loss_and_grads(
     h: Tensor,
     weight: Tensor,
@@ -150,7 +158,7 @@ def q_loss_and_grads(
         h, weight, dummy, lse, pz, zsum, n, vocab, dim, bias is not None, ieee, block_m, block_v, block_d
     )
     # --- the support: k+1 logits per row, gathered (O(n·k·H)), then the coefficients (O(n·k))
-    z_s = torch.einsum("nd,nkd->nk", h.float(), weight[ids].float())
+    z_s = torch.cat([torch.einsum("nd,nkd->nk", h[r].float(), weight[ids[r]].float()) for r in _row_slices(n)])
     if bias is not None:
         z_s = z_s + bias.float()[ids]
     logp_s = z_s - lse[:, None]
@@ -184,8 +192,10 @@ def q_loss_and_grads(
     on_support = torch.where(valid, (w * one_minus_gamma)[:, None] * on_support, 0.0)
     on_support[:, -1] -= w * coef.gamma
     on_support = (on_support * scale).float()
-    grad_h += torch.einsum("nk,nkd->nd", on_support, weight[ids].float())
-    grad_w.index_add_(0, ids.reshape(-1), (on_support[:, :, None] * h.float()[:, None, :]).reshape(-1, dim))
+    for r in _row_slices(n):  # [rows, k+1, H] at a time: the whole batch's gather would be n·k·H floats
+        grad_h[r] += torch.einsum("nk,nkd->nd", on_support[r], weight[ids[r]].float())
+        outer = on_support[r][:, :, None] * h[r].float()[:, None, :]
+        grad_w.index_add_(0, ids[r].reshape(-1), outer.reshape(-1, dim))
     if grad_b is not None:
         grad_b.index_add_(0, ids.reshape(-1), on_support.reshape(-1))
     return loss, coef, q_entropy, logp_s[:, -1], grad_h, grad_w, grad_b
