@@ -46,7 +46,7 @@ if (( SMOKE )); then
   step pytest "$PY" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests/test_gpu.py
 else
   step loss "$PY" benchmarks/loss.py --device cuda --tokens 16384 --hidden 896 --vocab 151936 --dtype bf16 --compiled \
-    --triton --chunk-sizes 4096 8192 --json "$OUT/loss.json"
+    --triton --chunk-sizes 4096 8192 --anchors --json "$OUT/loss.json"
   step train_loss "$PY" benchmarks/train.py --device cuda --shape 0.5b --batch 2 --seq 8192 --grad-ckpt --dtype bf16 \
     --json "$OUT/train_loss.json"
   step train_packing "$PY" benchmarks/train.py --device cuda --shape 0.5b --compare packing --batch 8 --seq 8192 \

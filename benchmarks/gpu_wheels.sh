@@ -17,4 +17,7 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/ex
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl "${pins[@]}"
+# The hard-label anchors of the loss benchmark (issue 23): pure-Python + Triton wheels, not in the lock
+# (the CPU install never needs them), pinned here.
+"$PY" -m pip download -q --no-deps --only-binary=:all: -d .whl liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 ls -1 .whl

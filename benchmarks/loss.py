@@ -15,6 +15,7 @@ over its size after setup (ru_maxrss), which includes allocator slack.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import statistics
@@ -66,6 +67,14 @@ def run_one(args) -> dict:
         weight = weight0.detach().requires_grad_(True)
         if args.method == "plain_ce":  # as HF causal LMs do: full logits, upcast, cross-entropy
             loss = F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100)
+        elif args.method == "liger_flce":  # hard-label anchor: Liger's fused linear cross-entropy
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            loss = LigerFusedLinearCrossEntropyLoss()(weight, hidden, labels)
+        elif args.method == "cce":  # hard-label anchor: Cut Cross-Entropy (apple/ml-cross-entropy)
+            from cut_cross_entropy import linear_cross_entropy
+
+            loss = linear_cross_entropy(hidden, weight, labels, reduction="mean")
         elif args.method == "dense_q":
             loss = q_target_loss(hidden @ weight.T, labels, spec, **prior, reduction="mean").loss
         else:  # fused_q, fused_q_compiled, fused_q_triton, fused_q_chunk<N>
@@ -127,6 +136,9 @@ def main() -> None:
     parser.add_argument("--compiled", action="store_true", help="also time the torch.compile'd chunk step")
     parser.add_argument("--triton", action="store_true", help="also time the Triton kernels (CUDA)")
     parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[], help="also time the torch path at these")
+    parser.add_argument(
+        "--anchors", action="store_true", help="also time Liger's and CCE's hard-label fused CE (where installed)"
+    )
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -140,6 +152,11 @@ def main() -> None:
         del forwarded[i : i + 2]
     results = []
     extra = [*(["fused_q_compiled"] if args.compiled else []), *(["fused_q_triton"] if args.triton else [])]
+    for method, package in (("liger_flce", "liger_kernel"), ("cce", "cut_cross_entropy")) if args.anchors else ():
+        if importlib.util.find_spec(package) is None:
+            print(f"{package} is not installed: no {method} row (benchmarks/gpu_wheels.sh carries it)")
+        else:
+            extra.append(method)
     for method in [*METHODS, *extra, *(f"fused_q_chunk{c}" for c in args.chunk_sizes)]:
         out = subprocess.run(
             [sys.executable, __file__, *forwarded, "--method", method],
