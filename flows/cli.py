@@ -63,7 +63,7 @@ def check_api_reachable() -> None:
     except httpx.HTTPError as e:
         raise ConfigError(
             f"the Prefect server at PREFECT_API_URL={url} does not answer ({type(e).__name__}: {e}); start it "
-            "(`prefect server start`, README \"Schedules\") or point PREFECT_API_URL at the one you run"
+            '(`prefect server start`, README "Schedules") or point PREFECT_API_URL at the one you run'
         ) from None
 
 
