@@ -42,7 +42,7 @@ class Dead:
 
 
 def find(root: Path, min_age: float, now: float | None = None) -> list[Dead]:
-    """Everything under `root` that gc would remove, oldest rules first; reads, never writes."""
+    """Everything under `root` that gc would remove (temporaries, tokens, runs, evals); reads, never writes."""
     now = time.time() if now is None else now
     old = [p for p in _candidates(root) if now - _newest_mtime(p.path) >= min_age]
     return [d for d in old if d.lock is None or not _held(d.lock)]
