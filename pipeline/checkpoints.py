@@ -346,14 +346,18 @@ def check_resumed_inputs(out: Path, previous: dict[str, Any], fingerprint: str, 
             )
 
 
-def write_run_info(out: Path, cfg: RunConfig, prior_key: str | None, prepared: Any, start: int, device: str) -> None:
-    """run.json: the resolved config, what the data came to, the prior key and where it ran."""
+def write_run_info(
+    out: Path, cfg: RunConfig, prior_key: str | None, prepared: Any, start: int, device: str, world: int
+) -> None:
+    """run.json: the resolved config, what the data came to, the prior key and where it ran (device,
+    processes over all nodes)."""
     info = {
         "config": to_dict(cfg),
         "prior_key": prior_key,
         "dataset_fingerprint": prepared.fingerprint,
         "data_counts": prepared.counts(),
         "device": device,
+        "world_size": world,
         "resumed_at": start,
     }
     atomic_write_text(out / "run.json", json.dumps(info, indent=2, default=str))

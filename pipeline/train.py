@@ -147,7 +147,7 @@ def _train_loop(cfg: RunConfig, resume: bool, progress: bool) -> Path:
             shutil.rmtree(out, ignore_errors=True)  # a new run: nothing in it predates this process (lock held)
         raise
     if rank == 0 and not finished:
-        write_run_info(out, cfg, prior_key, prepared, start_step, device)
+        write_run_info(out, cfg, prior_key, prepared, start_step, device, world)
 
     # --- loop ------------------------------------------------------------------------------------
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device == "cuda")
@@ -332,8 +332,8 @@ def _init_distributed() -> tuple[int, int, str]:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank = dist.get_rank()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+    if device == "cuda":  # LOCAL_RANK: this node's n-th process (global ranks run on across nodes)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     return rank, world, device
 
 

@@ -225,6 +225,40 @@ def test_two_process_gloo_matches_single_process(tiny_build, captured):
     assert_same_weights(captured / "runs" / "ddp" / "final", single, tol=1e-5)
 
 
+def test_two_nodes_through_c10d_rendezvous_match_single_process(tiny_build, captured):
+    """Two torchrun launchers ("nodes") meet at one c10d rendezvous endpoint, as `srun torchrun
+    --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HEAD:PORT` starts them (README "Several nodes"):
+    2 nodes x 1 process on gloo train exactly as one process does."""
+    extra = ("train.target={preset: target_sft, eta: 0.5}", "train.batch_size=8", "train.micro_batch_size=2")
+    cli_args = [f"--set={a}" for a in args_for(tiny_build, captured, *extra, "train.max_steps=3", "train.name=nodes")]
+    endpoint = f"127.0.0.1:{free_port()}"
+    launchers = []
+    for node in range(2):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
+        command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=test-job"]
+        command += [f"--rdzv-conf=is_host={'true' if node == 0 else 'false'}"]  # node 0 hosts the store
+        command += ["-m", "pipeline.cli", "train", str(REPO / "configs/demo.yaml"), *cli_args]
+        launchers.append(
+            subprocess.Popen(
+                command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+            )
+        )
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in launchers]
+    finally:
+        for p in launchers:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in launchers] == [0, 0], outputs
+    single = train.train(
+        cfg_for(tiny_build, captured, *extra, "train.max_steps=3", "train.name=single"), progress=False
+    )
+    a, b = losses(captured / "runs" / "nodes"), losses(single.parent)
+    assert len(a) == 3 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    assert_same_weights(captured / "runs" / "nodes" / "final", single, tol=1e-5)
+    assert json.loads((captured / "runs" / "nodes" / "run.json").read_text())["world_size"] == 2
+
+
 def test_trained_model_reloads_with_transformers_and_same_logits(tiny_build, tmp_path):
     final = train.train(
         cfg_for(
