@@ -231,9 +231,22 @@ class BaseModelConfig:
 class PriorsConfig:
     """Stage 1: how sparse priors are captured (docs/design.md §3-§4)."""
 
-    engine: Literal["auto", "vllm", "hf"] = "auto"
-    """`vllm` (offline LLM, prompt logprobs), `hf` (transformers reference), or `auto`: vllm
-    wherever it imports, hf otherwise."""
+    engine: Literal["auto", "vllm", "hf", "vllm_server"] = "auto"
+    """`vllm` (offline LLM, prompt logprobs), `hf` (transformers reference), `vllm_server` (a running
+    `vllm serve` at `server_url`), or `auto`: vllm wherever it imports, hf otherwise."""
+    server_url: str | None = None
+    """vllm_server engine: the OpenAI-compatible server, e.g. `http://gpu-node:8000` (`/v1` optional).
+    It must serve this config's prior model; the capture checks its vocabulary and tokenisation."""
+    server_model: str | None = None
+    """vllm_server engine: the served model name (`vllm serve --served-model-name`); None: the one
+    model the server lists, whose name must end in the prior model's folder name."""
+    server_concurrency: PositiveInt = 8
+    """vllm_server engine: requests in flight (one example each; the server batches them)."""
+    server_timeout: PositiveFloat = 600.0
+    """vllm_server engine: seconds one request may take before it counts as failed."""
+    server_retries: NonNegativeInt = 3
+    """vllm_server engine: retries of a failed request (connection error, timeout, HTTP 5xx), with
+    exponential backoff from 1 s. A 4xx answer is not retried."""
     model_path: str | None = None
     """The prior (teacher) model; None means the run's own model. It must share the tokenizer."""
     embedded_teacher: bool = False
@@ -675,6 +688,10 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
         values = getattr(cfg.select, key)
         for value in sorted({v for v in values if values.count(v) > 1}):
             problems.append(f"select.{key} lists {value:g} twice; each candidate is trained once: drop one")
+    if cfg.priors.engine == "vllm_server" and not cfg.priors.server_url:
+        problems.append("priors.engine=vllm_server needs priors.server_url (e.g. http://localhost:8000)")
+    if cfg.priors.server_url and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", cfg.priors.server_url):
+        problems.append(f"priors.server_url={cfg.priors.server_url!r} must be an http:// or https:// URL")
     if cfg.priors.worker_index >= cfg.priors.num_workers:
         problems.append(
             f"priors.worker_index={cfg.priors.worker_index} must be below priors.num_workers={cfg.priors.num_workers}"

@@ -6,6 +6,9 @@ Two engines produce the same `PriorRecord`s:
   chunked lm_head over the scored positions only, log-sum-exp and top-k; full-batch logits are
   never formed. Batches are built by a token budget over length-sorted examples.
 * `VLLMEngine`: vLLM's offline `LLM` with prompt logprobs (`max_tokens=1`, `prompt_logprobs=k`).
+* `VLLMServerEngine`: the same request sent to a running `vllm serve` (OpenAI-compatible
+  `/v1/completions` with a token-id prompt), after checking that the server holds the prior
+  model's vocabulary and tokenizer; every answer is checked against the ids it was sent.
 
 Engines trust their arguments: `priors.plan` checks k against the vocabulary before one is built.
 
@@ -15,8 +18,14 @@ tokens ≤ t; only positions whose next token is a completion token are scored.
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -263,24 +272,216 @@ class VLLMEngine:
         )  # fmt: skip
 
     def _from_dicts(self, example: Example, positions: np.ndarray, prompt_logprobs: Any) -> tuple[np.ndarray, ...]:
-        n, k = len(positions), self.k
-        top_ids = np.zeros((n, k), dtype=np.int32)
-        top_lp = np.zeros((n, k), dtype=np.float32)
-        obs_lp = np.zeros(n, dtype=np.float32)
-        obs_rank = np.zeros(n, dtype=np.int32)
-        for row, t in enumerate(positions):
-            entry = prompt_logprobs[t + 1]
-            observed = int(example.input_ids[t + 1])
-            obs_lp[row] = entry[observed].logprob
-            obs_rank[row] = entry[observed].rank
-            ranked = sorted(((lp.rank, token, lp.logprob) for token, lp in entry.items() if lp.rank <= k))[:k]
-            top_ids[row] = [token for _, token, _ in ranked]
-            top_lp[row] = [logprob for _, _, logprob in ranked]
-        return top_ids, top_lp, obs_lp, obs_rank
+        entries = ({token: (lp.logprob, lp.rank) for token, lp in prompt_logprobs[t + 1].items()} for t in positions)
+        return from_ranked_entries(example, positions, entries, self.k)
 
     def close(self) -> None:
         shutdown_vllm(self.llm)
         del self.llm
+
+
+def from_ranked_entries(
+    example: Example, positions: np.ndarray, entries: Iterator[dict[int, tuple[float, int]]], k: int
+) -> tuple[np.ndarray, ...]:
+    """(top ids, top logprobs, observed logprob, observed rank) from vLLM's per-position prompt
+    logprobs: for each scored t, `{token: (logprob, rank)}` of position t+1, the prompt token included."""
+    n = len(positions)
+    top_ids = np.zeros((n, k), dtype=np.int32)
+    top_lp = np.zeros((n, k), dtype=np.float32)
+    obs_lp = np.zeros(n, dtype=np.float32)
+    obs_rank = np.zeros(n, dtype=np.int32)
+    for row, (t, entry) in enumerate(zip(positions, entries, strict=True)):
+        obs_lp[row], obs_rank[row] = entry[int(example.input_ids[t + 1])]
+        ranked = sorted((rank, token, logprob) for token, (logprob, rank) in entry.items() if rank <= k)[:k]
+        top_ids[row] = [token for _, token, _ in ranked]
+        top_lp[row] = [logprob for _, _, logprob in ranked]
+    return top_ids, top_lp, obs_lp, obs_rank
+
+
+class VLLMServerEngine:
+    """A running OpenAI-compatible vLLM server (`vllm serve MODEL --max-logprobs K`).
+
+    Each example is one `/v1/completions` request: its token ids as the prompt, `max_tokens=1`,
+    `prompt_logprobs=k` and `return_token_ids`, so the server scores exactly the ids sent and says
+    which ids it scored; `concurrency` requests are in flight and the server batches them. Before
+    the first one, the server must list the model, take ids up to the prior model's vocabulary
+    size and no further, and tokenise a probe text as the local tokenizer does. A failed request
+    (connection, timeout, HTTP 5xx) is retried with backoff; what finally fails raises one line, and
+    `priors.capture` keeps the shards already written.
+    """
+
+    name = "vllm_server"
+
+    def __init__(
+        self,
+        url: str,
+        model_path: Path,
+        k: int,
+        max_length: int,
+        tokenizer: Any,
+        vocab_size: int,
+        probe_ids: Sequence[int],
+        served_model: str | None = None,
+        concurrency: int = 8,
+        timeout: float = 600.0,
+        retries: int = 3,
+    ) -> None:
+        self.base = url.rstrip("/").removesuffix("/v1")
+        self.k, self.concurrency, self.timeout, self.retries = k, concurrency, timeout, retries
+        self.forward_passes = 0
+        self.model = self._served_model(served_model, model_path, max_length)
+        self._check_vocabulary(vocab_size)
+        self._check_tokenisation(tokenizer, probe_ids)
+        self.version = str(self._call("/version").get("version", "unknown"))
+
+    def score(self, examples: list[Example]) -> list[PriorRecord]:
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="vllm-server") as pool:
+            futures = [pool.submit(self._score_one, e) for e in examples]
+            try:
+                records = [f.result() for f in futures]
+            finally:
+                for f in futures:
+                    f.cancel()  # after a failure: drop what has not started
+        self.forward_passes += len(examples)
+        return records
+
+    def _score_one(self, example: Example) -> PriorRecord:
+        ids = np.asarray(example.input_ids).tolist()
+        body = {"model": self.model, "prompt": ids, "max_tokens": 1, "prompt_logprobs": self.k}
+        choice = self._call("/v1/completions", {**body, "return_token_ids": True})["choices"][0]
+        scored, logprobs = choice.get("prompt_token_ids"), choice.get("prompt_logprobs")
+        if scored != ids or logprobs is None or len(logprobs) != len(ids):
+            scored = scored if isinstance(scored, list) else []
+            raise PriorError(
+                f"vLLM server {self.base} scored {len(scored)} prompt tokens for example {example.index}, which has "
+                f"{len(ids)} (first difference at position {_first_difference(ids, scored)}); it must score the ids "
+                "as sent"
+            )
+        positions = scored_positions(example)
+        entries = (
+            {int(token): (_logprob(v["logprob"]), int(v["rank"])) for token, v in logprobs[t + 1].items()}
+            for t in positions
+        )
+        top_ids, top_lp, obs_lp, obs_rank = from_ranked_entries(example, positions, entries, self.k)
+        return PriorRecord(example.index, len(ids), positions, top_ids, top_lp, obs_lp, obs_rank)
+
+    # --- the checks before the first request ------------------------------------------------------
+    def _served_model(self, served_model: str | None, model_path: Path, max_length: int) -> str:
+        listed = self._call("/v1/models").get("data")
+        if not isinstance(listed, list) or not all(isinstance(m, dict) and "id" in m for m in listed):
+            raise PriorError(f"{self.base}/v1/models did not list models; is it an OpenAI-compatible vLLM server?")
+        names = [str(m["id"]) for m in listed]
+        if served_model is not None:
+            if served_model not in names:
+                raise PriorError(
+                    f"vLLM server {self.base} does not serve {served_model!r} (it serves {names}); "
+                    "fix priors.server_model"
+                )
+            chosen = listed[names.index(served_model)]
+        elif len(listed) != 1:
+            raise PriorError(f"vLLM server {self.base} serves {names}; set priors.server_model to one of them")
+        else:
+            chosen = listed[0]
+            served_as = {Path(str(chosen.get(key) or "")).name for key in ("id", "root")}
+            if model_path.name not in served_as:
+                raise PriorError(
+                    f"vLLM server {self.base} serves {chosen['id']!r}, not the prior model {model_path.name!r}; "
+                    "start it on that model, or set priors.server_model if it is the same model by another name"
+                )
+        longest = chosen.get("max_model_len")
+        if isinstance(longest, int) and longest < max_length + 1:
+            raise PriorError(
+                f"vLLM server {self.base} takes at most {longest} tokens; data.max_length={max_length} needs "
+                f"{max_length + 1} (one generated token): restart it with --max-model-len {max_length + 1}"
+            )
+        return str(chosen["id"])
+
+    def _check_vocabulary(self, vocab_size: int) -> None:
+        """vLLM refuses prompt ids beyond its vocabulary: the last id must pass, the next must not."""
+        body = {"model": self.model, "max_tokens": 1}
+        try:
+            self._call("/v1/completions", {**body, "prompt": [vocab_size - 1], "prompt_logprobs": self.k})
+            self._call("/v1/completions", {**body, "prompt": [vocab_size]})
+        except PriorError as e:
+            if "out of vocabulary" in str(e):
+                if f"Token id {vocab_size} " in str(e):
+                    return
+                raise PriorError(
+                    f"vLLM server {self.base} has a smaller vocabulary than the prior model ({vocab_size} ids): "
+                    "it serves another model"
+                ) from None
+            raise
+        raise PriorError(
+            f"vLLM server {self.base} accepts token id {vocab_size}, beyond the prior model's vocabulary of "
+            f"{vocab_size}: it serves another model"
+        )
+
+    def _check_tokenisation(self, tokenizer: Any, probe_ids: Sequence[int]) -> None:
+        text = tokenizer.decode(list(probe_ids))
+        local = tokenizer.encode(text, add_special_tokens=False)
+        body = {"model": self.model, "prompt": text, "add_special_tokens": False}
+        served = self._call("/tokenize", body).get("tokens")
+        if served != local:
+            first = _first_difference(local, served if isinstance(served, list) else [])
+            raise PriorError(
+                f"vLLM server {self.base} tokenises a probe text differently from the prior model's tokenizer "
+                f"(from token {first} of {len(local)}): serve the prior model's own tokenizer"
+            )
+
+    # --- HTTP -----------------------------------------------------------------------------------
+    def _call(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The server's JSON answer; retried with backoff (1, 2, 4 ... s) after a connection error,
+        a timeout or an HTTP 5xx; a 4xx is the server refusing the request, reported at once."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data=data, headers={"Content-Type": "application/json"})
+        failure = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(2 ** (attempt - 1), 30))
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    answer = json.loads(response.read())
+                if not isinstance(answer, dict):
+                    raise ValueError("not a JSON object")
+                return answer
+            except urllib.error.HTTPError as e:
+                message = _error_message(e)
+                if e.code < 500:
+                    hint = f"; restart it with --max-logprobs {self.k}" if "max allowed" in message else ""
+                    hint += "; is this URL a vLLM server (vllm serve)?" if e.code == 404 else ""
+                    refused = f"vLLM server {self.base} refused {path} (HTTP {e.code}): {message}{hint}"
+                    raise PriorError(refused) from None
+                failure = f"HTTP {e.code}: {message}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
+                reason = getattr(e, "reason", e)
+                failure = f"timed out after {self.timeout:g} s" if isinstance(reason, TimeoutError) else str(reason)
+            except ValueError as e:  # JSONDecodeError too
+                raise PriorError(f"{self.base}{path} did not answer JSON ({e}); is it a vLLM server?") from None
+        tries = f"{self.retries + 1} tries" if self.retries else "1 try"
+        raise PriorError(
+            f"vLLM server {self.base} did not answer {path} ({tries}; last: {failure}); check it is up "
+            f"(curl {self.base}/v1/models) and rerun: finished shards are kept"
+        )
+
+    def close(self) -> None:
+        pass
+
+
+def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _logprob(value: float) -> float:
+    return float("-inf") if value <= -9999.0 else float(value)  # the server writes -inf as -9999.0
+
+
+def _error_message(error: urllib.error.HTTPError) -> str:
+    try:
+        body = json.loads(error.read())
+        message = body.get("error", {}).get("message") if isinstance(body.get("error"), dict) else body.get("message")
+        return " ".join(str(message or body).split())[:300]
+    except Exception:
+        return str(error.reason)
 
 
 def shutdown_vllm(llm: Any) -> None:

@@ -24,9 +24,10 @@ from pipeline import data
 from pipeline.config import RunConfig
 from pipeline.models import load_model_config, load_tokenizer
 from pipeline.prior_cache import PriorStore, cache_key, is_object_store, storage_error
-from pipeline.prior_engines import HFEngine, PriorError, VLLMEngine
+from pipeline.prior_engines import HFEngine, PriorError, VLLMEngine, VLLMServerEngine
 from pipeline.resolve import resolve_device, resolve_dtype, resolve_engine, resolve_inputs, tokens_dir
 from pipeline.storage import atomic_write_text, sha256_file
+from pipeline.tokens import Example
 
 MASKING_RULE = "assistant_turns_v1"  # labels on every assistant turn incl. its end marker
 
@@ -113,7 +114,7 @@ def capture(cfg: RunConfig, progress: bool = True, planned: CapturePlan | None =
     shards = [examples[i : i + cfg.priors.shard_size] for i in range(0, len(examples), cfg.priors.shard_size)]
     mine = range(cfg.priors.worker_index, len(shards), cfg.priors.num_workers)
     todo = [i for i in mine if i not in store.done_shards(key)]
-    engine = make_engine(cfg, p.prior_model, p.engine, p.device, p.dtype) if todo else None
+    engine = make_engine(cfg, p.prior_model, p.engine, p.device, p.dtype, shards[todo[0]][0]) if todo else None
     store.write_key_inputs(key, key_inputs)  # only once the engine has accepted the config
 
     # --- loop: score and write each missing shard -------------------------------------------------
@@ -141,6 +142,8 @@ def capture(cfg: RunConfig, progress: bool = True, planned: CapturePlan | None =
             "data_counts": p.prepared.counts(),
             "prior_role": "teacher" if p.teacher else "model",  # whose γ the profile is (pipeline/regimes.py)
         }
+        if isinstance(engine, VLLMServerEngine):
+            capture["server_vllm_version"] = engine.version
         store.finalize(key, key_inputs, len(shards), p.engine, capture)
         log.info("prior set %s complete: %s", key, capture)
         return CaptureResult(key, manifest_path, passes, complete=True)
@@ -154,6 +157,8 @@ def key_inputs_for(
     versions = {"torch": torch.__version__, "transformers": importlib.metadata.version("transformers")}
     if engine == "vllm":
         versions["vllm"] = _vllm_version()
+    if engine == "vllm_server":  # the server's precision and version are its own; the key needs no server
+        dtype = "served"
     return {
         "prior_model": {"name": prior_model.name, "content_sha256": model_content_hash(prior_model, memo)},
         "tokenizer_sha256": prepared.tokenizer_hash,
@@ -211,8 +216,28 @@ def hash_memo(store: PriorStore) -> Path | None:
     return None if is_object_store(store.fs) else Path(store.base) / "file-sha256.json"
 
 
-def make_engine(run: RunConfig, model: Path, engine: str, device: str, dtype: str) -> HFEngine | VLLMEngine:
+def make_engine(
+    run: RunConfig, model: Path, engine: str, device: str, dtype: str, probe: Example
+) -> HFEngine | VLLMEngine | VLLMServerEngine:
+    """The engine `engine` names; `probe` (an example to capture) checks a server's tokenizer."""
     cfg, max_length, trust_remote_code = run.priors, run.data.max_length, run.model.trust_remote_code
+    if engine == "vllm_server":
+        assert cfg.server_url is not None  # config.cross_field_problems
+        tokenizer = load_tokenizer(model, trust_remote_code)
+        vocab = max(load_model_config(model, trust_remote_code).vocab_size, len(tokenizer))
+        return VLLMServerEngine(
+            cfg.server_url,
+            model,
+            cfg.k,
+            max_length,
+            tokenizer,
+            vocab,
+            probe.input_ids.tolist(),
+            served_model=cfg.server_model,
+            concurrency=cfg.server_concurrency,
+            timeout=cfg.server_timeout,
+            retries=cfg.server_retries,
+        )
     if engine == "vllm":
         return VLLMEngine(
             model,
