@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import base_model, data, evaluate, experiment, gc, launch, priors, regimes, storage
+from pipeline import base_model, data, evaluate, experiment, gc, interop, launch, priors, regimes, storage
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import CacheError, ConfigError, TargetSFTError
 from pipeline.models import load_tokenizer
@@ -87,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-age", type=float, default=24.0, metavar="HOURS", help="keep anything changed more recently (24)"
     )
     _add_config_args(gc_cmd, required=False)
+    imp = cache_commands.add_parser(
+        "import", help="read another tool's top-k logprob dataset (Axolotl KD) over the config's data rows"
+    )
+    imp.add_argument("source", help="the dataset: a file, a folder or a Hub snapshot, one row per data row")
+    imp.add_argument("--format", choices=["axolotl"], default="axolotl", help="its layout (axolotl: KD chat_template)")
+    imp.add_argument("--ids-field", default="target_token_ids", help="column of per-position top-k ids")
+    imp.add_argument("--logprobs-field", default="logprobs", help="column of per-position top-k log-probs")
+    _add_config_args(imp, required=False)
+    exp = cache_commands.add_parser("export", help="write a prior set with its data rows as an Axolotl KD dataset")
+    exp.add_argument("key")
+    exp.add_argument("--out", required=True, help="a new folder; train.parquet appears there whole")
+    exp.add_argument("--format", choices=["axolotl"], default="axolotl")
+    _add_config_args(exp, required=False)
     for action, text in (
         ("show", "print a manifest"),
         ("verify", "re-check checksums and counts"),
@@ -169,6 +182,14 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
             if result.complete:
                 profile = PriorStore(cfg.storage_root).gamma_profile(result.key)
                 print(regimes.describe(profile, priors.prior_role(cfg)))
+        elif args.command == "cache" and args.action == "import":
+            imported = interop.import_axolotl(cfg, args.source, args.ids_field, args.logprobs_field)
+            state = "reused (already imported)" if imported.reused else f"imported {imported.examples} examples"
+            print(f"prior set {imported.key}: {state}\nmanifest: {imported.manifest_path}")
+            print(regimes.describe(PriorStore(cfg.storage_root).gamma_profile(imported.key), priors.prior_role(cfg)))
+            print(f"train on it with --set train.prior_key={imported.key}")
+        elif args.command == "cache" and args.action == "export":
+            print(f"wrote {interop.export_axolotl(cfg, args.key, Path(args.out))}")
         elif args.command == "cache" and args.action == "gc":
             return gc_command(cfg.storage_root, args.dry_run, args.min_age)
         elif args.command == "cache":

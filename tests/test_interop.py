@@ -1,0 +1,184 @@
+"""`cache import` / `cache export`: Axolotl KD datasets to and from prior sets.
+
+The fixtures follow Axolotl's documented layout (axolotl-ai-cloud/axolotl,
+src/axolotl/integrations/kd/README.md "Target alignment", and chat_template.py's
+`ChatTemplateStrategyWithKDv2`, the dataset type `axolotl.integrations.kd.chat_template`): per row a
+chat under `messages`, and per input token j `target_token_ids[j]` and `logprobs[j]`, the teacher's
+top-k over input_ids[j + 1]; the last row is padding (large negative log-probs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline import cli, priors
+from pipeline.config import RunConfig, load_config
+from pipeline.prior_cache import PriorStore
+from tests.conftest import REPO, tiny_args
+
+K = 8
+# the tiny model's chat template with a line in front: every row tokenises one token longer or more
+OTHER_TEMPLATE = (
+    '"Note:\\n{% for m in messages %}<|{{ m.role }}|>\\n{{ m.content }}<|end|>\\n{% endfor %}'
+    '{% if add_generation_prompt %}<|assistant|>\\n{% endif %}"'
+)
+
+
+def args(build, root: Path, *extra: str) -> list[str]:
+    return tiny_args(build, root, f"priors.k={K}", "priors.shard_size=16", *extra)
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def errors(err: str) -> int:
+    """Lines of error output, progress bars aside."""
+    return sum(1 for line in err.splitlines() if line.strip() and "it/s]" not in line and "ex/s]" not in line)
+
+
+def sets(root: Path) -> list[str]:
+    """The prior sets under a root (complete or not)."""
+    return sorted(p.name for p in (root / "priors").iterdir() if p.is_dir()) if (root / "priors").exists() else []
+
+
+def write_axolotl_kd(build, root: Path, path: Path, k: int = K) -> Path:
+    """An Axolotl KD dataset of the tiny SFT set, as a vLLM prompt-logprobs producer writes it: the
+    model's top-k at every position, one row per input token, the last one padding."""
+    cfg = load_config(RunConfig, None, args(build, root))
+    examples = priors.plan(cfg, progress=False).prepared.examples
+    source = [json.loads(line) for line in Path(build.sft_train).read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(build.model).eval()
+    rows = []
+    with torch.no_grad():
+        for example in examples:
+            ids = torch.as_tensor(example.input_ids, dtype=torch.long)[None]
+            values, indices = model(ids).logits[0].log_softmax(-1).topk(k, dim=-1)
+            top_ids, top_lps = indices.tolist(), values.tolist()
+            top_ids[-1], top_lps[-1] = [0] * k, [-1e9] * k  # the last row describes no token: padding
+            rows.append(
+                {"messages": source[example.index]["messages"], "target_token_ids": top_ids, "logprobs": top_lps}
+            )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def records(root: Path, key: str) -> dict:
+    return PriorStore(str(root)).open(key).load_all()
+
+
+def test_an_axolotl_kd_dataset_imports_as_a_prior_set_and_trains(tiny_build, tmp_path, capsys):
+    fixture = write_axolotl_kd(tiny_build, tmp_path / "fixture", tmp_path / "kd.jsonl")
+    argv = ["cache", "import", str(fixture), *[f"--set={a}" for a in args(tiny_build, tmp_path)]]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    key = out.split("prior set ")[1].split(":")[0]
+    assert "imported 60 examples" in out and f"train.prior_key={key}" in out and "γ profile" in out
+    manifest = PriorStore(str(tmp_path)).manifest(key)
+    assert manifest["capture"]["engine"] == "import" and manifest["key_inputs"]["engine"]["format"] == "axolotl"
+    # the same numbers as this pipeline's own capture at the same positions
+    captured = priors.capture(load_config(RunConfig, None, args(tiny_build, tmp_path / "own")), progress=False)
+    mine, theirs = records(tmp_path / "own", captured.key), records(tmp_path, key)
+    assert mine.keys() == theirs.keys()
+    inside = outside = 0
+    for index in mine:
+        a, b = mine[index], theirs[index]
+        np.testing.assert_array_equal(a.positions, b.positions)
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=1 / 64 + 1e-5)
+        known = a.obs_rank <= K  # the format stores the observed token only where it is in the top-k
+        np.testing.assert_allclose(a.obs_logprob[known], b.obs_logprob[known], atol=1 / 64 + 1e-5)
+        np.testing.assert_array_equal(a.obs_rank[known], b.obs_rank[known])
+        assert np.all(np.isneginf(b.obs_logprob[~known])) and np.all(b.obs_rank[~known] == 0)
+        inside, outside = inside + known.sum(), outside + (~known).sum()
+    assert inside > 0 and outside > 0  # both cases occurred
+    # a second import reuses the set
+    code, out, _ = run(argv, capsys)
+    assert code == 0 and "reused" in out
+    # and Target-SFT trains on it
+    train = [f"--set={a}" for a in args(tiny_build, tmp_path)]
+    train += ["--set=train.target={preset: target_sft, eta: 0.5}", f"--set=train.prior_key={key}"]
+    train += [
+        "--set=train.max_steps=2",
+        "--set=train.batch_size=4",
+        "--set=train.micro_batch_size=4",
+        "--set=train.eval_every=0",
+        "--set=train.name=imp",
+    ]
+    code, out, err = run(["train", str(REPO / "configs/demo.yaml"), *train], capsys)
+    assert code == 0, err
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "runs/imp/metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert json.loads((tmp_path / "runs/imp/run.json").read_text())["prior_key"] == key
+
+
+def test_export_then_import_gives_the_same_priors(tiny_build, tmp_path, capsys):
+    captured = priors.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
+    cfg_args = [f"--set={a}" for a in args(tiny_build, tmp_path)]
+    code, out, err = run(["cache", "export", captured.key, "--out", str(tmp_path / "kd"), *cfg_args], capsys)
+    assert code == 0 and (tmp_path / "kd" / "train.parquet").exists(), err
+    code, _, err = run(["cache", "export", captured.key, "--out", str(tmp_path / "kd"), *cfg_args], capsys)
+    assert (code, errors(err), "exists" in err) == (2, 1, True), err  # never over an earlier export
+    code, out, err = run(["cache", "import", str(tmp_path / "kd"), *cfg_args], capsys)
+    assert code == 0, err
+    key = out.split("prior set ")[1].split(":")[0]
+    assert key != captured.key  # an import is keyed by its source files
+    a, b = records(tmp_path, captured.key), records(tmp_path, key)
+    assert a.keys() == b.keys()
+    for index in a:  # exported values are the codec's, so they encode to the same codes: identical
+        for field in ("positions", "topk_ids", "topk_logprobs", "obs_logprob", "obs_rank"):
+            np.testing.assert_array_equal(getattr(a[index], field), getattr(b[index], field), err_msg=field)
+
+
+def mutate(fixture: Path, out: Path, change) -> Path:
+    rows = [json.loads(line) for line in fixture.read_text().splitlines()]
+    change(rows)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def drop_first_position(rows):
+    rows[3]["target_token_ids"], rows[3]["logprobs"] = rows[3]["target_token_ids"][1:], rows[3]["logprobs"][1:]
+
+
+def foreign_ids(rows):
+    for row in rows:
+        row["input_ids"] = [0] * len(row["target_token_ids"])
+
+
+def short_k(rows):
+    rows[1]["target_token_ids"][-2], rows[1]["logprobs"][-2] = [5, 6], [-0.1, -2.0]
+
+
+def big_id(rows):
+    rows[0]["target_token_ids"][-2][0] = 10**6
+
+
+@pytest.mark.parametrize(
+    ("change", "extra", "message"),
+    [
+        (drop_first_position, (), "row 3: the source has"),
+        (lambda rows: rows.pop(), (), "has 59 rows, the data 60"),
+        (foreign_ids, (), "row 0, position 0: the source's input_ids differ"),
+        (short_k, (), "fewer than priors.k=8"),
+        (big_id, (), "outside the prior model's vocabulary"),
+        (lambda rows: [r.pop("logprobs") for r in rows], (), "has no column logprobs"),
+        (lambda rows: None, (f"data.chat_template={OTHER_TEMPLATE}",), "row 0: the source has"),
+    ],
+    ids=["shorter-row", "fewer-rows", "other-ids", "smaller-k", "other-vocabulary", "no-logprobs", "other-template"],
+)
+def test_a_misaligned_import_is_one_line_and_writes_nothing(tiny_build, tmp_path, capsys, change, extra, message):
+    fixture = write_axolotl_kd(tiny_build, tmp_path / "fixture", tmp_path / "kd.jsonl")
+    source = mutate(fixture, tmp_path / "bad.jsonl", change)
+    argv = ["cache", "import", str(source), *[f"--set={a}" for a in args(tiny_build, tmp_path / "root", *extra)]]
+    code, _, err = run(argv, capsys)
+    assert (code, errors(err), message in err) == (2, 1, True), err
+    assert "Traceback" not in err and sets(tmp_path / "root") == []
