@@ -88,10 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(gc_cmd, required=False)
     imp = cache_commands.add_parser(
-        "import", help="read another tool's top-k logprob dataset (Axolotl KD) over the config's data rows"
+        "import", help="read another tool's top-k logprobs (Axolotl KD, DistillKit) over the config's data rows"
     )
     imp.add_argument("source", help="the dataset: a file, a folder or a Hub snapshot, one row per data row")
-    imp.add_argument("--format", choices=["axolotl"], default="axolotl", help="its layout (axolotl: KD chat_template)")
+    imp.add_argument(
+        "--format",
+        choices=["axolotl", "distillkit"],
+        default="axolotl",
+        help="axolotl: a KD chat_template dataset, one row per data row; distillkit: a folder of compressed shards",
+    )
     imp.add_argument("--ids-field", default="target_token_ids", help="column of per-position top-k ids")
     imp.add_argument("--logprobs-field", default="logprobs", help="column of per-position top-k log-probs")
     _add_config_args(imp, required=False)
@@ -183,7 +188,10 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
                 profile = PriorStore(cfg.storage_root).gamma_profile(result.key)
                 print(regimes.describe(profile, priors.prior_role(cfg)))
         elif args.command == "cache" and args.action == "import":
-            imported = interop.import_axolotl(cfg, args.source, args.ids_field, args.logprobs_field)
+            if args.format == "distillkit":
+                imported = interop.import_distillkit(cfg, args.source)
+            else:
+                imported = interop.import_axolotl(cfg, args.source, args.ids_field, args.logprobs_field)
             state = "reused (already imported)" if imported.reused else f"imported {imported.examples} examples"
             print(f"prior set {imported.key}: {state}\nmanifest: {imported.manifest_path}")
             print(regimes.describe(PriorStore(cfg.storage_root).gamma_profile(imported.key), priors.prior_role(cfg)))

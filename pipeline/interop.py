@@ -18,11 +18,13 @@ our own export adds `observed_logprob` and `observed_rank` columns, which an imp
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,6 @@ def import_axolotl(
         PriorError: a row that does not align with this pipeline's tokenisation (one line naming it);
             nothing is left in the store then.
     """
-    # --- setup: this pipeline's tokenisation of the rows, the source, the key ----------------------------
     plan = priors.plan(cfg, progress)
     source = data.open_source(source_path, "train", None, None)
     missing = sorted({ids_field, logprobs_field} - set(source.columns))
@@ -79,48 +80,62 @@ def import_axolotl(
             "name the columns with --ids-field and --logprobs-field"
         )
     optional = [c for c in ("input_ids", "observed_logprob", "observed_rank") if c in source.columns]
-    key_inputs = {
-        **plan.key_inputs,
-        "engine": {"name": "import", "format": "axolotl", "fields": [ids_field, logprobs_field], "versions": {}},
-        "source_sha256": files_sha256(source_path),
-    }
-    key = cache_key(key_inputs)
-    store = PriorStore(cfg.storage_root)
-    manifest_path = store.url(f"{store.dir(key)}/manifest.json")
-    if store.complete(key):
-        return ImportResult(key, manifest_path, len(plan.prepared.examples), reused=True)
-
-    # --- loop: align each row, write a shard whenever one is full ------------------------------------------
-    k, size = cfg.priors.k, cfg.priors.shard_size
+    engine = {"name": "import", "format": "axolotl", "fields": [ids_field, logprobs_field], "versions": {}}
     vocab = len(load_tokenizer(plan.prior_model, cfg.model.trust_remote_code))
     examples = {e.index: e for e in plan.prepared.examples}
-    existed = store.fs.exists(store.dir(key))
-    shard: list[PriorRecord] = []
-    written = rows = 0
-    bar = tqdm(total=len(examples), unit="ex", desc=f"import {key[:8]}", disable=not progress)
-    try:
-        store.write_key_inputs(key, key_inputs)
+
+    def aligned() -> Iterator[PriorRecord]:
+        """The records in the data's order; the source's rows are the data's rows, one for one."""
+        rows = 0
         for rows, row in enumerate(source.stream([ids_field, logprobs_field, *optional]), start=1):
             if cfg.data.limit is not None and rows > cfg.data.limit:
                 rows -= 1
                 break
             example = examples.get(rows - 1)
-            if example is None:  # a row this pipeline's data policy dropped (too long, no completion, invalid)
-                continue
-            shard.append(axolotl_record(example, row, k, vocab, ids_field, logprobs_field))
-            bar.update(1)
-            if len(shard) == size:
-                store.write_shard(key, written, shard, k, 0.0)
-                written, shard = written + 1, []
+            if example is not None:  # else a row this pipeline's data policy dropped (too long, invalid)
+                yield axolotl_record(example, row, cfg.priors.k, vocab, ids_field, logprobs_field)
         if rows != plan.prepared.rows:
             raise PriorError(
                 f"{source_path} has {rows} rows, the data {plan.prepared.rows}: an import needs one source row "
                 "per data row, in the same order"
             )
+
+    return _write_set(cfg, plan, engine, source_path, aligned(), progress)
+
+
+def _write_set(
+    cfg: RunConfig,
+    plan: priors.CapturePlan,
+    engine: dict[str, Any],
+    source_path: str,
+    records: Iterator[PriorRecord],
+    progress: bool,
+) -> ImportResult:
+    """Write `records` (in the data's order) as a prior set keyed by the source's content; a failure
+    anywhere removes what was written."""
+    key_inputs = {**plan.key_inputs, "engine": engine, "source_sha256": files_sha256(source_path)}
+    key = cache_key(key_inputs)
+    store = PriorStore(cfg.storage_root)
+    manifest_path = store.url(f"{store.dir(key)}/manifest.json")
+    total = len(plan.prepared.examples)
+    if store.complete(key):
+        return ImportResult(key, manifest_path, total, reused=True)
+    existed = store.fs.exists(store.dir(key))
+    shard: list[PriorRecord] = []
+    written = 0
+    bar = tqdm(total=total, unit="ex", desc=f"import {key[:8]}", disable=not progress)
+    try:
+        store.write_key_inputs(key, key_inputs)
+        for record in records:
+            shard.append(record)
+            bar.update(1)
+            if len(shard) == cfg.priors.shard_size:
+                store.write_shard(key, written, shard, cfg.priors.k, 0.0)
+                written, shard = written + 1, []
         if shard:
-            store.write_shard(key, written, shard, k, 0.0)
+            store.write_shard(key, written, shard, cfg.priors.k, 0.0)
             written += 1
-        capture = {"engine": "import", "source_format": "axolotl", "data_counts": plan.prepared.counts()}
+        capture = {"engine": "import", "source_format": engine["format"], "data_counts": plan.prepared.counts()}
         capture["prior_role"] = "teacher" if plan.teacher else "model"
         store.finalize(key, key_inputs, written, "import", capture)
     except BaseException:
@@ -129,8 +144,8 @@ def import_axolotl(
         raise
     finally:
         bar.close()
-    log.info("imported %s rows from %s into prior set %s", len(examples), source_path, key)
-    return ImportResult(key, manifest_path, len(examples), reused=False)
+    log.info("imported %s examples from %s into prior set %s", total, source_path, key)
+    return ImportResult(key, manifest_path, total, reused=False)
 
 
 def axolotl_record(
@@ -249,3 +264,220 @@ def files_sha256(path: str) -> str:
             while chunk := handle.read(1 << 24):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+# --- DistillKit ------------------------------------------------------------------------------------------
+# arcee-ai/DistillKit: `distillkit/sample_logits_vllm.py` writes a folder of `data_N.parquet` shards
+# (`input_ids`, and per position `compressed_logprobs` and `bytepacked_indices` byte lists; schema in
+# `distillkit/sample_common.py`) beside `compression_config.yaml`, a `DistributionQuantizationConfig`
+# (`distillkit/compression/config.py`). Its rows are shuffled, carry one extra pad token, and row j of
+# a capture is the distribution over input_ids[j + 1] (vLLM's prompt logprobs without the first).
+
+FLOATS: dict[str, Any] = {"float16": np.float16, "float32": np.float32, "float64": np.float64, "bfloat16": None}
+
+
+def as_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+    """`x` (float32) rounded to `dtype` as torch's `.to(dtype)` does (bfloat16: round to nearest even)."""
+    if dtype == "bfloat16":
+        bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+        rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16) << 16
+        return rounded.astype(np.uint32).view(np.float32)
+    return x.astype(FLOATS[dtype]).astype(np.float32)
+
+
+@dataclass
+class DistillKitCodec:
+    """DistillKit's logprob codec, decoded as `decompress_monotonic_logprobs` does
+    (`distillkit/compression/monotonic_logprobs.py`), per position:
+
+        bytes = exact_k values (exact_dtype) | polynomial coefficients (term_dtype)
+                | per residual bin: a scale (scale_dtype) and num_elements × element_bits, bit-packed
+        logprobs[:exact_k] = the exact values
+        logprobs[exact_k:] = X · coeffs + residual,  X[t] = (t^i or sqrt(t), exp(t) per term),
+                             t = 0..k-exact_k-1 (or linspace(0, 1) with normalize_t),
+                             residual = (q − 2^(bits−1)) · scale per bin (q·2−1 for 1 bit), zeros after
+        delta_encoding: logprobs = cumsum(logprobs)
+
+    Token ids are bit-packed, most significant bit first, in ceil(log2(d)) bits each.
+    """
+
+    d: int
+    k: int
+    exact_k: int
+    exact_dtype: str
+    polynomial_terms: list[int | str]
+    term_dtype: str
+    residual_bins: list[tuple[str, int, int]]
+    """(scale_dtype, element_bits, num_elements) per bin."""
+    delta_encoding: bool
+    normalize_t: bool
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> DistillKitCodec:
+        import yaml
+
+        try:
+            raw = yaml.safe_load(path.read_text())
+            codec = cls(
+                d=int(raw["d"]),
+                k=int(raw["k"]),
+                exact_k=int(raw.get("exact_k", 0)),
+                exact_dtype=str(raw.get("exact_dtype", "float32")),
+                polynomial_terms=list(raw.get("polynomial_terms") or []),
+                term_dtype=str(raw.get("term_dtype", "float32")),
+                residual_bins=[
+                    (str(b["scale_dtype"]), int(b["element_bits"]), int(b["num_elements"]))
+                    for b in raw.get("residual_bins") or []
+                ],
+                delta_encoding=bool(raw.get("delta_encoding", True)),
+                normalize_t=bool(raw.get("normalize_t", False)),
+            )
+        except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
+            raise PriorError(f"{path}: not a DistillKit compression config ({type(e).__name__}: {e})") from None
+        unknown = [
+            d for d in (codec.exact_dtype, codec.term_dtype, *(b[0] for b in codec.residual_bins)) if d not in FLOATS
+        ]
+        bad_terms = [t for t in codec.polynomial_terms if not isinstance(t, int) and t not in ("sqrt", "exp")]
+        if unknown or bad_terms or not 0 <= codec.exact_k <= codec.k or codec.d < 2:
+            raise PriorError(f"{path}: unsupported DistillKit compression config (dtypes {unknown}, terms {bad_terms})")
+        return codec
+
+    @property
+    def index_bits(self) -> int:
+        return math.ceil(math.log2(self.d))
+
+    def decode(self, logprob_bytes: np.ndarray, index_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[n, B] and [n, C] uint8 → ids [n, k] int64 and log-probs [n, k] float32, most likely first."""
+        n, at = len(logprob_bytes), 0
+
+        def take(count: int, dtype: str) -> np.ndarray:
+            nonlocal at
+            width = 2 if dtype == "bfloat16" else int(np.dtype(FLOATS[dtype]).itemsize)
+            part = np.ascontiguousarray(logprob_bytes[:, at : at + count * width])
+            at += count * width
+            if dtype == "bfloat16":  # the high half of a float32
+                return (part.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(n, count)
+            return part.view(FLOATS[dtype]).reshape(n, count)
+
+        exact = take(self.exact_k, self.exact_dtype).astype(np.float32)
+        approx_terms = self.k - self.exact_k
+        residual = np.zeros((n, approx_terms), dtype=np.float32)
+        coeffs = take(len(self.polynomial_terms), self.term_dtype) if self.polynomial_terms else None
+        filled = 0
+        for scale_dtype, bits, count in self.residual_bins:
+            scale = take(1, scale_dtype).astype(np.float32)
+            size = (count * bits + 7) // 8
+            q = unpack_bits(logprob_bytes[:, at : at + size], bits, count).astype(np.float32)
+            at += size
+            residual[:, filled : filled + count] = (q * 2 - 1) * scale if bits == 1 else (q - 2 ** (bits - 1)) * scale
+            filled += count
+        if at != logprob_bytes.shape[1]:
+            raise ValueError(f"{logprob_bytes.shape[1]} bytes per position, the config describes {at}")
+        approx = as_dtype(residual, self.exact_dtype)  # DistillKit adds the residual in the output dtype
+        if coeffs is not None:
+            points = (np.linspace(0, 1, approx_terms) if self.normalize_t else np.arange(approx_terms)).astype(
+                np.float32
+            )
+            terms = [points**i if isinstance(i, int) else getattr(np, str(i))(points) for i in self.polynomial_terms]
+            approx = (np.stack(terms, axis=-1)[None] * coeffs[:, None, :]).sum(-1, dtype=np.float32) + approx
+        logprobs = np.concatenate([exact, approx.astype(np.float32)], axis=-1)
+        if self.delta_encoding:  # the sums are cast back to the output dtype there
+            logprobs = as_dtype(np.cumsum(logprobs, axis=-1, dtype=np.float32), self.exact_dtype)
+        return unpack_bits(index_bytes, self.index_bits, self.k), logprobs.astype(np.float32)
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """[n, bytes] uint8 → [n, count] int64: `count` integers of `bits` bits, most significant first."""
+    stream = np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=-1)[:, : count * bits]
+    if stream.shape[1] != count * bits:
+        raise ValueError(f"{packed.shape[1]} bytes hold fewer than {count} values of {bits} bits")
+    weights = 1 << np.arange(bits - 1, -1, -1, dtype=np.int64)
+    return stream.reshape(len(stream), count, bits).astype(np.int64) @ weights
+
+
+def import_distillkit(cfg: RunConfig, source_path: str, progress: bool = True) -> ImportResult:
+    """Read a DistillKit capture folder into a prior set over `cfg`'s data rows, matching each data
+    row to the capture row with its token ids (DistillKit shuffles rows and appends a pad token)."""
+    plan = priors.plan(cfg, progress)
+    folder = Path(source_path)
+    codec = DistillKitCodec.from_yaml(folder / "compression_config.yaml")
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise PriorError(f"{folder} holds no .parquet shards (DistillKit writes data_N.parquet)")
+    tokenizer = load_tokenizer(plan.prior_model, cfg.model.trust_remote_code)
+    vocab = len(tokenizer)
+    if cfg.priors.k > codec.k:
+        raise PriorError(f"the capture stores k={codec.k}, fewer than priors.k={cfg.priors.k}; lower priors.k")
+    if codec.d < vocab:
+        raise PriorError(f"the capture's vocabulary size d={codec.d} is below the prior model's {vocab}")
+    columns = ["input_ids", "compressed_logprobs", "bytepacked_indices"]
+    try:
+        tables = [pq.read_table(f, columns=columns) for f in files]
+    except (OSError, pa.ArrowInvalid, KeyError) as e:
+        raise PriorError(f"{folder}: not DistillKit shards with columns {columns} ({e})") from None
+    # where each capture row's ids are: by their bytes, with and without the trailing pad token
+    found: dict[bytes, tuple[int, int]] = {}
+    by_start: dict[bytes, tuple[int, int]] = {}
+    for f, table in enumerate(tables):
+        for r, ids in enumerate(table.column("input_ids").to_pylist()):
+            full = np.asarray(ids, dtype=np.int64)
+            for variant in (full, full[:-1]):
+                found.setdefault(variant.tobytes(), (f, r))
+            by_start.setdefault(full[:4].tobytes(), (f, r))
+    engine = {"name": "import", "format": "distillkit", "codec": dataclasses.asdict(codec), "versions": {}}
+
+    def aligned() -> Iterator[PriorRecord]:
+        for example in plan.prepared.examples:
+            ids = example.input_ids.astype(np.int64)
+            at = found.get(ids.tobytes())
+            if at is None:
+                near = by_start.get(ids[:4].tobytes())
+                theirs = (
+                    np.asarray(tables[near[0]].column("input_ids")[near[1]].as_py(), dtype=np.int64)
+                    if near
+                    else np.zeros(0, np.int64)
+                )
+                first = next(
+                    (i for i, (a, b) in enumerate(zip(ids, theirs, strict=False)) if a != b), min(len(ids), len(theirs))
+                )
+                raise PriorError(
+                    f"row {example.index}: no row of the DistillKit capture holds this pipeline's {len(ids)} token ids "
+                    f"(the nearest differs at position {first}); it was made with another tokenizer, chat template, "
+                    "max_seq_len or dataset"
+                )
+            yield distillkit_record(example, tables[at[0]], at[1], codec, cfg.priors.k, vocab, files[at[0]].name)
+
+    return _write_set(cfg, plan, engine, source_path, aligned(), progress)
+
+
+def distillkit_record(
+    example: Example, table: pa.Table, row: int, codec: DistillKitCodec, k: int, vocab: int, file: str
+) -> PriorRecord:
+    """One data row's prior from capture row `row`: position t is capture position t."""
+    lp_rows = table.column("compressed_logprobs")[row].as_py()
+    id_rows = table.column("bytepacked_indices")[row].as_py()
+    positions = scored_positions(example)
+    length = len(example.input_ids)
+    if len(lp_rows) != len(id_rows) or len(lp_rows) < length - 1:
+        raise PriorError(
+            f"row {example.index}: {file} row {row} has {len(lp_rows)} positions for {length} tokens; a damaged capture"
+        )
+    try:
+        ids, lps = codec.decode(
+            np.asarray([lp_rows[t] for t in positions], dtype=np.uint8).reshape(len(positions), -1),
+            np.asarray([id_rows[t] for t in positions], dtype=np.uint8).reshape(len(positions), -1),
+        )
+    except ValueError as e:
+        raise PriorError(
+            f"row {example.index}: {file} row {row} does not decode with compression_config.yaml: {e}"
+        ) from None
+    if ids.max(initial=0) >= vocab:
+        raise PriorError(
+            f"row {example.index}: token id {int(ids.max())} is outside the prior model's vocabulary of {vocab}"
+        )
+    observed = example.input_ids[positions + 1].astype(np.int64)
+    hit = ids == observed[:, None]
+    rank = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, 0).astype(np.int32)
+    obs = np.where(rank > 0, lps[np.arange(len(positions)), np.maximum(rank - 1, 0)], -np.inf).astype(np.float32)
+    lps = np.where(np.isfinite(lps), lps, -np.inf).astype(np.float32)
+    return PriorRecord(example.index, length, positions, ids[:, :k].astype(np.int32), lps[:, :k], obs, rank)

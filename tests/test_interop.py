@@ -182,3 +182,164 @@ def test_a_misaligned_import_is_one_line_and_writes_nothing(tiny_build, tmp_path
     code, _, err = run(argv, capsys)
     assert (code, errors(err), message in err) == (2, 1, True), err
     assert "Traceback" not in err and sets(tmp_path / "root") == []
+
+
+# --- DistillKit -------------------------------------------------------------------------------------------
+# The capture layout of arcee-ai/DistillKit: `distillkit/sample_logits_vllm.py` (rows shuffled, one pad
+# token appended, prompt logprobs without the first position), `distillkit/sample_common.py`
+# (`compressed_logit_schema`, `data_N.parquet`), and the codec of
+# `distillkit/compression/monotonic_logprobs.py` (`compress_monotonic_logprobs`) and
+# `distillkit/compression/bitpack.py` (`pack_to_bytes`, most significant bit first), written here in
+# numpy as those functions compute it (DistillKit is not on PyPI and pins TRL 0.25).
+
+PRECISE = {  # exact head, a polynomial, and an 8-bit residual bin: close to the true values
+    "d": 416, "k": 16, "exact_k": 4, "exact_dtype": "float32", "polynomial_terms": [0, 1, "sqrt"],
+    "term_dtype": "float32", "residual_bins": [{"scale_dtype": "float32", "element_bits": 8, "num_elements": 12}],
+    "delta_encoding": False, "error_diffusion": False, "normalize_t": False,
+}  # fmt: skip
+BUDGET = {  # the README's "budget pick" shape at k = 16: one bf16 value and a curve, delta-coded
+    "d": 416, "k": 16, "exact_k": 1, "exact_dtype": "bfloat16", "polynomial_terms": [0, 1, "sqrt"],
+    "term_dtype": "float32", "residual_bins": [], "delta_encoding": True, "error_diffusion": False,
+    "normalize_t": False,
+}  # fmt: skip
+
+
+def float_bytes(x: np.ndarray, dtype: str) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if dtype == "bfloat16":
+        bits = x.view(np.uint32)
+        return (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)).view(np.uint8).reshape(len(x), -1)
+    return np.ascontiguousarray(x.astype(dtype)).view(np.uint8).reshape(len(x), -1)
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """`pack_to_bytes`: each value's `bits` bits, most significant first, padded to whole bytes."""
+    stream = ((values[..., None].astype(np.int64) >> np.arange(bits - 1, -1, -1)) & 1).astype(np.uint8)
+    return np.packbits(stream.reshape(len(values), -1), axis=-1)
+
+
+def compress(values: np.ndarray, codec: dict) -> np.ndarray:
+    """`compress_monotonic_logprobs` without error diffusion: [n, k] descending log-probs → [n, B] bytes."""
+    x = values.astype(np.float32)
+    if codec["delta_encoding"]:
+        x = np.concatenate([x[:, :1], x[:, 1:] - x[:, :-1]], axis=1)
+    exact_k = codec["exact_k"]
+    chunks = [float_bytes(x[:, :exact_k], codec["exact_dtype"])]
+    rest = x[:, exact_k : codec["k"]]
+    t = np.arange(rest.shape[1], dtype=np.float32)
+    X = np.stack([t**i if isinstance(i, int) else np.sqrt(t) for i in codec["polynomial_terms"]], axis=-1)
+    coeffs = np.linalg.lstsq(X, rest.T, rcond=None)[0].T.astype(np.float32)  # [n, terms]
+    residual = rest - (X[None] * coeffs[:, None, :]).sum(-1)
+    chunks.append(float_bytes(coeffs, "float32"))
+    at = 0
+    for b in codec["residual_bins"]:
+        part, bits = residual[:, at : at + b["num_elements"]], b["element_bits"]
+        peak = np.abs(part).max(axis=1, keepdims=True)
+        scale = np.where(peak == 0, 1.0, peak / 2 ** (bits - 1)).astype(np.float32)
+        q = np.clip(np.round(part / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) + 2 ** (bits - 1)
+        chunks += [float_bytes(scale, b["scale_dtype"]), pack_bits(q.astype(np.int64), bits)]
+        at += b["num_elements"]
+    return np.concatenate(chunks, axis=1)
+
+
+def write_distillkit(build, root: Path, folder: Path, codec: dict, rows_per_file: int = 25) -> Path:
+    """What `sample_logits_vllm.py` leaves for the tiny SFT set: shuffled rows, a pad token appended."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    cfg = load_config(RunConfig, None, args(build, root))
+    examples = priors.plan(cfg, progress=False).prepared.examples
+    model = AutoModelForCausalLM.from_pretrained(build.model).eval()
+    pad = model.config.pad_token_id
+    bits = int(np.ceil(np.log2(codec["d"])))
+    rows = []
+    with torch.no_grad():
+        for example in examples:
+            ids = [*example.input_ids.tolist(), pad]
+            values, indices = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1).topk(codec["k"], dim=-1)
+            rows.append(
+                {
+                    "input_ids": ids,
+                    "compressed_logprobs": compress(values.numpy(), codec).tolist(),
+                    "bytepacked_indices": pack_bits(indices.numpy(), bits).tolist(),
+                }
+            )
+    order = np.random.default_rng(0).permutation(len(rows))
+    schema = pa.schema(
+        [
+            pa.field("input_ids", pa.list_(pa.uint64())),
+            pa.field("compressed_logprobs", pa.list_(pa.list_(pa.uint8()))),
+            pa.field("bytepacked_indices", pa.list_(pa.list_(pa.uint8()))),
+        ]
+    )
+    folder.mkdir(parents=True)
+    for n, start in enumerate(range(0, len(rows), rows_per_file)):
+        part = [rows[i] for i in order[start : start + rows_per_file]]
+        pq.write_table(pa.Table.from_pylist(part, schema=schema), folder / f"data_{n}.parquet")
+    (folder / "compression_config.yaml").write_text(yaml.safe_dump(codec))
+    return folder
+
+
+@pytest.mark.parametrize("codec", [PRECISE, BUDGET], ids=["precise", "budget"])
+def test_a_distillkit_capture_imports_and_trains(tiny_build, tmp_path, capsys, codec):
+    source = write_distillkit(tiny_build, tmp_path / "fixture", tmp_path / "dk", codec)
+    argv = [
+        "cache",
+        "import",
+        str(source),
+        "--format",
+        "distillkit",
+        *[f"--set={a}" for a in args(tiny_build, tmp_path)],
+    ]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    key = out.split("prior set ")[1].split(":")[0]
+    assert PriorStore(str(tmp_path)).manifest(key)["key_inputs"]["engine"]["format"] == "distillkit"
+    captured = priors.capture(load_config(RunConfig, None, args(tiny_build, tmp_path / "own")), progress=False)
+    mine, theirs = records(tmp_path / "own", captured.key), records(tmp_path, key)
+    assert mine.keys() == theirs.keys()
+    worst = 0.0
+    for index in mine:
+        a, b = mine[index], theirs[index]
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)  # ids are stored losslessly
+        worst = max(worst, float(np.abs(a.topk_logprobs - b.topk_logprobs).max()))
+        head = np.abs(a.topk_logprobs[:, 0] - b.topk_logprobs[:, 0])  # the exact value
+        assert head.max() <= (1 / 64 + 1e-5 if codec is PRECISE else np.abs(a.topk_logprobs[:, 0]).max() / 128 + 1 / 64)
+        known = a.obs_rank <= K
+        np.testing.assert_array_equal(a.obs_rank[known], b.obs_rank[known])
+    # the precise codec reproduces the log-probs to its 8-bit residual; the budget one is a curve fit
+    assert worst <= (0.05 if codec is PRECISE else 5.0), worst
+    train = [*[f"--set={a}" for a in args(tiny_build, tmp_path)], "--set=train.target={preset: target_sft, eta: 0.5}"]
+    train += [f"--set=train.prior_key={key}", "--set=train.max_steps=2", "--set=train.batch_size=4"]
+    train += ["--set=train.micro_batch_size=4", "--set=train.eval_every=0", "--set=train.name=dk"]
+    code, _, err = run(["train", str(REPO / "configs/demo.yaml"), *train], capsys)
+    assert code == 0, err
+
+
+def test_a_distillkit_capture_of_other_rows_or_a_damaged_one_is_one_line(tiny_build, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = write_distillkit(tiny_build, tmp_path / "fixture", tmp_path / "dk", PRECISE)
+    root = tmp_path / "root"
+
+    def attempt(*extra: str, folder: Path = source) -> str:
+        argv = ["cache", "import", str(folder), "--format", "distillkit"]
+        code, _, err = run([*argv, *[f"--set={a}" for a in args(tiny_build, root, *extra)]], capsys)
+        assert (code, errors(err)) == (2, 1), err
+        assert sets(root) == []
+        return err
+
+    assert "row 0: no row of the DistillKit capture" in attempt(f"data.chat_template={OTHER_TEMPLATE}")
+    assert "fewer than priors.k=17" in attempt("priors.k=17")
+    # one shard's byte rows cut short: the codec no longer fits
+    table = pq.read_table(source / "data_0.parquet")
+    shorter = [[r[:-1] for r in row] for row in table.column(1).to_pylist()]
+    cut = table.set_column(1, "compressed_logprobs", pa.array(shorter, type=table.schema.field(1).type))
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for f in source.iterdir():
+        (damaged / f.name).write_bytes(f.read_bytes())
+    pq.write_table(cut.cast(table.schema), damaged / "data_0.parquet")
+    assert "does not decode with compression_config.yaml" in attempt(folder=damaged)
