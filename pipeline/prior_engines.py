@@ -335,13 +335,11 @@ class VLLMServerEngine:
         self.version = str(self._call("/version").get("version", "unknown"))
 
     def score(self, examples: list[Example]) -> list[PriorRecord]:
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="vllm-server") as pool:
-            futures = [pool.submit(self._score_one, e) for e in examples]
-            try:
-                records = [f.result() for f in futures]
-            finally:
-                for f in futures:
-                    f.cancel()  # after a failure: drop what has not started
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="vllm-server")
+        try:
+            records = [f.result() for f in [pool.submit(self._score_one, e) for e in examples]]
+        finally:  # after a failure or Ctrl-C: report it now, drop the requests not yet sent
+            pool.shutdown(wait=False, cancel_futures=True)
         self.forward_passes += len(examples)
         return records
 
