@@ -71,6 +71,8 @@ def import_axolotl(
         PriorError: a row that does not align with this pipeline's tokenisation (one line naming it);
             nothing is left in the store then.
     """
+    if not Path(source_path).exists():
+        raise PriorError(f"{source_path} does not exist; pass the Axolotl KD dataset's file or folder")
     plan = priors.plan(cfg, progress)
     source = data.open_source(source_path, "train", None, None)
     missing = sorted({ids_field, logprobs_field} - set(source.columns))
@@ -398,8 +400,12 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 def import_distillkit(cfg: RunConfig, source_path: str, progress: bool = True) -> ImportResult:
     """Read a DistillKit capture folder into a prior set over `cfg`'s data rows, matching each data
     row to the capture row with its token ids (DistillKit shuffles rows and appends a pad token)."""
-    plan = priors.plan(cfg, progress)
     folder = Path(source_path)
+    if not folder.is_dir():
+        raise PriorError(
+            f"{folder} is not a folder; pass the DistillKit capture folder (compression_config.yaml, *.parquet)"
+        )
+    plan = priors.plan(cfg, progress)
     codec = DistillKitCodec.from_yaml(folder / "compression_config.yaml")
     files = sorted(folder.glob("*.parquet"))
     if not files:

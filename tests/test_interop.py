@@ -317,6 +317,13 @@ def test_a_distillkit_capture_imports_and_trains(tiny_build, tmp_path, capsys, c
     assert code == 0, err
 
 
+@pytest.mark.parametrize("fmt", ["axolotl", "distillkit"])
+def test_a_missing_source_is_one_line(tiny_build, tmp_path, capsys, fmt):
+    argv = ["cache", "import", str(tmp_path / "nowhere"), "--format", fmt]
+    code, _, err = run([*argv, *[f"--set={a}" for a in args(tiny_build, tmp_path)]], capsys)
+    assert (code, errors(err), "nowhere" in err, "data.path" not in err) == (2, 1, True, True), err
+
+
 def test_a_distillkit_capture_of_other_rows_or_a_damaged_one_is_one_line(tiny_build, tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
