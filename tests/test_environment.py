@@ -70,6 +70,7 @@ def _run_flow(project: Path, home: Path, *version: str) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.slow  # 70 s; moved out of the default suite to keep it under 20 minutes on 2 cores
 def test_flows_run_after_another_prefect_version_migrated_its_home(tmp_path):
     """The `make demo` / `make test` crash: a newer Prefect migrated ./.prefect, an older one cannot open it."""
     project, home = tmp_path / "project", tmp_path / "home"

@@ -175,6 +175,7 @@ def test_bad_eval_inputs_fail_clearly(tiny_build, tmp_path):
         load_config(RunConfig, None, ["eval.sets=[{name: x}]"])
 
 
+@pytest.mark.slow  # 80 s; the demo runs the vllm eval engine end to end on every `make demo`
 @pytest.mark.vllm
 def test_vllm_and_hf_greedy_answers_agree(tiny_build, tmp_path):
     default = evaluate.embedded_sets(tiny_build)[:1]
