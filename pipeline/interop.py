@@ -39,9 +39,9 @@ from pipeline.config import RunConfig
 from pipeline.errors import PriorError
 from pipeline.models import load_tokenizer
 from pipeline.prior_cache import PriorStore, cache_key
-from pipeline.prior_engines import PriorRecord, scored_positions
+from pipeline.prior_engines import PriorRecord, first_difference, scored_positions
 from pipeline.resolve import resolve_inputs
-from pipeline.storage import atomic_dir
+from pipeline.storage import atomic_dir, sha256_file
 from pipeline.tokens import Example
 
 log = logging.getLogger(__name__)
@@ -256,15 +256,13 @@ def export_axolotl(cfg: RunConfig, key: str, out: Path, progress: bool = True) -
 
 
 def files_sha256(path: str) -> str:
-    """sha256 over a file, or over every file under a folder (names and contents, sorted)."""
+    """sha256 over a file, or over every file under a folder (each name with its file's sha256, sorted)."""
     digest = hashlib.sha256()
     root = Path(path)
     files = sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts) if root.is_dir() else [root]
     for file in files:
-        digest.update(os.fsencode(file.relative_to(root) if root.is_dir() else file.name) + b"\0")
-        with file.open("rb") as handle:
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
+        name = os.fsencode(file.relative_to(root) if root.is_dir() else file.name)
+        digest.update(name + b"\0" + sha256_file(file).encode())
     return digest.hexdigest()
 
 
@@ -443,9 +441,7 @@ def import_distillkit(cfg: RunConfig, source_path: str, progress: bool = True) -
                     if near
                     else np.zeros(0, np.int64)
                 )
-                first = next(
-                    (i for i, (a, b) in enumerate(zip(ids, theirs, strict=False)) if a != b), min(len(ids), len(theirs))
-                )
+                first = first_difference(ids.tolist(), theirs.tolist())
                 raise PriorError(
                     f"row {example.index}: no row of the DistillKit capture holds this pipeline's {len(ids)} token ids "
                     f"(the nearest differs at position {first}); it was made with another tokenizer, chat template, "

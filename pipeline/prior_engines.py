@@ -352,7 +352,7 @@ class VLLMServerEngine:
             scored = scored if isinstance(scored, list) else []
             raise PriorError(
                 f"vLLM server {self.base} scored {len(scored)} prompt tokens for example {example.index}, which has "
-                f"{len(ids)} (first difference at position {_first_difference(ids, scored)}); it must score the ids "
+                f"{len(ids)} (first difference at position {first_difference(ids, scored)}); it must score the ids "
                 "as sent"
             )
         positions = scored_positions(example)
@@ -420,7 +420,7 @@ class VLLMServerEngine:
         body = {"model": self.model, "prompt": text, "add_special_tokens": False}
         served = self._call("/tokenize", body).get("tokens")
         if served != local:
-            first = _first_difference(local, served if isinstance(served, list) else [])
+            first = first_difference(local, served if isinstance(served, list) else [])
             raise PriorError(
                 f"vLLM server {self.base} tokenises a probe text differently from the prior model's tokenizer "
                 f"(from token {first} of {len(local)}): serve the prior model's own tokenizer"
@@ -465,7 +465,8 @@ class VLLMServerEngine:
         pass
 
 
-def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int:
+    """The first position where two id sequences differ (the shorter one's length if one is a prefix)."""
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 

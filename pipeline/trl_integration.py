@@ -27,7 +27,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, PriorError, TargetError
 from pipeline.loss import Prior, fused_q_target_loss
 from pipeline.prior_cache import PriorStore
-from pipeline.prior_engines import PriorRecord, aligned_priors, scored_positions
+from pipeline.prior_engines import PriorRecord, aligned_priors, first_difference, scored_positions
 from pipeline.targets import TargetSpec
 from pipeline.tokens import IGNORE, Example
 
@@ -68,9 +68,7 @@ class CachedPriors:
         theirs = np.asarray(input_ids, dtype=np.int64)
         mine = ours.input_ids.astype(np.int64)
         if len(theirs) != len(mine) or not np.array_equal(theirs, mine):
-            at = next(
-                (i for i, (a, b) in enumerate(zip(theirs, mine, strict=False)) if a != b), min(len(theirs), len(mine))
-            )
+            at = first_difference(theirs.tolist(), mine.tolist())
             raise PriorError(
                 f"row {row}, position {at}: TRL's tokenisation ({len(theirs)} tokens) differs from the prior set's "
                 f"({len(mine)}); use the same tokenizer, chat template and max_length (truncation) as the capture"
