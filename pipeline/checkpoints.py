@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline import cpu_kernels
 from pipeline.config import RunConfig, flatten, to_dict
 from pipeline.errors import TrainError
 from pipeline.storage import atomic_write_text, sha256_file
@@ -359,6 +360,7 @@ def write_run_info(
         "device": device,
         "world_size": world,
         "resumed_at": start,
+        "arithmetic": cpu_kernels.arithmetic(),  # which numbers are comparable (docs/design.md §7)
     }
     atomic_write_text(out / "run.json", json.dumps(info, indent=2, default=str))
     log.info("run %s: %s, data %s", out, f"resumed at step {start}" if start else "new", prepared.counts())

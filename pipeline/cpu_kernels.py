@@ -15,9 +15,13 @@ where they are unset. A user's own values always win; TARGET_SFT_CPU_KERNELS=nat
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
+import re
 import sys
+from pathlib import Path
+from typing import Any
 
 from pipeline.errors import ConfigError
 
@@ -59,3 +63,69 @@ def reexec_pinned() -> None:
         raise SystemExit(2) from None
     if extra:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **extra})
+
+
+def mode() -> str:
+    """The arithmetic this process actually runs: `pinned` or `portable` where the variables are
+    exactly that mode's, `native` where none is set, else `custom` (a user's own values)."""
+    now = {k: os.environ.get(k) for k in PINNED}
+    if now == PINNED:
+        return "pinned"
+    if now == PORTABLE:
+        return "portable"
+    return "native" if not any(now.values()) else "custom"
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields from /proc/cpuinfo (empty where there is none: not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+@functools.cache
+def cpu_kind() -> str:
+    """The CPU kind that pinned-mode numbers are comparable within: vendor and widest vector ISA,
+    e.g. `AuthenticAMD/avx512` or `GenuineIntel/avx2`. MKL picks its code path by both, so two
+    machines of one kind run the same pinned kernels; two kinds may not (docs/design.md §7)."""
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
+    return f"{info.get('vendor_id') or platform.machine() or 'unknown'}/{isa}"
+
+
+def _mkl_version() -> str | None:
+    import torch
+
+    found = re.search(r"Math Kernel Library Version ([\d.]+)", torch.__config__.show())
+    return found.group(1) if found else None
+
+
+@functools.cache
+def arithmetic() -> dict[str, Any]:
+    """What the numbers of this process depend on, recorded in run.json, comparison tables and
+    Prefect artifacts so a reader can tell which numbers are comparable (docs/design.md §7)."""
+    import torch
+
+    return {
+        "cpu": _cpuinfo().get("model name") or platform.processor() or platform.machine(),
+        "cpu_kind": cpu_kind(),
+        "aten_isa": torch.backends.cpu.get_cpu_capability(),
+        "kernels": mode(),
+        "torch": torch.__version__,
+        "mkl": _mkl_version(),
+    }
+
+
+def describe(record: dict[str, Any]) -> str:
+    """One line for a table: `AMD EPYC (AuthenticAMD/avx2), ATen AVX2, portable kernels, torch ..., MKL ...`."""
+    return (
+        f"{record.get('cpu')} ({record.get('cpu_kind')}), ATen {record.get('aten_isa')}, "
+        f"{record.get('kernels')} kernels, torch {record.get('torch')}, MKL {record.get('mkl')}"
+    )

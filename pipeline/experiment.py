@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import diagnostics, regimes, stats
+from pipeline import cpu_kernels, diagnostics, regimes, stats
 from pipeline.batching import batch_shape_problem
 from pipeline.config import (
     EvalSetConfig,
@@ -190,6 +190,7 @@ def run_summary(spec: RunSpec, run_dir: Path, report_path: str | None, error: st
     row["heldout_ce"] = evals[-1] if evals else None
     info = _read_json(run_dir / "run.json")
     row["diagnostics"] = info.get("diagnostics") if isinstance(info, dict) else None
+    row["arithmetic"] = info.get("arithmetic") if isinstance(info, dict) else None
     row["eval"] = json.loads(Path(report_path).read_text())["sets"] if report_path else None
     row["scores"] = problem_scores(Path(report_path).with_name("samples.jsonl")) if report_path else None
     return row
@@ -280,7 +281,7 @@ def comparison_markdown(c: Comparison) -> str:
     interval over problems and seeds, mean ± std over seeds, and the paired difference to `compare_to`),
     then one row per run."""
     name, n, base, runs, prior, compare_to = c.name, c.n, c.base, c.runs, c.prior, c.compare_to
-    lines = [f"# Experiment `{name}`", ""]
+    lines = [f"# Experiment `{name}`", "", arithmetic_line(runs), ""]
     if prior is not None:
         reuse = "reused from the cache" if prior["forward_passes"] == 0 else "captured in this run"
         lines += [f"Priors: set `{prior['key']}`, {reuse} ({prior['forward_passes']} prior forward passes).", ""]
@@ -339,6 +340,19 @@ def comparison_markdown(c: Comparison) -> str:
         "(a lower bound from the stored top-k); collapsed: the share of samples that never end or loop.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def arithmetic_line(runs: list[dict[str, Any]]) -> str:
+    """Where the runs computed: CPU, ISA, kernel mode, torch and MKL (docs/design.md §7). Numbers
+    from different lines here are not comparable digit for digit."""
+    seen = list(dict.fromkeys(cpu_kernels.describe(r["arithmetic"]) for r in runs if r.get("arithmetic")))
+    if not seen:
+        return f"Arithmetic: not recorded by the runs; this process: {cpu_kernels.describe(cpu_kernels.arithmetic())}."
+    return (
+        "Arithmetic: "
+        + ("; ".join(seen) if len(seen) == 1 else "MIXED, not comparable digit for digit: " + "; ".join(seen))
+        + "."
+    )
 
 
 DIAGNOSTICS = {

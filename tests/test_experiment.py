@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from pipeline import experiment
+from pipeline import cpu_kernels, experiment
 from pipeline.config import EvalSetConfig, ExperimentConfig, RunConfig, TargetConfig, load_config
 from pipeline.errors import ConfigError
 from pipeline.targets import TargetError
@@ -105,6 +105,13 @@ def test_experiment_flow_end_to_end_then_zero_prior_passes(prefect_server, tiny_
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["experiment-e1"])))
     assert artifacts and "e1-target_sft-eta0.5-s1" in str(artifacts[0].data)
+    # the arithmetic every number came from (docs/design.md §7): run.json, the table, the artifact
+    arithmetic = json.loads((tmp_path / "runs" / "e1-sft-s0" / "run.json").read_text())["arithmetic"]
+    assert arithmetic == cpu_kernels.arithmetic() and arithmetic["kernels"] == "pinned"
+    assert set(arithmetic) == {"cpu", "cpu_kind", "aten_isa", "kernels", "torch", "mkl"}
+    line = f"Arithmetic: {cpu_kernels.describe(arithmetic)}."
+    assert line in table and line in str(artifacts[0].data)
+    assert "pinned kernels" in line and cpu_kernels.cpu_kind() in line
 
     # A new experiment over new targets on the same data and model: no prior forward pass at all.
     second = experiment_flow(
@@ -185,3 +192,22 @@ def test_selection_of_an_objectives_own_lr_trains_that_objective_under_its_own_n
         assert {r.target.preset for r in runs} == {preset} and len(runs) == 6
     with pytest.raises(ConfigError, match=r"select\.target: .*unknown target preset 'nope'"):
         load_config(RunConfig, None, ["select.target=nope"])
+
+
+def test_runs_of_different_arithmetic_are_marked_not_comparable():
+    amd = {
+        "cpu": "AMD EPYC",
+        "cpu_kind": "AuthenticAMD/avx2",
+        "aten_isa": "AVX2",
+        "kernels": "pinned",
+        "torch": "2.13.0+cpu",
+        "mkl": "2024.2",
+    }
+    intel = {**amd, "cpu": "Intel Xeon", "cpu_kind": "GenuineIntel/avx512"}
+    assert (
+        experiment.arithmetic_line([{"arithmetic": amd}, {"arithmetic": amd}])
+        == f"Arithmetic: {cpu_kernels.describe(amd)}."
+    )
+    mixed = experiment.arithmetic_line([{"arithmetic": amd}, {"arithmetic": intel}])
+    assert mixed.startswith("Arithmetic: MIXED, not comparable digit for digit: AMD EPYC") and "Intel Xeon" in mixed
+    assert "not recorded by the runs" in experiment.arithmetic_line([{"arithmetic": None}])
