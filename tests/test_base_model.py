@@ -20,6 +20,7 @@ from pipeline.config import BaseModelConfig, RunConfig, load_config, to_dict
 from pipeline.errors import ConfigError, ModelError
 from pipeline.resolve import resolve_inputs
 
+from . import recorded
 from .conftest import REPO, TINY
 
 # The floor the default build must clear on greedy held-out accuracy in the pretraining format
@@ -145,14 +146,6 @@ def test_the_embedded_teacher_is_larger_and_shares_the_tokenizer(tmp_path):
     assert size(teacher) > 2 * size(student)
 
 
-# The TINY build's weights on the pinned CPU kernels (pipeline/cpu_kernels.py), recorded on an AMD EPYC
-# (AVX-512, AVX512-BF16); CI's CPU checks it again on every push.
-RECORDED_TINY_WEIGHTS = "f25984998809c4c206457bcf197e32528e61f2ccf269b892420ecfd97d8421dd"
-# The same build in the portable mode: these bits natively on that AMD EPYC and under QEMU emulation
-# of an Intel Haswell and an AVX2-only AMD EPYC-Rome (README "The same numbers across x86 CPUs").
-RECORDED_PORTABLE_TINY_WEIGHTS = "ec59bfb880a0f87114da5f6256b20f644071b6613c346462f9cc0022d90e1fb4"
-
-
 def _tiny_build_weights(out: Path, env: dict[str, str], bf16: bool = True, emulate: tuple[str, ...] = ()) -> str:
     """The TINY build's weight checksum from a fresh process (MKL reads its settings at load time),
     optionally under an emulator command such as `qemu-x86_64 -cpu Haswell`."""
@@ -177,16 +170,25 @@ def _tiny_build_weights(out: Path, env: dict[str, str], bf16: bool = True, emula
     ],
     ids=["bf16-cpu", "avx2-cpu"],
 )
-def test_the_build_gives_the_recorded_weights_whatever_bf16_and_mkl_isa_the_cpu_reports(tmp_path, cpu):
-    """Same bits whatever the CPU reports: fp32 pretraining and pinned kernels."""
-    assert _tiny_build_weights(tmp_path, {**cpu_kernels.PINNED, **cpu["env"]}, cpu["bf16"]) == RECORDED_TINY_WEIGHTS
+def test_the_build_gives_this_cpu_kinds_recorded_weights_whatever_bf16_and_mkl_isa_it_reports(tmp_path, cpu):
+    """Same bits whatever the CPU reports: fp32 pretraining and pinned kernels, checked against this
+    CPU kind's pinned value (tests/recorded.py), or the portable one where its kind has none."""
+    mode, checksum = recorded.expected("tiny_build")
+    assert _tiny_build_weights(tmp_path, {**recorded.mode_env(mode), **cpu["env"]}, cpu["bf16"]) == checksum
 
 
-def test_the_portable_mode_gives_the_weights_recorded_on_three_cpus(tmp_path):
+def test_the_portable_mode_gives_the_weights_recorded_on_every_cpu(tmp_path):
     """MKL's COMPATIBLE branch and fused AdamW: a different model from the pinned one, and the one
-    every x86 CPU measured builds, so it holds on a CI machine of any vendor."""
-    env = {**cpu_kernels.PORTABLE, cpu_kernels.MODE: "portable"}
-    assert _tiny_build_weights(tmp_path, env) == RECORDED_PORTABLE_TINY_WEIGHTS
+    every x86 CPU measured builds, Intel and AMD, so every CI machine checks it."""
+    assert _tiny_build_weights(tmp_path, recorded.mode_env("portable")) == recorded.PORTABLE["tiny_build"]
+
+
+def test_a_cpu_kind_without_pinned_values_checks_the_portable_ones():
+    intel = recorded.PINNED["GenuineIntel/avx512"]["short_run"]
+    assert recorded.expected("short_run", "GenuineIntel/avx512") == ("pinned", intel)
+    assert recorded.expected("tiny_build", "GenuineIntel/avx2") == ("portable", recorded.PORTABLE["tiny_build"])
+    assert recorded.expected("samples", "HygonGenuine/avx2") == ("portable", recorded.PORTABLE["samples"])
+    assert cpu_kernels.cpu_kind().split("/")[1] in ("avx512", "avx2", "sse")
 
 
 @pytest.mark.slow
@@ -195,9 +197,8 @@ def test_the_portable_mode_builds_the_same_weights_on_an_emulated_intel_and_amd_
     """The cross-vendor check itself, under QEMU user-mode emulation (about a minute each)."""
     if shutil.which("qemu-x86_64") is None:
         pytest.skip("needs QEMU user-mode emulation: apt install qemu-user")
-    env = {**cpu_kernels.PORTABLE, cpu_kernels.MODE: "portable"}
-    weights = _tiny_build_weights(tmp_path, env, emulate=("qemu-x86_64", "-cpu", cpu))
-    assert weights == RECORDED_PORTABLE_TINY_WEIGHTS
+    weights = _tiny_build_weights(tmp_path, recorded.mode_env("portable"), emulate=("qemu-x86_64", "-cpu", cpu))
+    assert weights == recorded.PORTABLE["tiny_build"]
 
 
 @pytest.mark.parametrize(
