@@ -22,9 +22,13 @@ if not torch.cuda.is_available():  # Triton kernels run with numpy here; must be
 # torch.compile's C++ kernels go to a cache of this run's own, not the machine-wide
 # /tmp/torchinductor_<user>: a stale entry there (found on this machine) made the compiled chunk step
 # return 2.976 instead of 2.601 in every checkout, while a fresh cache gives the eager numbers.
+# Likewise matplotlib's font cache: a run of the suite leaves nothing in the user's home (~/.config).
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="target-sft-test-inductor-")
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+if "MPLCONFIGDIR" not in os.environ:
+    os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="target-sft-test-matplotlib-")
+    atexit.register(shutil.rmtree, os.environ["MPLCONFIGDIR"], ignore_errors=True)
 
 import pyarrow as pa
 import pyarrow.parquet as pq
