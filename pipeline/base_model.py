@@ -112,10 +112,7 @@ instead of spending minutes pretraining. `build(..., from_scratch=True)` pretrai
 
 def shipped_weights(cfg: BaseModelConfig) -> tuple[Path, dict[str, Any]] | None:
     """The shipped weights file of this build and its record, if the repository holds them."""
-    stem = SHIPPED / f"{cfg.name}-{build_hash(cfg)[:8]}"
-    if not stem.with_suffix(".safetensors").exists():
-        return None
-    return stem.with_suffix(".safetensors"), json.loads(stem.with_suffix(".json").read_text())
+    return _shipped(f"{cfg.name}-{build_hash(cfg)[:8]}")
 
 
 def build(
@@ -185,10 +182,13 @@ def _load_shipped(model: torch.nn.Module, path: Path, record: dict[str, Any]) ->
 def ship(cfg: BaseModelConfig, built: BaseModelPaths) -> Path:
     """Copy a finished from-scratch build's weights into `SHIPPED` with its checksum (maintainers:
     after registering a world, commit the two files)."""
-    info = json.loads((built.model / SUCCESS).read_text())
-    stem = SHIPPED / f"{cfg.name}-{build_hash(cfg)[:8]}"
+    return _ship_files(built.model, SHIPPED / f"{cfg.name}-{build_hash(cfg)[:8]}")
+
+
+def _ship_files(model: Path, stem: Path) -> Path:
+    info = json.loads((model / SUCCESS).read_text())
     SHIPPED.mkdir(exist_ok=True)
-    shutil.copyfile(built.model / "model.safetensors", stem.with_suffix(".safetensors"))
+    shutil.copyfile(model / "model.safetensors", stem.with_suffix(".safetensors"))
     record = {k: info[k] for k in ("build_hash", "weights_sha256", "precision", "final_loss", "pretrain_seconds")}
     kernels = {k: os.environ.get(k) for k in cpu_kernels.PINNED}  # the arithmetic it was built in
     stem.with_suffix(".json").write_text(json.dumps({**record, "cpu_kernels": kernels}, indent=2) + "\n")
@@ -201,6 +201,85 @@ def world(cfg: BaseModelConfig) -> synthetic.World:
         max_steps=cfg.max_steps_per_problem,
         **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(synthetic.World) if f.name != "max_steps"},
     )
+
+
+def build_teacher(
+    cfg: BaseModelConfig, storage_root: str | Path, progress: bool = True, from_scratch: bool = False
+) -> Path:
+    """The embedded teacher's model folder (`priors.embedded_teacher`), built on first use.
+
+    `teacher_from: scratch` pretrains a larger model on the base's corpus (`teacher_config`);
+    `teacher_from: base` continues the world's base on clean demonstrations of the SFT skill. Both
+    share the base's tokenizer byte for byte. Shipped weights (`SHIPPED`) replace the training as
+    they do for bases.
+    """
+    if cfg.teacher_from == "scratch":
+        return build(teacher_config(cfg), storage_root, progress, from_scratch).model
+    base = build(cfg, storage_root, progress)
+    name = f"{cfg.name}-teacher-{teacher_hash(cfg)[:8]}"
+    out = inside(storage_root, "models", name)
+    if (out / SUCCESS).exists():
+        return out
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base.model)
+    model = LlamaForCausalLM.from_pretrained(base.model, torch_dtype=torch.float32)
+    started = time.time()
+    shipped = None if from_scratch else _shipped(name)
+    if shipped is not None:
+        losses = _load_shipped(model, *shipped)
+    else:
+        world_ = world(cfg)
+        documents = synthetic.clean_demonstrations(
+            world_, synthetic.make_splits(world_), cfg.teacher_problems, cfg.seed
+        )
+        steps = dataclasses.replace(
+            cfg, steps=cfg.teacher_steps, lr=cfg.teacher_lr, warmup_steps=min(cfg.warmup_steps, cfg.teacher_steps // 10)
+        )
+        losses = pretrain(model, tokenizer, [document_text(d) for d in documents], steps, progress)
+    if (out / SUCCESS).exists():
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        info = {
+            "build_hash": teacher_hash(cfg),
+            "teacher_of": base.model.name,
+            "config": {k: v for k, v in to_dict(cfg).items() if k.startswith("teacher_")},
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "pretrain_seconds": round(time.time() - started, 1),
+            "precision": "fp32",
+            "final_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None,
+            "weights_sha256": weights_checksum(model),
+            "weights_from": "shipped" if shipped is not None else "pretraining",
+        }
+        (tmp / SUCCESS).write_text(json.dumps(info, indent=2))
+    return out
+
+
+def teacher_hash(cfg: BaseModelConfig) -> str:
+    """Identity of a `teacher_from: base` teacher: its base's build and every teacher field."""
+    fields = {k: v for k, v in to_dict(cfg).items() if k.startswith("teacher_")}
+    return sha256_json({"base": build_hash(cfg), **fields, "teacher_version": 1})
+
+
+def shipped_teacher(name: str) -> tuple[Path, dict[str, Any]] | None:
+    """The shipped weights of a `teacher_from: base` teacher (by its folder name), if any."""
+    return _shipped(name)
+
+
+def _shipped(stem_name: str) -> tuple[Path, dict[str, Any]] | None:
+    stem = SHIPPED / stem_name
+    if not stem.with_suffix(".safetensors").exists():
+        return None
+    return stem.with_suffix(".safetensors"), json.loads(stem.with_suffix(".json").read_text())
+
+
+def ship_teacher(built: Path) -> Path:
+    """Copy a finished `teacher_from: base` build into `SHIPPED` with its checksum (maintainers)."""
+    return _ship_files(built, SHIPPED / built.name)
 
 
 def teacher_config(cfg: BaseModelConfig) -> BaseModelConfig:

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretrain even where the repository ships this build's weights, then compare with them",
     )
     build.add_argument("--ship", action="store_true", help="(maintainers) copy its weights into pipeline/worlds/")
+    build.add_argument(
+        "--teacher", action="store_true", help="build the embedded teacher (base_model.teacher_*) instead"
+    )
     evaluate = base_commands.add_parser("eval", help="greedy held-out accuracy")
     _add_config_args(evaluate, required=False)
     evaluate.add_argument("--format", choices=["plain", "chat", "both"], default="both")
@@ -71,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     eval_cmd = commands.add_parser("eval", help="sample, verify and score held-out problems (Average@n, pass@n)")
     _add_config_args(eval_cmd, required=True)
-    eval_cmd.add_argument("--base", action="store_true", help="evaluate the untrained base model instead of the run")
+    which = eval_cmd.add_mutually_exclusive_group()
+    which.add_argument("--base", action="store_true", help="evaluate the untrained base model instead of the run")
+    which.add_argument(
+        "--prior-model", action="store_true", help="evaluate the model the priors come from (a teacher) instead"
+    )
 
     priors_cmd = commands.add_parser("priors", help="stage 1: capture sparse top-k priors (cached)")
     _add_config_args(priors_cmd, required=True)
@@ -147,7 +154,12 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
             if not flow_commands:
                 raise ConfigError(f"`{args.command}` runs a Prefect flow: use the `target-sft` command (flows.cli)")
             return flow_commands[args.command](args, config_path, cfg)
-        if args.command == "base-model" and args.action == "build":
+        if args.command == "base-model" and args.action == "build" and args.teacher:
+            teacher = base_model.build_teacher(cfg.base_model, cfg.storage_root, from_scratch=args.from_scratch)
+            print(f"teacher: {teacher}\n{describe_weights(teacher, base_model.shipped_teacher(teacher.name))}")
+            if args.ship:
+                print(f"shipped: {base_model.ship_teacher(teacher)}")
+        elif args.command == "base-model" and args.action == "build":
             out = base_model.build(cfg.base_model, cfg.storage_root, from_scratch=args.from_scratch)
             print(f"base model: {out.model}\nembedded data: {out.datasets}")
             print(compare_with_shipped(cfg, out))
@@ -167,7 +179,7 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
             if os.environ.get("RANK", "0") == "0":  # once, not per torchrun process
                 print(f"final model: {final}")
         elif args.command == "eval":
-            report_path = evaluate.evaluate_run(cfg, base=args.base)
+            report_path = evaluate.evaluate_run(cfg, base=args.base, prior=args.prior_model)
             report = json.loads(report_path.read_text())
             print(evaluate.markdown_report(report) + f"\nreport: {report_path}")
         elif args.command == "check":
@@ -229,8 +241,12 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
 
 def compare_with_shipped(cfg: RunConfig, out: base_model.BaseModelPaths) -> str:
     """One line: how this build's weights compare with the ones the repository ships for it."""
-    info = json.loads((out.model / base_model.SUCCESS).read_text())
-    shipped = base_model.shipped_weights(cfg.base_model)
+    return describe_weights(out.model, base_model.shipped_weights(cfg.base_model))
+
+
+def describe_weights(model: Path, shipped: tuple[Path, dict] | None) -> str:
+    """One line: how a built model's weights compare with the shipped ones, if any."""
+    info = json.loads((model / base_model.SUCCESS).read_text())
     if shipped is None:
         return f"weights {info['weights_sha256'][:16]}… from {info.get('weights_from', 'pretraining')} (none shipped)"
     same = shipped[1]["weights_sha256"] == info["weights_sha256"]

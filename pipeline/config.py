@@ -224,7 +224,16 @@ class BaseModelConfig:
     teacher_num_layers: PositiveInt = 4
     """...this many blocks..."""
     teacher_steps: PositiveInt = 1000
-    """...and this many pretraining steps: a stronger model over the same token ids."""
+    """...and this many pretraining steps: a stronger model over the same token ids (`teacher_from:
+    base`: this many steps of continued training)."""
+    teacher_from: Literal["scratch", "base"] = "scratch"
+    """How the embedded teacher is made: `scratch`, the larger model above pretrained on the base's
+    corpus; `base`, this world's base continued on `teacher_problems` correct demonstrations of the
+    SFT skill (a teacher fitted to the task; never an evaluation problem; docs/design.md §7)."""
+    teacher_problems: PositiveInt = 4000
+    """`teacher_from: base`: how many clean demonstrations the teacher is continued on."""
+    teacher_lr: PositiveFloat = 1e-3
+    """`teacher_from: base`: peak learning rate of the continued training (warmup, cosine decay)."""
 
 
 @dataclass

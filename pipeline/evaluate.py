@@ -426,13 +426,18 @@ def validation_set(build: BaseModelPaths) -> EvalSetConfig:
     return EvalSetConfig(name=VALIDATION_SET, path=str(build.validation), answer_type="numeric")
 
 
-def eval_target(cfg: RunConfig, base: bool = False) -> tuple[Path, Path, list[EvalSetConfig]]:
+def eval_target(cfg: RunConfig, base: bool = False, prior: bool = False) -> tuple[Path, Path, list[EvalSetConfig]]:
     """Which model `target-sft eval` evaluates, where its report goes, and the default sets.
 
     Default: the trained run `<storage>/runs/<train.name>/final`, reported into that run's `eval/`.
     `base=True`: the untrained base model, reported into `<storage>/evals/base-<model folder>/`.
+    `prior=True`: the model the priors come from (a teacher), into `<storage>/evals/prior-<folder>/`.
     """
     run = run_dir(cfg)
+    if prior:
+        resolved = resolve_inputs(cfg, progress=True)
+        sets = embedded_sets(resolved.embedded) if resolved.embedded else []
+        return resolved.prior_model_path, eval_dir(cfg, f"prior-{resolved.prior_model_path.name}"), sets
     if not base and not cfg.eval.model_path and not (run / "final" / "config.json").exists():
         raise EvalError(
             f"run {cfg.train.name!r} has no final model at {run / 'final'}; train it first "
@@ -449,10 +454,14 @@ def eval_target(cfg: RunConfig, base: bool = False) -> tuple[Path, Path, list[Ev
     return run / "final", run / "eval", default
 
 
-def evaluate_run(cfg: RunConfig, base: bool = False, out_dir: Path | None = None, progress: bool = True) -> Path:
-    """`target-sft eval` and the flows: evaluate the run (or the base model), report it to the run's
-    trackers, and return the report.json path. An unchanged model and settings reuse the report."""
-    model, default_out, default_sets = eval_target(cfg, base=base)
+def evaluate_run(
+    cfg: RunConfig, base: bool = False, out_dir: Path | None = None, progress: bool = True, prior: bool = False
+) -> Path:
+    """`target-sft eval` and the flows: evaluate the run (or the base model, or the prior model),
+    report it to the run's trackers, and return the report.json path. An unchanged model and settings
+    reuse the report."""
+    model, default_out, default_sets = eval_target(cfg, base=base, prior=prior)
+    base = base or prior
     out = out_dir or default_out
     report = evaluate(cfg.eval, model, out, default_sets, progress, cfg.model.trust_remote_code, cfg.data)
     run = run_dir(cfg)

@@ -45,8 +45,7 @@ def resolve_inputs(cfg: RunConfig, progress: bool = True) -> ResolvedInputs:
     data_path = Path(cfg.data.path) if cfg.data.path else embedded.sft_train  # type: ignore[union-attr]
     prior_model = Path(cfg.priors.model_path) if cfg.priors.model_path else model_path
     if cfg.priors.embedded_teacher:
-        teacher = base_model.teacher_config(cfg.base_model)
-        prior_model = base_model.build(teacher, cfg.storage_root, progress=progress).model
+        prior_model = base_model.build_teacher(cfg.base_model, cfg.storage_root, progress=progress)
     return ResolvedInputs(model_path, data_path, prior_model, embedded)
 
 

@@ -150,6 +150,8 @@ class SyntheticSplits:
     """Held-out problems of the old skill only, to measure what fine-tuning forgets."""
     validation: list[dict]
     """Problems drawn like `heldout`, disjoint from it: where learning rate and steps are chosen."""
+    evaluation_signatures: frozenset[tuple] = frozenset()
+    """The signatures of every held-out, forgetting and validation problem (what nothing may train on)."""
 
 
 def make_splits(world: World) -> SyntheticSplits:
@@ -197,7 +199,22 @@ def make_splits(world: World) -> SyntheticSplits:
         sft_train.append(
             {"messages": _chat(question_text(problem, rng), solution), "answer": problem.answer, "noisy": noisy}
         )
-    return SyntheticSplits(pretrain, sft_train, heldout, forgetting, validation)
+    return SyntheticSplits(pretrain, sft_train, heldout, forgetting, validation, frozenset(seen))
+
+
+def clean_demonstrations(world: World, splits: SyntheticSplits, count: int, seed: int) -> list[Document]:
+    """Correct chat demonstrations of the SFT skill in the SFT phrasing, for a teacher fitted to the
+    task (docs/design.md §7): drawn from a stream of their own, so the world's splits stay as they
+    are, and never one of the evaluation problems."""
+    rng = random.Random(f"teacher-{world.seed}-{seed}")
+    documents: list[Document] = []
+    while len(documents) < count:
+        problem = sample_problem(rng, world.max_number, world.max_steps, world.sft_new_op)
+        if problem.signature in splits.evaluation_signatures:
+            continue
+        question = question_text(problem, rng)
+        documents.append(Document(question, solution_text(problem, rng, style=world.sft_style), chat=True))
+    return documents
 
 
 def _chat(question: str, solution: str) -> list[dict[str, str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import json
 import os
 import shutil
@@ -280,3 +281,30 @@ def test_every_shipped_world_is_rederived_bit_for_bit_from_scratch(tmp_path):
         built = base_model.build(config, tmp_path / record_path.stem, progress=False, from_scratch=True)
         info = json.loads((built.model / base_model.SUCCESS).read_text())
         assert info["weights_sha256"] == record["weights_sha256"], record_path.name
+
+
+def test_a_teacher_continued_from_the_base_shares_its_tokenizer_and_never_sees_an_evaluation_problem(tmp_path):
+    """`teacher_from: base` (docs/design.md §7): the base continued on clean demonstrations of the SFT
+    skill, drawn from their own stream and never one of the held-out, forgetting or validation problems;
+    its build is keyed by every teacher field, and the base's own build never by any."""
+    teach = dataclasses.replace(TINY, teacher_from="base", teacher_steps=3, teacher_problems=50, teacher_lr=1e-3)
+    assert base_model.build_hash(teach) == base_model.build_hash(TINY)  # the world stays as registered
+    splits = synthetic.make_splits(base_model.world(teach))
+    documents = synthetic.clean_demonstrations(base_model.world(teach), splits, 400, teach.seed)
+    assert len(documents) == 400 and all(d.chat for d in documents)
+    questions = {row["question"] for rows in (splits.heldout, splits.forgetting, splits.validation) for row in rows}
+    assert not questions & {d.question for d in documents}
+    assert all(synthetic.extract_answer(d.solution) is not None for d in documents)
+    for document in documents[:50]:  # every step correct: the solution's own arithmetic checks out
+        steps = re.findall(r"(\d+) ([-+*]) (\d+) (?:=|gives|makes) (\d+)\.", document.solution)
+        assert steps and all(synthetic.apply(op, int(a), int(b)) == int(c) for a, op, b, c in steps)
+    teacher = base_model.build_teacher(teach, tmp_path, progress=False)
+    student = base_model.build(TINY, tmp_path, progress=False).model
+    assert (teacher / "tokenizer.json").read_bytes() == (student / "tokenizer.json").read_bytes()
+    info = json.loads((teacher / base_model.SUCCESS).read_text())
+    assert info["teacher_of"] == student.name and info["weights_from"] == "pretraining"
+    base_weights = json.loads((student / base_model.SUCCESS).read_text())["weights_sha256"]
+    assert info["weights_sha256"] != base_weights
+    more = dataclasses.replace(teach, teacher_steps=4)
+    assert base_model.build_teacher(more, tmp_path, progress=False) != teacher  # a changed teacher is a new build
+    assert base_model.build_teacher(teach, tmp_path, progress=False) == teacher  # and the same one is reused
