@@ -90,9 +90,7 @@ def main() -> None:
                 "correct_first": float(ids[0] == correct_id),
                 "observed_first": float(record.obs_rank[j] == 1),
             })  # fmt: skip
-    print(
-        "| prior | wrong tokens | p(observed, wrong) | p(correct) | top-1 is the correct token | top-1 is the wrong token |"
-    )
+    print("| prior | wrong tokens | p(observed, wrong) | p(correct) | top-1 correct | top-1 the wrong token |")
     print("|---|---:|---:|---:|---:|---:|")
     summary = {}
     for role, values in found.items():

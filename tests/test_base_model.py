@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys

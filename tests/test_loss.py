@@ -181,6 +181,59 @@ def test_eta_endpoints(tail):
     assert rel_err(middle, grad_of(preset("dft"))) > 1e-3
 
 
+@pytest.mark.parametrize("tail", ["student_tail", "renormalize"])
+@pytest.mark.parametrize("path", ["dense", "fused"])
+def test_target_sft_at_eta_0_is_dft_exactly(tail, path):
+    """docs/design.md §2: π_T^0 = 1, so η = 0 leaves π̃ = p and Q = p(y)δ(y) + (1 − p(y))p, DFT's
+    target: the same loss values and the same gradients, on the dense and the fused path (the short
+    run's weights: tests/test_train.py)."""
+    g = torch.Generator().manual_seed(11)
+    _, labels, top_ids, top_lp, obs = make_case(6)
+    hidden = torch.randn(N, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, 16, generator=g, dtype=torch.float64)
+
+    def run(spec):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        kw = {**prior_kwargs(top_ids, top_lp, obs), "tail": tail}
+        if path == "dense":
+            out = q_target_loss(h @ w.T, labels, spec, **kw)
+        else:
+            out = fused_q_target_loss(h, w, labels, spec, **kw, chunk_size=4)
+        out.loss.sum().backward()
+        return out.loss.detach(), h.grad, w.grad
+
+    for got, want in zip(run(preset("target_sft", eta=0.0)), run(preset("dft")), strict=True):
+        assert rel_err(got, want) <= 1e-12  # fp64: the two routes differ only in rounding
+
+
+@pytest.mark.parametrize("tail", ["student_tail", "renormalize"])
+def test_target_sft_at_eta_1_is_the_hybrid_with_adaptive_lambda(tail):
+    """η = 1: Q = p(y)δ(y) + (1 − p(y))π_T, hybrid KD with λ = 1 − p(y) (detached), written here from
+    the definition over the full prior (tail completed by its policy) against the fused loss."""
+    logits, labels, top_ids, top_lp, obs = make_case(8)
+    keep = labels != -100
+    z = logits.clone().requires_grad_(True)
+    p = torch.softmax(z.detach(), -1)
+    pi = full_prior(p, labels.clamp(min=0), top_ids, top_lp, obs, tail)
+    lam = 1 - p.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1)
+    logp = torch.log_softmax(z, -1)
+    nll = -logp.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1)
+    reference = ((1 - lam) * nll - lam * (pi * logp).sum(-1))[keep]
+    reference.sum().backward()
+    spec, kw = preset("target_sft", eta=1.0), {**prior_kwargs(top_ids, top_lp, obs), "tail": tail}
+    dense_z = logits.clone().requires_grad_(True)
+    dense = q_target_loss(dense_z, labels, spec, **kw)
+    dense.loss.sum().backward()
+    assert rel_err(dense.loss[keep], reference.detach()) <= 1e-12
+    assert rel_err(dense_z.grad, z.grad) <= 1e-12
+    # the fused path with hidden = I and weight = logitsᵀ, so hidden @ weightᵀ = logits and weight.grad = gradᵀ
+    weight = logits.T.contiguous().requires_grad_(True)
+    fused = fused_q_target_loss(torch.eye(N, dtype=torch.float64), weight, labels, spec, **kw, chunk_size=3)
+    fused.loss.backward()
+    assert rel_err(fused.loss, reference.detach().sum()) <= 1e-12
+    assert rel_err(weight.grad.T, z.grad) <= 1e-12
+
+
 FUSED_TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 

@@ -75,6 +75,23 @@ def test_accumulation_invariance_1x8_equals_8x1(tiny_build, captured):
     assert_same_weights(one, eight, tol=1e-5)
 
 
+def test_a_short_run_at_eta_0_ends_on_dfts_weights(tiny_build, captured):
+    """docs/design.md §2: Target-SFT at η = 0 is DFT, so three steps of each end on the same model."""
+    common = ("train.batch_size=8", "train.max_steps=3")
+    eta0 = train.train(
+        cfg_for(tiny_build, captured, *common, "train.target={preset: target_sft, eta: 0}", "train.name=eta0"),
+        progress=False,
+    )
+    dft = train.train(cfg_for(tiny_build, captured, *common, "train.target=dft", "train.name=dft"), progress=False)
+    assert max(abs(x - y) for x, y in zip(losses(eta0.parent), losses(dft.parent), strict=True)) < 1e-6
+    assert_same_weights(eta0, dft, tol=1e-6)
+    half = train.train(
+        cfg_for(tiny_build, captured, *common, "train.target={preset: target_sft, eta: 0.5}", "train.name=half"),
+        progress=False,
+    )
+    assert losses(half.parent) != losses(dft.parent)  # the prior does reach the loss away from η = 0
+
+
 def test_token_budget_micro_batches_give_the_same_update(tiny_build, captured):
     """A padded-token budget only changes how a step is split, not the update."""
     common = ("train.target={preset: target_sft, eta: 0.5}", "train.batch_size=8", "train.max_steps=3")
