@@ -348,13 +348,21 @@ def check_resumed_inputs(out: Path, previous: dict[str, Any], fingerprint: str, 
 
 
 def write_run_info(
-    out: Path, cfg: RunConfig, prior_key: str | None, prepared: Any, start: int, device: str, world: int
+    out: Path,
+    cfg: RunConfig,
+    prior_key: str | None,
+    prepared: Any,
+    start: int,
+    device: str,
+    world: int,
+    prior: dict[str, Any] | None = None,
 ) -> None:
-    """run.json: the resolved config, what the data came to, the prior key and where it ran (device,
-    processes over all nodes)."""
+    """run.json: the resolved config, what the data came to, the prior set and who made it, and where
+    it ran (device, processes over all nodes, arithmetic)."""
     info = {
         "config": to_dict(cfg),
         "prior_key": prior_key,
+        "prior": prior,
         "dataset_fingerprint": prepared.fingerprint,
         "data_counts": prepared.counts(),
         "device": device,

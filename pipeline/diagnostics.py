@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.models import load_model
-from pipeline.prior_engines import PriorRecord
+from pipeline.prior_engines import PriorRecord, drop_ids_beyond
 from pipeline.tokens import Example
 
 SLICE = 128
@@ -40,6 +40,8 @@ def run_diagnostics(
 ) -> dict[str, Any]:
     """The diagnostics of the model in `final` on `examples[:SLICE]` (see the module docstring)."""
     model = load_model(final, dtype=torch.float32).to(device).eval()
+    if priors is not None:  # a wider teacher's extra ids are no logit of this model (docs/design.md §3)
+        drop_ids_beyond(priors, model.get_output_embeddings().weight.shape[0])
     nll: list[np.ndarray] = []
     kl: list[np.ndarray] = []
     chosen = examples[:SLICE]
@@ -73,7 +75,7 @@ def _kl_lower_bound(record: PriorRecord, positions: np.ndarray, logp: torch.Tens
     rows = np.searchsorted(record.positions, positions)
     if not np.array_equal(record.positions[rows], positions):
         raise ValueError("the prior set's scored positions differ from the example's")  # a bug, not an input
-    ids = torch.as_tensor(record.topk_ids[rows], dtype=torch.long)
+    ids = torch.as_tensor(record.topk_ids[rows], dtype=torch.long).clamp(min=0)  # -1 entries: -inf, masked below
     prior = torch.as_tensor(record.topk_logprobs[rows], dtype=torch.float64)
     model = logp.gather(1, ids)
     prior_p = prior.exp()

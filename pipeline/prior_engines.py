@@ -18,6 +18,7 @@ tokens ≤ t; only positions whose next token is a completion token are scored.
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import os
@@ -55,6 +56,29 @@ class PriorRecord:
     """[n] float32 prior log-probability of the observed next token."""
     obs_rank: np.ndarray
     """[n] int32 1-based rank of the observed next token."""
+
+
+def drop_ids_beyond(records: dict[int, PriorRecord], rows: int) -> dict[str, float]:
+    """Remove top-k entries whose id is at or above `rows`, the student's output rows, in place, and
+    say how much prior mass sat there (docs/design.md §3).
+
+    A teacher of the same tokenizer can have more embedding rows than its student (Qwen2.5-Math-7B
+    152,064 against the 1.5B's 151,936; the tokenizer has 151,665 entries): those ids are never a token,
+    so the student has no logit for them and the loss must never see them. The entries become "no
+    entry" (id -1, log-prob -inf); the mass they held goes to the tail, as any mass outside the top-k.
+    """
+    entries, mass, positions = 0, 0.0, 0
+    for index, record in records.items():
+        positions += len(record.positions)
+        beyond = record.topk_ids >= rows
+        if not beyond.any():
+            continue
+        entries += int(beyond.sum())
+        mass += float(np.exp(record.topk_logprobs[beyond].astype(np.float64)).sum())
+        ids = np.where(beyond, -1, record.topk_ids).astype(record.topk_ids.dtype)
+        logprobs = np.where(beyond, -np.inf, record.topk_logprobs).astype(record.topk_logprobs.dtype)
+        records[index] = dataclasses.replace(record, topk_ids=ids, topk_logprobs=logprobs)
+    return {"student_rows": rows, "entries_dropped": entries, "mass_per_position": mass / max(positions, 1)}
 
 
 def aligned_priors(

@@ -141,6 +141,12 @@ def capture(cfg: RunConfig, progress: bool = True, planned: CapturePlan | None =
             "dtype": p.dtype,
             "data_counts": p.prepared.counts(),
             "prior_role": "teacher" if p.teacher else "model",  # whose γ the profile is (pipeline/regimes.py)
+            "prior_model": {
+                "path": str(p.prior_model),
+                **key_inputs["prior_model"],
+                "config": _model_summary(p.prior_model, cfg),
+            },
+            "logprobs_mode": "raw_logprobs",  # log_softmax of the unprocessed logits, temperature 1 (vLLM's default)
         }
         if isinstance(engine, VLLMServerEngine):
             capture["server_vllm_version"] = engine.version
@@ -148,6 +154,15 @@ def capture(cfg: RunConfig, progress: bool = True, planned: CapturePlan | None =
         log.info("prior set %s complete: %s", key, capture)
         return CaptureResult(key, manifest_path, passes, complete=True)
     return CaptureResult(key, manifest_path, passes, complete=False)
+
+
+def _model_summary(path: Path, cfg: RunConfig) -> dict[str, Any]:
+    """The prior model's architecture, for the manifest's provenance (who made this set)."""
+    config = load_model_config(path, cfg.model.trust_remote_code)
+    fields = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "torch_dtype")
+    return {
+        name: str(getattr(config, name)) if name == "torch_dtype" else getattr(config, name, None) for name in fields
+    }
 
 
 def key_inputs_for(

@@ -47,9 +47,9 @@ from pipeline.checkpoints import (
 from pipeline.config import RunConfig, TrainConfig, to_dict
 from pipeline.errors import CacheError, DivergedError, TrackingError, TrainError
 from pipeline.loss import TargetStats, fused_q_target_loss
-from pipeline.models import load_model, load_tokenizer, pad_id
+from pipeline.models import load_model, load_model_config, load_tokenizer, pad_id
 from pipeline.prior_cache import PriorStore
-from pipeline.prior_engines import PriorRecord
+from pipeline.prior_engines import PriorRecord, drop_ids_beyond
 from pipeline.resolve import check_attention, resolve_inputs, run_dir, tokens_dir
 from pipeline.schedule import warmup_cosine
 from pipeline.storage import atomic_write_text
@@ -129,7 +129,11 @@ def _train_loop(cfg: RunConfig, resume: bool, progress: bool) -> Path:
     tokenizer = load_tokenizer(inputs.model_path, cfg.model.trust_remote_code)
     prepared, tc, batches = _plan_steps(cfg, inputs.data_path, tokenizer)
     own = {e.index for b in batches for e in b[rank::world]}  # this process's share of every step
-    priors, prior_key = _load_priors(cfg, prepared, spec, own) if spec.needs_prior else (None, None)
+    priors, prior_key, prior_info = (
+        _load_priors(cfg, prepared, spec, own, inputs.model_path) if spec.needs_prior else (None, None, None)
+    )
+    if prior_info is not None and rank == 0:
+        print(prior_provenance(prior_info))
     if previous is not None:
         check_resumed_inputs(out, previous, prepared.fingerprint, prior_key)
     to_batch = collate_for(tc, pad_id(tokenizer), priors)
@@ -147,7 +151,7 @@ def _train_loop(cfg: RunConfig, resume: bool, progress: bool) -> Path:
             shutil.rmtree(out, ignore_errors=True)  # a new run: nothing in it predates this process (lock held)
         raise
     if rank == 0 and not finished:
-        write_run_info(out, cfg, prior_key, prepared, start_step, device, world)
+        write_run_info(out, cfg, prior_key, prepared, start_step, device, world, prior_info)
 
     # --- loop ------------------------------------------------------------------------------------
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device == "cuda")
@@ -338,10 +342,10 @@ def _init_distributed() -> tuple[int, int, str]:
 
 
 def _load_priors(
-    cfg: RunConfig, prepared: data.PreparedData, spec: TargetSpec, indices: set[int]
-) -> tuple[dict[int, PriorRecord], str]:
+    cfg: RunConfig, prepared: data.PreparedData, spec: TargetSpec, indices: set[int], model_path: Path
+) -> tuple[dict[int, PriorRecord], str, dict[str, Any]]:
     """The prior records of the examples `indices` (this process's share), after checking the set
-    matches this run's inputs."""
+    matches this run's inputs, with ids beyond the student's rows removed; and who made the set."""
     from pipeline import priors
 
     store = PriorStore(cfg.storage_root)
@@ -368,7 +372,34 @@ def _load_priors(
             f"prior set {key} does not match this run ({', '.join(mismatched)} differ); "
             "capture priors for this configuration with `target-sft priors`"
         )
-    return reader.load(indices), key
+    records = reader.load(indices)
+    rows = load_model_config(model_path, cfg.model.trust_remote_code).vocab_size
+    info = {
+        "key": key,
+        "prior_model": recorded.get("prior_model"),
+        "prior_role": reader.manifest.get("capture", {}).get("prior_role"),
+        "engine": recorded.get("engine"),
+        "k": recorded.get("k"),
+        "beyond_student_rows": drop_ids_beyond(records, rows),
+    }
+    return records, key, info
+
+
+def prior_provenance(info: dict[str, Any]) -> str:
+    """One line: which model made the prior this run reads, and what of it the student cannot take."""
+    model = info.get("prior_model") or {}
+    engine = info.get("engine") or {}
+    beyond = info["beyond_student_rows"]
+    line = (
+        f"prior: set {info['key']} by {model.get('name')} (sha256 {str(model.get('content_sha256'))[:12]}…, "
+        f"{info.get('prior_role') or 'model'}), {engine.get('name')} {engine.get('dtype')}, top-{info.get('k')}"
+    )
+    if beyond["entries_dropped"]:
+        line += (
+            f"; {beyond['entries_dropped']} top-k entries at ids ≥ the student's {beyond['student_rows']} rows "
+            f"dropped ({beyond['mass_per_position']:.2e} prior mass per position)"
+        )
+    return line
 
 
 def _heldout_examples(cfg: RunConfig, embedded: Path | None, tokenizer: Any) -> list[data.Example]:

@@ -26,8 +26,10 @@ from pipeline import priors as prior_stage
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, PriorError, TargetError
 from pipeline.loss import Prior, fused_q_target_loss
+from pipeline.models import load_model_config
 from pipeline.prior_cache import PriorStore
-from pipeline.prior_engines import PriorRecord, aligned_priors, first_difference, scored_positions
+from pipeline.prior_engines import PriorRecord, aligned_priors, drop_ids_beyond, first_difference, scored_positions
+from pipeline.resolve import resolve_inputs
 from pipeline.targets import TargetSpec
 from pipeline.tokens import IGNORE, Example
 
@@ -55,7 +57,10 @@ class CachedPriors:
             plan.prepared.tokenizer_hash,
         ):
             raise PriorError(f"prior set {key} was captured on other rows or another tokenizer than {cfg.data.path}")
-        return cls(key, {e.index: e for e in plan.prepared.examples}, reader.load_all())
+        records = reader.load_all()
+        rows = load_model_config(resolve_inputs(cfg, progress=False).model_path, cfg.model.trust_remote_code).vocab_size
+        drop_ids_beyond(records, rows)  # a wider teacher's extra ids are no logit of the student
+        return cls(key, {e.index: e for e in plan.prepared.examples}, records)
 
     def check(self, row: int, input_ids: Sequence[int], labels: Sequence[int]) -> None:
         """TRL's tokens and trained positions for `row` must be the ones the prior was captured on."""
