@@ -194,3 +194,20 @@ def qwen3_style(tiny_build, tmp_path_factory) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def wide_teacher(student: Path, out: Path, extra: int = 16) -> Path:
+    """The student with `extra` more output rows (as Qwen2.5-Math-7B has 128 more than the 1.5B), the
+    same tokenizer; the new rows copy the most likely tokens' rows, so the teacher's top-k holds them."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+    rows = model.get_output_embeddings().weight.shape[0]
+    model.resize_token_embeddings(rows + extra, mean_resizing=False)
+    with torch.no_grad():
+        weight = model.get_output_embeddings().weight
+        weight[rows:] = weight[:extra] * 1.5
+    model.config.vocab_size = rows + extra
+    model.save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(student).save_pretrained(out)
+    return out

@@ -138,6 +138,8 @@ def test_recipe_runs_shrunk_through_priors_train_and_eval(setting, tiny_build, l
         "priors.engine=hf",
         "priors.dtype=float32",
         "priors.k=8",
+        f"priors.model_path={model}",  # the recipe's teacher, laid out as its own family (here: the model)
+        "priors.tensor_parallel_size=1",
         "train.batch_size=4",
         "train.micro_batch_size=2",
         "train.epochs=null",
@@ -165,6 +167,20 @@ def test_recipe_runs_shrunk_through_priors_train_and_eval(setting, tiny_build, l
     assert report["overall"]["problems"] == 4 * len(shipped.eval.sets)
 
 
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_every_recipe_names_a_teacher_and_runs_distill(setting):
+    """The paper's five rows: SFT, DFT, Distill (both forms) and Target-SFT, with a teacher that is not
+    the student (the paper does not publish its teachers: each recipe names the larger sibling)."""
+    cfg = load_config(RunConfig, PAPER / f"{setting}.yaml")
+    assert cfg.priors.model_path and cfg.priors.model_path != cfg.model.path
+    text = (PAPER / f"{setting}.yaml").read_text()
+    assert "does not publish its choice" in text
+    labels = {r.label for r in experiment.expand_grid(cfg.experiment)}
+    assert {"sft", "dft", "kd", "hybrid_kd(lam=0.5)"} <= labels and any(x.startswith("target_sft") for x in labels)
+    if any(size in cfg.priors.model_path for size in ("70B", "72B")):
+        assert cfg.priors.tensor_parallel_size > 1
+
+
 def test_check_names_every_missing_path_of_a_shipped_recipe(tmp_path, capsys):
     """`target-sft check` on a recipe as shipped: its model, data and eval files are not on this machine."""
     from pipeline import cli
@@ -183,7 +199,7 @@ def test_check_passes_on_the_fixture_families(family, llama3_style, qwen3_style,
     import json
 
     from pipeline import cli
-    from tests.conftest import hub_snapshot, write_jsonl
+    from tests.conftest import hub_snapshot, wide_teacher, write_jsonl
 
     setting = "m23k-llama-3.2-3b" if family == "llama3" else "numina-qwen3-1.7b"
     shipped = load_config(RunConfig, PAPER / f"{setting}.yaml")
@@ -193,7 +209,9 @@ def test_check_passes_on_the_fixture_families(family, llama3_style, qwen3_style,
                                                                                          _eval_rows(s)))}
             for s in shipped.eval.sets]  # fmt: skip
     model = llama3_style if family == "llama3" else qwen3_style
+    teacher = wide_teacher(model, tmp_path / "teacher", extra=32)  # more rows, as the paper's larger siblings have
     overrides = [f"storage_root={tmp_path / 'storage'}", f"model.path={model}", f"data.path={data_path}",
+                 f"priors.model_path={teacher}",
                  f"eval.sets={json.dumps(sets)}", "train.parallel=ddp", "train.processes=1"]  # fmt: skip
     code = cli.main(["check", str(PAPER / f"{setting}.yaml"), *(f"--set={o}" for o in overrides)])
     assert code == 0, capsys.readouterr().err

@@ -17,27 +17,12 @@ from pipeline.config import RunConfig, load_config
 from pipeline.errors import TrainError
 from pipeline.prior_cache import PriorStore
 from pipeline.prior_engines import drop_ids_beyond
-from tests.conftest import tiny_args, write_jsonl
+from tests.conftest import tiny_args, wide_teacher, write_jsonl
 
 
 def cfg_for(build, storage: Path, *extra: str) -> RunConfig:
     settings = ("train.batch_size=4", "train.max_steps=2", "train.eval_every=0", "train.threads=1")
     return load_config(RunConfig, None, tiny_args(build, storage, *settings, *extra))
-
-
-def wide_teacher(student: Path, out: Path, extra: int = 16) -> Path:
-    """The student with `extra` more output rows (as Qwen2.5-Math-7B has 128 more than the 1.5B), the
-    same tokenizer; the new rows copy the most likely tokens' rows, so the teacher's top-k holds them."""
-    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
-    rows = model.get_output_embeddings().weight.shape[0]
-    model.resize_token_embeddings(rows + extra, mean_resizing=False)
-    with torch.no_grad():
-        weight = model.get_output_embeddings().weight
-        weight[rows:] = weight[:extra] * 1.5
-    model.config.vocab_size = rows + extra
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(student).save_pretrained(out)
-    return out
 
 
 def test_a_teacher_with_more_rows_is_accepted_and_its_extra_ids_never_reach_the_loss(tiny_build, tmp_path, capsys):
