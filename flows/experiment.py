@@ -61,7 +61,8 @@ def publish(
     key = "experiment-" + experiment.slug(cfg.experiment.name).lower().replace("_", "-").replace(".", "-")
     create_markdown_artifact(key=key, markdown=markdown, description=f"Target-SFT experiment {cfg.experiment.name}")
     print(markdown)
-    return {"dir": str(out), "table": str(out / "comparison.md"), "plot": str(out / "comparison.png"), "artifact": key}
+    plots = {"plot": str(out / "comparison.png"), "figure": str(out / "figure.png")}
+    return {"dir": str(out), "table": str(out / "comparison.md"), **plots, "artifact": key}
 
 
 @flow(name="target-sft-experiment", log_prints=True)
@@ -80,6 +81,12 @@ def experiment_flow(config: str | None = None, overrides: list[str] | None = Non
         prior = capture_priors(config, overrides)
         seconds["priors"] += time.time() - started
         print(f"priors: set {prior['key']}, {prior['forward_passes']} prior forward passes in this experiment")
+        if cfg.experiment.student_profile and prior["prior_role"] == "teacher":
+            own = ["priors.embedded_teacher=false", "priors.model_path=null"]
+            prior["student"] = capture_priors.with_options(task_run_name="capture_student_priors")(
+                config, [*overrides, *own]
+            )
+            seconds["priors"] = time.time() - started
         overrides = [*overrides, f"train.prior_key={prior['key']}"]
     base_report = None
     if cfg.experiment.evaluate_base:

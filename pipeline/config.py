@@ -484,6 +484,10 @@ class ExperimentConfig:
     seeds won. None: no paired column."""
     evaluate_base: bool = True
     """Also evaluate the untrained base model, as the reference row."""
+    student_profile: bool = False
+    """Where the priors come from a teacher: also capture the student's own prior set (one more pass
+    over the data, cached like any set) so the table shows the SFT set's γ profile under the student,
+    the model whose γ = p(observed) training uses, beside the teacher's (docs/design.md §10)."""
     schedule: str | None = None
     """Cron string for the served deployment (`target-sft serve`), e.g. `0 3 * * *`."""
 

@@ -285,9 +285,12 @@ def comparison_markdown(c: Comparison) -> str:
     if prior is not None:
         reuse = "reused from the cache" if prior["forward_passes"] == 0 else "captured in this run"
         lines += [f"Priors: set `{prior['key']}`, {reuse} ({prior['forward_passes']} prior forward passes).", ""]
-        if prior.get("gamma_profile"):
-            described = regimes.describe(prior["gamma_profile"], prior.get("prior_role"))
-            lines += [line + "  " for line in described.splitlines()] + [""]  # markdown line breaks
+        for found in (prior, prior.get("student") or {}):
+            if found.get("gamma_profile"):
+                if found is not prior:
+                    lines += [f"The student's own prior set `{found['key']}` (for its γ profile):", ""]
+                described = regimes.describe(found["gamma_profile"], found.get("prior_role"))
+                lines += [line + "  " for line in described.splitlines()] + [""]  # markdown line breaks
     versus = compare_to or "reference"
     for set_name in c.sets:
         problems = next(
@@ -429,11 +432,46 @@ def comparison_plot(path: Path, c: Comparison) -> None:
     tmp.replace(path)
 
 
+def paper_plot(path: Path, c: Comparison) -> None:
+    """PNG in the manner of the paper's figure: per evaluation set (setting), one marker per target
+    (method) at its Average@n with the 95% bootstrap interval over problems and seeds; the base model
+    as a hollow marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r["label"] for r in c.runs))
+    fig, ax = plt.subplots(figsize=(2.2 + 2.6 * max(len(c.sets), 1), 4.5))
+    width = 0.8 / max(len(labels), 1)
+    for x, set_name in enumerate(c.sets):
+        if c.base is not None and set_name in c.base:
+            ax.scatter(x - 0.45, c.base[set_name]["average_at_n"], marker="o", facecolors="none", edgecolors="k",
+                       s=60, label="base model" if x == 0 else None, zorder=3)  # fmt: skip
+        for i, label in enumerate(labels):
+            matrix = _score_matrix([r for r in c.runs if r["label"] == label], set_name)
+            if matrix is None:
+                continue
+            ci = stats.bootstrap(matrix[1])
+            at = x - 0.4 + width * (i + 0.5)
+            ax.errorbar(at, ci.mean, yerr=[[ci.mean - ci.low], [ci.high - ci.mean]], fmt="os^Dvp<>h*"[i % 10],
+                        color=f"C{i}", capsize=3, label=label if x == 0 else None)  # fmt: skip
+    ax.set_xticks(range(len(c.sets)), c.sets)
+    ax.set_ylabel(f"Average@{c.n} (95% CI over problems and seeds)")
+    ax.set_title(f"{c.name}: one marker per method and setting", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_comparison(out_dir: Path, c: Comparison) -> str:
-    """Write comparison.md, comparison.png and summary.json into `out_dir`; returns the markdown."""
+    """Write comparison.md, comparison.png, figure.png (the paper's kind) and summary.json into
+    `out_dir`; returns the markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown = comparison_markdown(c)
     comparison_plot(out_dir / "comparison.png", c)
+    paper_plot(out_dir / "figure.png", c)
     atomic_write_text(out_dir / "comparison.md", markdown)
     summary = {"name": c.name, "n": c.n, "base": c.base, "priors": c.prior, "compare_to": c.compare_to, "runs": c.runs}
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))

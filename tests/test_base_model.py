@@ -308,3 +308,17 @@ def test_a_teacher_continued_from_the_base_shares_its_tokenizer_and_never_sees_a
     more = dataclasses.replace(teach, teacher_steps=4)
     assert base_model.build_teacher(more, tmp_path, progress=False) != teacher  # a changed teacher is a new build
     assert base_model.build_teacher(teach, tmp_path, progress=False) == teacher  # and the same one is reused
+
+
+def test_the_demo_says_when_its_arithmetic_is_not_the_readmes(monkeypatch):
+    from flows import cli as flows_cli
+
+    monkeypatch.setattr(cpu_kernels, "cpu_kind", lambda: "AuthenticAMD/avx2")
+    monkeypatch.setattr(cpu_kernels, "mode", lambda: "pinned")
+    assert flows_cli.arithmetic_note() is None
+    monkeypatch.setattr(cpu_kernels, "cpu_kind", lambda: "GenuineIntel/avx512")
+    note = flows_cli.arithmetic_note()
+    assert note is not None and note.startswith("note: this run's arithmetic (GenuineIntel/avx512, pinned kernels)")
+    monkeypatch.setattr(cpu_kernels, "cpu_kind", lambda: "AuthenticAMD/avx2")
+    monkeypatch.setattr(cpu_kernels, "mode", lambda: "portable")
+    assert "portable kernels" in (flows_cli.arithmetic_note() or "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -101,6 +102,7 @@ def test_experiment_flow_end_to_end_then_zero_prior_passes(prefect_server, tiny_
     assert re.search(row, table), table
     assert all(len(r["scores"]["arith"]) == 6 for r in ok)  # per-problem Average@n, for the bootstrap
     assert (tmp_path / "experiments" / "e1" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "experiments" / "e1" / "figure.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "runs" / "e1-sft-s1" / "eval" / "report.json").exists()
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["experiment-e1"])))
@@ -129,6 +131,30 @@ def test_experiment_flow_end_to_end_then_zero_prior_passes(prefect_server, tiny_
         None, _overrides(tiny_build, tmp_path, "e2", [{"preset": "target_sft", "eta": 0.25}], [0], False)
     )
     assert again["failed_runs"] == [] and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_a_teacher_experiment_shows_both_gamma_profiles_and_the_papers_kind_of_figure(
+    prefect_server, tiny_build, tmp_path
+):
+    """experiment.student_profile: priors from a teacher, and the student's own set for its γ profile;
+    figure.png: one marker per method and setting with intervals (issue 31 §4)."""
+    from flows.experiment import experiment_flow
+    from tests.conftest import wide_teacher
+
+    teacher = wide_teacher(tiny_build.model, tmp_path / "teacher", extra=8)
+    overrides = [
+        *_overrides(tiny_build, tmp_path, "e3", ["dft", "kd"], [0, 1], True),
+        f"priors.model_path={teacher}",
+        "experiment.student_profile=true",
+    ]
+    result = experiment_flow(None, overrides)
+    assert result["failed_runs"] == [] and result["prior"]["prior_role"] == "teacher"
+    student = result["prior"]["student"]
+    assert student["prior_role"] == "model" and student["key"] != result["prior"]["key"]
+    table = (tmp_path / "experiments" / "e3" / "comparison.md").read_text()
+    assert f"The student's own prior set `{student['key']}`" in table
+    assert "under a teacher, not the model being trained" in table and "under the model being trained" in table
+    assert Path(result["figure"]).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_choose_takes_the_best_mean_and_breaks_ties_toward_less():
