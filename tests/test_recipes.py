@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import experiment
+from pipeline import base_model, experiment
 from pipeline.config import ConfigError, RunConfig, load_config, to_dict
 from pipeline.errors import TargetError
 
@@ -225,5 +225,14 @@ def test_the_continuum_worlds_share_one_protocol_and_the_demo_is_the_strong_one(
     assert (cfg.eval.n, cfg.eval.temperature, cfg.eval.top_p, cfg.experiment.seeds) == (2, 1.0, 1.0, [0, 1, 2])
     assert cfg.experiment.targets[:3] == ["sft", "dft", {"preset": "target_sft", "eta": 0.5}]
     demo = load_config(RunConfig, PAPER.parent / "demo.yaml")
-    if world == "model-strong":
-        assert to_dict(demo) == to_dict(cfg)  # `make demo` runs this registered experiment
+    if world == "model-strong":  # `make demo` runs this world with its registered teacher: the same base
+        teacher = load_config(RunConfig, REGIMES / "model-strong-teacher.yaml")
+        assert base_model.build_hash(demo.base_model) == base_model.build_hash(cfg.base_model)
+        assert to_dict(demo.base_model) == to_dict(teacher.base_model)
+        assert {k: v for k, v in to_dict(demo).items() if k != "experiment"} == {
+            k: v for k, v in to_dict(teacher).items() if k != "experiment"
+        }
+        # its rows are the registered experiment's own (the same run names, so each reuses the other's)
+        assert demo.experiment.name == teacher.experiment.name
+        rows = {r.run_name for r in experiment.expand_grid(demo.experiment)}
+        assert rows <= {r.run_name for r in experiment.expand_grid(teacher.experiment)} and len(rows) == 12
