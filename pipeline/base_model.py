@@ -112,7 +112,7 @@ instead of spending minutes pretraining. `build(..., from_scratch=True)` pretrai
 
 def shipped_weights(cfg: BaseModelConfig) -> tuple[Path, dict[str, Any]] | None:
     """The shipped weights file of this build and its record, if the repository holds them."""
-    return _shipped(f"{cfg.name}-{build_hash(cfg)[:8]}")
+    return shipped_by_name(f"{cfg.name}-{build_hash(cfg)[:8]}")
 
 
 def build(
@@ -225,7 +225,7 @@ def build_teacher(
     tokenizer = PreTrainedTokenizerFast.from_pretrained(base.model)
     model = LlamaForCausalLM.from_pretrained(base.model, torch_dtype=torch.float32)
     started = time.time()
-    shipped = None if from_scratch else _shipped(name)
+    shipped = None if from_scratch else shipped_by_name(name)
     if shipped is not None:
         losses = _load_shipped(model, *shipped)
     else:
@@ -265,13 +265,10 @@ def teacher_hash(cfg: BaseModelConfig) -> str:
     return sha256_json({"base": build_hash(cfg), **fields, "teacher_version": 1})
 
 
-def shipped_teacher(name: str) -> tuple[Path, dict[str, Any]] | None:
-    """The shipped weights of a `teacher_from: base` teacher (by its folder name), if any."""
-    return _shipped(name)
-
-
-def _shipped(stem_name: str) -> tuple[Path, dict[str, Any]] | None:
-    stem = SHIPPED / stem_name
+def shipped_by_name(name: str) -> tuple[Path, dict[str, Any]] | None:
+    """The shipped weights file named `<name>.safetensors` (a base's or a teacher's folder name) and
+    its record, if the repository holds them."""
+    stem = SHIPPED / name
     if not stem.with_suffix(".safetensors").exists():
         return None
     return stem.with_suffix(".safetensors"), json.loads(stem.with_suffix(".json").read_text())

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
             return flow_commands[args.command](args, config_path, cfg)
         if args.command == "base-model" and args.action == "build" and args.teacher:
             teacher = base_model.build_teacher(cfg.base_model, cfg.storage_root, from_scratch=args.from_scratch)
-            print(f"teacher: {teacher}\n{describe_weights(teacher, base_model.shipped_teacher(teacher.name))}")
+            print(f"teacher: {teacher}\n{describe_weights(teacher, base_model.shipped_by_name(teacher.name))}")
             if args.ship:
                 print(f"shipped: {base_model.ship_teacher(teacher)}")
         elif args.command == "base-model" and args.action == "build":
