@@ -434,6 +434,9 @@ class EvalConfig:
 
     sets: list[EvalSetConfig] = field(default_factory=list)
     """Held-out sets; empty means the embedded base model's held-out problems (numeric answers)."""
+    forgetting: bool = True
+    """With the embedded sets (`sets` empty): also the old skill's held-out problems, which measure
+    forgetting (300 more problems per model; `make demo` leaves them to the full comparison)."""
     model_path: str | None = None
     """Model to evaluate; None means this config's trained run (`<storage>/runs/<train.name>/final`)."""
     engine: Literal["auto", "vllm", "hf"] = "auto"

@@ -412,11 +412,11 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def embedded_sets(build: BaseModelPaths) -> list[EvalSetConfig]:
-    """The embedded build's held-out problems of the SFT skill and, where it has them, of the old
-    skill (forgetting). The first set is the one comparisons are made on."""
+def embedded_sets(build: BaseModelPaths, forgetting: bool = True) -> list[EvalSetConfig]:
+    """The embedded build's held-out problems of the SFT skill and, where it has them and `forgetting`
+    is on, of the old skill. The first set is the one comparisons are made on."""
     sets = [EvalSetConfig(name=EMBEDDED_SET, path=str(build.sft_heldout), answer_type="numeric")]
-    if build.forgetting.exists() and build.forgetting.stat().st_size > 0:
+    if forgetting and build.forgetting.exists() and build.forgetting.stat().st_size > 0:
         sets.append(EvalSetConfig(name=FORGETTING_SET, path=str(build.forgetting), answer_type="numeric"))
     return sets
 
@@ -436,7 +436,7 @@ def eval_target(cfg: RunConfig, base: bool = False, prior: bool = False) -> tupl
     run = run_dir(cfg)
     if prior:
         resolved = resolve_inputs(cfg, progress=True)
-        sets = embedded_sets(resolved.embedded) if resolved.embedded else []
+        sets = embedded_sets(resolved.embedded, cfg.eval.forgetting) if resolved.embedded else []
         return resolved.prior_model_path, eval_dir(cfg, f"prior-{resolved.prior_model_path.name}"), sets
     if not base and not cfg.eval.model_path and not (run / "final" / "config.json").exists():
         raise EvalError(
@@ -444,7 +444,7 @@ def eval_target(cfg: RunConfig, base: bool = False, prior: bool = False) -> tupl
             "(`target-sft train`), or set eval.model_path, or pass --base"
         )
     inputs = resolve_inputs(cfg, progress=False) if (base or not cfg.eval.sets) else None
-    default = embedded_sets(inputs.embedded) if inputs and inputs.embedded else []
+    default = embedded_sets(inputs.embedded, cfg.eval.forgetting) if inputs and inputs.embedded else []
     if base:
         assert inputs is not None
         return inputs.model_path, eval_dir(cfg, f"base-{inputs.model_path.name}"), default

@@ -208,3 +208,16 @@ def test_a_changed_reference_answer_is_not_served_from_an_old_report(tiny_build,
     os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     assert (path.stat().st_size, path.stat().st_mtime_ns) == (stamp.st_size, stamp.st_mtime_ns)
     assert evaluate.report_fingerprint(EvalConfig(), Path(tiny_build.model), sets, None) != before
+
+
+def test_the_forgetting_set_can_be_left_out_of_the_embedded_sets(tiny_build, tmp_path):
+    """eval.forgetting: false (`make demo`): only the held-out problems of the SFT skill."""
+    from pipeline.config import to_dict
+    from tests.conftest import TINY, tiny_args
+
+    names = lambda sets: [s.name for s in sets]  # noqa: E731
+    assert names(evaluate.embedded_sets(tiny_build)) == [evaluate.EMBEDDED_SET, evaluate.FORGETTING_SET]
+    assert names(evaluate.embedded_sets(tiny_build, forgetting=False)) == [evaluate.EMBEDDED_SET]
+    settings = [*tiny_args(tiny_build, tmp_path), "model.path=null", "data.path=null"]
+    cfg = load_config(RunConfig, None, [*settings, f"base_model={json.dumps(to_dict(TINY))}", "eval.forgetting=false"])
+    assert names(evaluate.eval_target(cfg, base=True)[2]) == [evaluate.EMBEDDED_SET]
