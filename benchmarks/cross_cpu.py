@@ -49,11 +49,13 @@ def main() -> None:
             f"train.max_steps={args.steps}", "train.eval_every=0", f"train.checkpoint_every={args.steps}",
             "train.name=short",
         ]  # fmt: skip
-        cfg = load_config(RunConfig, REPO / "configs" / "demo.yaml", [*settings, *short])
+        cfg = load_config(RunConfig, REPO / "configs" / "regimes" / "model-strong.yaml", [*settings, *short])
         priors.capture(cfg, progress=False)
         final = train.train(cfg, progress=False)
         run = base_model.weights_checksum(AutoModelForCausalLM.from_pretrained(final))
-        cfg = load_config(RunConfig, REPO / "configs" / "demo.yaml", [*settings, f"eval.limit={args.problems}"])
+        cfg = load_config(
+            RunConfig, REPO / "configs" / "regimes" / "model-strong.yaml", [*settings, f"eval.limit={args.problems}"]
+        )
         out = Path(tmp) / "eval"
         evaluate.evaluate(cfg.eval, build.model, out, evaluate.embedded_sets(build), False)
         samples = hashlib.sha256((out / "samples.jsonl").read_bytes()).hexdigest()

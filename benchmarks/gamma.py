@@ -5,7 +5,7 @@ base model's, which is exactly what a captured prior set stores (`obs_logprob`).
 config's prior set (capture it first: `target-sft priors CONFIG`, or any experiment run) and prints
 γ by kind of token and the most frequent tokens the base gives almost nothing.
 
-    python benchmarks/gamma.py                          # the demo (configs/demo.yaml)
+    python benchmarks/gamma.py                          # the demo world, base as prior (model-strong.yaml)
     python benchmarks/gamma.py --config configs/regimes/new-format.yaml
 """
 
@@ -35,7 +35,7 @@ def kind(token: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--config", default="configs/regimes/model-strong.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--top", type=int, default=12, help="rows of the low-γ token table")
     args = parser.parse_args()

@@ -64,8 +64,8 @@ def main() -> None:
     parser.add_argument("--distill", choices=["kd", "hybrid_kd(lam=0.5)"], required=True, help="Distill's form")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "teacher-strength.png")
     args = parser.parse_args()
-    chosen = f"target_sft(eta={args.eta:g})"
-    etas = [f"target_sft(eta={e:g})" for e in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    chosen = f"target_sft(eta={args.eta!r})"  # labels as the grid writes them: eta=1.0, eta=0.25
+    etas = [f"target_sft(eta={e!r})" for e in (0.0, 0.25, 0.5, 0.75, 1.0)]
     main_rows = ["sft", "dft", "kd", "hybrid_kd(lam=0.5)", *etas]
     teacher_runs, summary = runs_of("model-strong-teacher", {label: label for label in main_rows})
     control, _ = runs_of("model-strong", {"target_sft(eta=0.5)": "target_sft(eta=0.5), base as prior"})

@@ -31,7 +31,12 @@ def tiny_overrides(storage: Path) -> list[str]:
 
 
 def test_data_inspect_prints_counts_example_and_fingerprint(tmp_path, capsys):
-    assert cli.main(["data", "inspect", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tmp_path)]) == 0
+    assert (
+        cli.main(
+            ["data", "inspect", str(REPO / "configs" / "regimes" / "model-strong.yaml"), *tiny_overrides(tmp_path)]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     for needle in ("examples", "completion_tokens", "prompt_tokens", "fingerprint", "⟦", "####"):
         assert needle in out, needle
@@ -45,12 +50,23 @@ def test_base_model_eval_reports_accuracy_and_baseline(tmp_path, capsys):
 
 
 def test_bad_config_is_an_error_not_a_traceback(tmp_path, capsys):
-    assert cli.main(["data", "inspect", str(REPO / "configs" / "demo.yaml"), "--set", "data.max_lenght=3"]) == 2
+    assert (
+        cli.main(
+            ["data", "inspect", str(REPO / "configs" / "regimes" / "model-strong.yaml"), "--set", "data.max_lenght=3"]
+        )
+        == 2
+    )
     assert "unknown config key 'max_lenght'" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "Q", "completion": "A"}) + "\n" + json.dumps({"prompt": "Q"}) + "\n")
     code = cli.main(
-        ["data", "inspect", str(REPO / "configs" / "demo.yaml"), f"--set=data.path={bad}", *tiny_overrides(tmp_path)]
+        [
+            "data",
+            "inspect",
+            str(REPO / "configs" / "regimes" / "model-strong.yaml"),
+            f"--set=data.path={bad}",
+            *tiny_overrides(tmp_path),
+        ]
     )
     assert code == 2
     assert "row 1: missing field 'completion'" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import cli, errors, experiment
 
-REPO_CONFIG = "configs/demo.yaml"
+REPO_CONFIG = "configs/regimes/model-strong.yaml"
 
 FAMILY = [
     errors.ConfigError,

@@ -192,6 +192,9 @@ def test_select_never_reads_the_held_out_problems(prefect_server, tmp_path):
         "eval={n: 1, max_new_tokens: 24}",
         "select={lrs: [0.001, 0.01], max_steps: [2]}",
         "experiment.name=sel",
+        "priors.embedded_teacher=false",  # the demo's teacher belongs to its own world, not this one
+        "experiment.student_profile=false",
+        "eval.forgetting=true",
     ]
     assert cli.main(["select", *(arg for item in overrides for arg in ("--set", item))]) == 0
     selection = json.loads((tmp_path / "experiments" / "sel-select" / "selection.json").read_text())

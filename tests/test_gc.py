@@ -13,7 +13,7 @@ from pipeline.checkpoints import run_lock
 from pipeline.gc import _lock
 from tests.conftest import REPO, tiny_args
 
-DEMO = str(REPO / "configs" / "demo.yaml")
+DEMO = str(REPO / "configs" / "regimes" / "model-strong.yaml")
 DAY = 86400
 
 

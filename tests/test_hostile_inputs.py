@@ -23,7 +23,7 @@ import pytest
 from flows import cli
 from tests.conftest import REPO, free_port
 
-DEMO = str(REPO / "configs" / "demo.yaml")
+DEMO = str(REPO / "configs" / "regimes" / "model-strong.yaml")
 FAKE_KEY = "0123456789abcdef0123"
 PROGRESS = re.compile(r"(examples|it)/s\]\s*$")
 

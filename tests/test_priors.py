@@ -380,7 +380,11 @@ def test_cache_cli_ls_show_verify_rm(tiny_build, tmp_path, capsys):
 def test_priors_cli_runs_and_reuses(tiny_build, tmp_path, capsys):
     from pipeline import cli
 
-    args = ["priors", str(REPO / "configs" / "demo.yaml"), *[f"--set={a}" for a in cfg_args(tiny_build, tmp_path)]]
+    args = [
+        "priors",
+        str(REPO / "configs" / "regimes" / "model-strong.yaml"),
+        *[f"--set={a}" for a in cfg_args(tiny_build, tmp_path)],
+    ]
     assert cli.main(args) == 0
     first = capsys.readouterr().out
     assert cli.main(args) == 0
@@ -509,7 +513,12 @@ def test_gamma_report_groups_the_observed_tokens_by_kind(tiny_build, tmp_path):
     """benchmarks/gamma.py: γ = p_base(observed) from a captured set, by kind of token; it refuses a set
     that is not captured yet in one line."""
     args = [f"--set={item}" for item in tiny_args(tiny_build, tmp_path, "priors.shard_size=8")]
-    command = [sys.executable, str(REPO / "benchmarks" / "gamma.py"), "--config", str(REPO / "configs/demo.yaml")]
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "gamma.py"),
+        "--config",
+        str(REPO / "configs/regimes/model-strong.yaml"),
+    ]
     missing = subprocess.run([*command, *args], capture_output=True, text=True, cwd=tmp_path)
     assert missing.returncode == 1 and "is not captured; run `target-sft priors" in missing.stderr
     priors.capture(make_cfg(tiny_build, tmp_path), progress=False)

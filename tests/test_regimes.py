@@ -69,7 +69,11 @@ def test_stored_profile_agrees_with_a_fresh_full_vocabulary_forward(tiny_build, 
 
 
 def test_priors_prints_the_profile_and_records_it(tiny_build, tmp_path, capsys):
-    args = ["priors", str(REPO / "configs" / "demo.yaml"), *[f"--set={a}" for a in cfg_args(tiny_build, tmp_path)]]
+    args = [
+        "priors",
+        str(REPO / "configs" / "regimes" / "model-strong.yaml"),
+        *[f"--set={a}" for a in cfg_args(tiny_build, tmp_path)],
+    ]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "γ profile (p(observed) under the model being trained" in out and "\nregime: model-" in out
@@ -81,7 +85,11 @@ def test_priors_prints_the_profile_and_records_it(tiny_build, tmp_path, capsys):
 
 def test_a_teacher_prior_is_labelled_as_the_teachers(tiny_build, tmp_path, capsys):
     """The profile describes the model that captured it: with a teacher, training's γ is the student's."""
-    args = ["priors", str(REPO / "configs" / "demo.yaml"), *[f"--set={a}" for a in cfg_args(tiny_build, tmp_path)]]
+    args = [
+        "priors",
+        str(REPO / "configs" / "regimes" / "model-strong.yaml"),
+        *[f"--set={a}" for a in cfg_args(tiny_build, tmp_path)],
+    ]
     teacher = tmp_path / "teacher"  # a copy of the model, in its own folder: another model to the pipeline
     shutil.copytree(tiny_build.model, teacher)
     assert cli.main([*args, f"--set=priors.model_path={teacher}"]) == 0
