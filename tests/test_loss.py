@@ -294,6 +294,7 @@ def test_fused_loss_under_bf16_autocast_with_fp32_leaves():
         assert rel_err(got.double(), want) <= FUSED_TOL[torch.bfloat16]
 
 
+@pytest.mark.slow  # 43 s of compilation on 2 cores; the default suite reached 21 min 10 s on a fresh clone
 def test_compiled_chunk_step_gives_the_eager_loss_and_gradients():
     """`train.compile_loss`: torch.compile of the chunk step, on CPU here, equal to the eager fused loss
     up to float summation order (the GPU suite times it)."""

@@ -393,6 +393,7 @@ def test_priors_cli_runs_and_reuses(tiny_build, tmp_path, capsys):
 
 
 @pytest.mark.vllm
+@pytest.mark.slow  # 83 s on 2 cores; the default suite reached 21 min 10 s on a fresh clone (2026-12-07)
 def test_vllm_and_hf_engines_agree(default_build, tmp_path):
     """Same model and data: same top-k id sets (up to near-ties), logprobs within 1e-3 (fp32)."""
     from pipeline.prior_engines import HFEngine, VLLMEngine
