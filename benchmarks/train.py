@@ -53,7 +53,7 @@ def skewed_batch(args, vocab: int):
     import numpy as np
 
     from pipeline import batching
-    from pipeline.prior_engines import PriorRecord
+    from pipeline.prior_schema import PriorRecord
     from pipeline.tokens import Example
 
     rng = np.random.default_rng(0)

@@ -17,7 +17,8 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.loss import IGNORE, Prior
-from pipeline.prior_engines import PriorRecord, aligned_priors
+from pipeline.prior_engines import aligned_priors
+from pipeline.prior_schema import PriorRecord
 from pipeline.tokens import Example, pad_rows
 
 

@@ -105,7 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="axolotl: a KD chat_template dataset, one row per data row; distillkit: a folder of compressed shards",
     )
     imp.add_argument("--ids-field", default="target_token_ids", help="column of per-position top-k ids")
-    imp.add_argument("--logprobs-field", default="logprobs", help="column of per-position top-k log-probs")
+    imp.add_argument(
+        "--logprobs-field",
+        default=None,
+        help="column of per-position top-k log-probs (default: logprobs or target_logprobs)",
+    )
+    imp.add_argument(
+        "--normalized",
+        action="store_true",
+        help="axolotl: the values are log-probs renormalized over the top-k (Axolotl's strategy writes those)",
+    )
+    imp.add_argument(
+        "--rows",
+        choices=["t", "t-1"],
+        default="t",
+        help="axolotl: t = a row per token, the last padding; t-1 = no padding row (row i describes token i+1)",
+    )
     _add_config_args(imp, required=False)
     exp = cache_commands.add_parser("export", help="write a prior set with its data rows as an Axolotl KD dataset")
     exp.add_argument("key")
@@ -203,8 +218,12 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
             if args.format == "distillkit":
                 imported = interop.import_distillkit(cfg, args.source)
             else:
-                imported = interop.import_axolotl(cfg, args.source, args.ids_field, args.logprobs_field)
+                imported = interop.import_axolotl(
+                    cfg, args.source, args.ids_field, args.logprobs_field, normalized=args.normalized, rows=args.rows
+                )
             state = "reused (already imported)" if imported.reused else f"imported {imported.examples} examples"
+            if imported.clamped:
+                state += f"; {imported.clamped:,} log-probs above 0 stored as 0 (counted in the manifest)"
             print(f"prior set {imported.key}: {state}\nmanifest: {imported.manifest_path}")
             print(regimes.describe(PriorStore(cfg.storage_root).gamma_profile(imported.key), priors.prior_role(cfg)))
             print(f"train on it with --set train.prior_key={imported.key}")

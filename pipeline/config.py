@@ -707,7 +707,8 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     if cfg.priors.engine == "vllm_server" and not cfg.priors.server_url:
         problems.append("priors.engine=vllm_server needs priors.server_url (e.g. http://localhost:8000)")
     if cfg.priors.server_url and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", cfg.priors.server_url):
-        problems.append(f"priors.server_url={cfg.priors.server_url!r} must be an http:// or https:// URL")
+        shown = re.sub(r"//[^/@\s]*@", "//***@", cfg.priors.server_url)  # never echo a password
+        problems.append(f"priors.server_url={shown!r} must be an http:// or https:// URL")
     if cfg.priors.worker_index >= cfg.priors.num_workers:
         problems.append(
             f"priors.worker_index={cfg.priors.worker_index} must be below priors.num_workers={cfg.priors.num_workers}"

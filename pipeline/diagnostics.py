@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from pipeline.models import load_model
-from pipeline.prior_engines import PriorRecord, drop_ids_beyond
+from pipeline.prior_engines import drop_ids_beyond
+from pipeline.prior_schema import PriorRecord
 from pipeline.tokens import Example
 
 SLICE = 128

@@ -498,12 +498,12 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
         TargetError: a bad target grid. ConfigError: impossible shapes or settings.
     """
     from pipeline.config import ConfigError
-    from pipeline.resolve import check_attention
+    from pipeline.resolve import check_attention, half_set_paths
 
     tc, runs = cfg.train, expand_grid(cfg.experiment)
     check_attention(cfg.model.attn_implementation)
     shape = batch_shape_problem(tc, tc.processes)
-    problems = [shape] if shape else []
+    problems = [p for p in (half_set_paths(cfg), shape) if p]
     if cfg.data.max_length < 2:
         problems.append(f"data.max_length={cfg.data.max_length} leaves no completion token")
     if tc.epochs is None and tc.max_steps < 1:
@@ -512,7 +512,7 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
         problems.append(f"priors.k={cfg.priors.k} must be >= 1")
     if cfg.eval.n < 1 or cfg.eval.max_new_tokens < 1:
         problems.append("eval.n and eval.max_new_tokens must be >= 1")
-    if cfg.model.path is not None and not cfg.eval.sets:
+    if cfg.model.path is not None and cfg.data.path is not None and not cfg.eval.sets:
         problems.append("a configured model.path has no embedded held-out set: list eval.sets")
     if cfg.eval.max_new_tokens >= cfg.eval.max_model_len:
         problems.append(
@@ -543,7 +543,8 @@ def check_inputs(cfg: RunConfig) -> list[str]:
     """Everything `check` can verify about a config's inputs without loading weights, every problem
     at once: the model folders hold a config and a tokenizer that loads, the data and eval paths
     exist and have the columns the config reads, the storage root is writable, and the processes
-    and engines fit this machine. An unset model or data path is the embedded world: nothing to check."""
+    and engines fit this machine. Unset model and data paths are the embedded world: nothing to check
+    (one of them unset is `dry_run`'s problem)."""
     import os
 
     import torch

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from pipeline import prior_schema, regimes
 from pipeline.errors import CacheError
-from pipeline.prior_engines import PriorRecord
+from pipeline.prior_schema import PriorRecord
 from pipeline.storage import sha256_json
 
 KEY_RE = re.compile(r"^[0-9a-f]{20}$")
@@ -170,11 +170,25 @@ class PriorStore:
         if not self.fs.exists(path):
             self.write_bytes_atomic(path, json.dumps(inputs, indent=2, sort_keys=True).encode())
 
-    def write_shard(self, key: str, index: int, records: list[PriorRecord], k: int, seconds: float) -> None:
-        """Timing goes to a sidecar first, so the shard bytes depend on the content alone."""
+    def write_shard(
+        self, key: str, index: int, records: list[PriorRecord], k: int, seconds: float, vocab: int, lossy: bool = False
+    ) -> None:
+        """Every record passes the schema's contract first (`prior_schema.conform`, which may clamp
+        log-probs a hair above 0: counted); timing and that count go to a sidecar, so the shard bytes
+        depend on the content alone.
+
+        Raises:
+            PriorError: a record that breaks the contract; nothing of this shard is written.
+        """
+        clamped = 0
+        for i, record in enumerate(records):
+            records[i], n = prior_schema.conform(record, vocab, lossy)
+            clamped += n
         path = self.shard_path(key, index)
-        self.write_bytes_atomic(path.replace(".parquet", ".timing.json"), json.dumps({"seconds": seconds}).encode())
-        self.write_bytes_atomic(path, encode_shard(records, k))
+        sidecar = {"seconds": seconds, "clamped": clamped}
+        data = encode_shard(records, k)
+        self.write_bytes_atomic(path.replace(".parquet", ".timing.json"), json.dumps(sidecar).encode())
+        self.write_bytes_atomic(path, data)
 
     def finalize(
         self, key: str, inputs: dict[str, Any], num_shards: int, engine: str, capture: dict[str, Any] | None = None
@@ -184,7 +198,16 @@ class PriorStore:
         self.remove_stale_temporaries(key)
         shards, totals = (
             [],
-            {"examples": 0, "scored_tokens": 0, "bytes": 0, "seconds": 0.0, "prior_mass": 0.0, "outside_topk": 0},
+            {
+                "examples": 0,
+                "scored_tokens": 0,
+                "bytes": 0,
+                "seconds": 0.0,
+                "prior_mass": 0.0,
+                "outside_topk": 0,
+                "observed_unknown": 0,
+                "clamped": 0,
+            },
         )
         histogram = regimes.code_histogram([])
         for index in range(num_shards):
@@ -192,7 +215,9 @@ class PriorStore:
             table = pq.read_table(io.BytesIO(data))
             histogram += regimes.code_histogram([_flat(table, "obs_logprob_q")])
             timing = self.shard_path(key, index).replace(".parquet", ".timing.json")
-            seconds = json.loads(self.fs.cat_file(timing))["seconds"] if self.fs.exists(timing) else 0.0
+            sidecar = json.loads(self.fs.cat_file(timing)) if self.fs.exists(timing) else {}
+            seconds = sidecar.get("seconds", 0.0)
+            totals["clamped"] += sidecar.get("clamped", 0)
             stats = shard_statistics(table, inputs["k"])
             shards.append(
                 {
@@ -207,7 +232,7 @@ class PriorStore:
             totals["examples"] += table.num_rows
             totals["bytes"] += len(data)
             totals["seconds"] += seconds
-            for name in ("scored_tokens", "prior_mass", "outside_topk"):
+            for name in ("scored_tokens", "prior_mass", "outside_topk", "observed_unknown"):
                 totals[name] += stats[name]
         tokens = max(totals["scored_tokens"], 1)
         manifest = {
@@ -216,16 +241,22 @@ class PriorStore:
             "schema_version": prior_schema.SCHEMA_VERSION,
             "key_inputs": inputs,
             "engine": engine,
-            "counts": {"shards": num_shards, "examples": totals["examples"], "scored_tokens": totals["scored_tokens"]},
+            "counts": {
+                "shards": num_shards,
+                "examples": totals["examples"],
+                "scored_tokens": totals["scored_tokens"],
+                "clamped_logprobs": totals["clamped"],  # values in (0, tolerance] read as 0 (prior_schema.conform)
+                "observed_logprob_unknown": totals["observed_unknown"],  # rank 0: outside an import's top-k
+            },
             "statistics": {
                 "mean_prior_mass_captured": totals["prior_mass"] / tokens,
-                "share_observed_outside_topk": totals["outside_topk"] / tokens,
+                "share_observed_outside_topk": (totals["outside_topk"] + totals["observed_unknown"]) / tokens,
                 "bytes_per_scored_token": totals["bytes"] / tokens,
                 "capture_tokens_per_s": totals["scored_tokens"] / max(totals["seconds"], 1e-9),
                 "logprob_max_abs_error": prior_schema.MAX_ABS_ERROR,
             },
             "capture": capture or {},
-            "gamma_profile": _profile_or_none(histogram, (capture or {}).get("prior_role", "unknown")),
+            "gamma_profile": _profile_or_none(histogram, capture or {}, int(totals["observed_unknown"])),
             "shards": shards,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -235,7 +266,9 @@ class PriorStore:
 
     # checking and removing ------------------------------------------------------------------
     def verify(self, key: str) -> list[str]:
-        """Problems found (empty = healthy): completeness, checksums, counts."""
+        """Problems found (empty = healthy): completeness, checksums, counts, every stored value against
+        the schema's contract (prior_schema.table_problems), and the manifest's γ profile against the
+        shards'."""
         if not self.complete(key):
             return [f"prior set {key} is incomplete (no _SUCCESS)"]
         manifest = self.manifest(key)
@@ -256,6 +289,9 @@ class PriorStore:
             if counts.get(name) != total:
                 problems.append(f"counts.{name}={counts.get(name)} but the shard entries add up to {total}")
         seen: dict[int, str] = {}
+        capture: dict[str, Any] = manifest["capture"] if isinstance(manifest.get("capture"), dict) else {}
+        vocab = capture.get("vocab") if isinstance(capture.get("vocab"), int) else None
+        histogram = regimes.code_histogram([])
         for shard in manifest["shards"]:
             path = f"{self.dir(key)}/{shard['file']}"
             if not self.fs.exists(path):
@@ -270,10 +306,18 @@ class PriorStore:
                 problems.append(f"{shard['file']} row count differs from the manifest")
             if shard_statistics(table, manifest["key_inputs"]["k"])["scored_tokens"] != shard["scored_tokens"]:
                 problems.append(f"{shard['file']} scored-token count differs from the manifest")
+            k = manifest["key_inputs"]["k"]
+            problems += [
+                f"{shard['file']}: {p}"
+                for p in prior_schema.table_problems(table, k, vocab, capture.get("lossy", False))
+            ]
+            histogram += regimes.code_histogram([_flat(table, "obs_logprob_q")])
             for index in table.column("example_index").to_pylist():
                 if index in seen:
                     problems.append(f"example {index} appears in {seen[index]} and in {shard['file']}")
                 seen[index] = shard["file"]
+        if not problems:
+            problems += _profile_problems(manifest.get("gamma_profile"), histogram, capture)
         return problems
 
     def gamma_profile(self, key: str) -> dict[str, Any]:
@@ -333,9 +377,43 @@ def _flat(table: pa.Table, column: str) -> np.ndarray:
     return table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
 
 
-def _profile_or_none(histogram: np.ndarray, captured_by: str) -> dict[str, Any] | None:
-    """A set with no scored tokens has no profile; `cache show` and `priors` then say so in one line."""
-    return regimes.profile(histogram, captured_by) if histogram.sum() else None
+def _profile_problems(recorded: Any, histogram: np.ndarray, capture: dict[str, Any]) -> list[str]:
+    """The manifest's γ profile against the one its shards give (an edited profile is caught)."""
+    if recorded is None and not histogram.sum():
+        return []
+    if not isinstance(recorded, dict):
+        return ["the manifest's gamma_profile is missing or not a mapping; the shards give one"]
+    found = _profile_or_none(histogram, capture, 0)  # (the caveat is not compared)
+    assert found is not None
+    differ = sorted(
+        name
+        for name, value in found.items()
+        if name not in ("caveat", "captured_by")
+        and not (
+            recorded.get(name) == value
+            or (
+                isinstance(value, float)
+                and isinstance(recorded.get(name), (int, float))
+                and abs(recorded[name] - value) < 1e-9
+            )
+        )
+    )
+    return [f"the manifest's gamma_profile disagrees with its shards on {', '.join(differ)}"] if differ else []
+
+
+def _profile_or_none(histogram: np.ndarray, capture: dict[str, Any], unknown: int) -> dict[str, Any] | None:
+    """A set with no scored tokens has no profile; `cache show` and `priors` then say so in one line.
+    An import that lacks some observed log-probs, or holds renormalized values, gets a caveat."""
+    if not histogram.sum():
+        return None
+    caveat = None
+    if capture.get("normalized"):
+        caveat = ("the source's values are renormalized over its top-k: p(observed) is overstated inside the "
+                  "top-k and unknown outside it, so this profile is no bound")  # fmt: skip
+    elif unknown:
+        caveat = (f"a lower bound: the observed token's log-prob is unknown at {unknown / histogram.sum():.1%} of "
+                  "tokens (outside the source's top-k), counted as γ = 0")  # fmt: skip
+    return regimes.profile(histogram, capture.get("prior_role", "unknown"), caveat)
 
 
 MANIFEST_FIELDS: dict[str, type] = {
@@ -424,6 +502,7 @@ def shard_statistics(table: pa.Table, k: int) -> dict[str, float]:
         "scored_tokens": int(ranks.size),
         "prior_mass": float(np.exp(lp.astype(np.float64)).sum()),
         "outside_topk": int((ranks > k).sum()),
+        "observed_unknown": int((ranks == 0).sum()),
     }
 
 

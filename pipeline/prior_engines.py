@@ -18,16 +18,19 @@ tokens ≤ t; only positions whose next token is a completion token are scored.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import dataclasses
 import http.client
 import json
 import os
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,25 +40,8 @@ import torch
 from pipeline.errors import PriorError
 from pipeline.loss import Prior
 from pipeline.models import check_remote_code, load_model
+from pipeline.prior_schema import PriorRecord
 from pipeline.tokens import Example, pad_rows
-
-
-@dataclass
-class PriorRecord:
-    """Sparse prior of one example at its scored positions (n of them)."""
-
-    example_index: int
-    num_tokens: int
-    positions: np.ndarray
-    """[n] int32 scored positions t."""
-    topk_ids: np.ndarray
-    """[n, k] int32, most likely first."""
-    topk_logprobs: np.ndarray
-    """[n, k] float32."""
-    obs_logprob: np.ndarray
-    """[n] float32 prior log-probability of the observed next token."""
-    obs_rank: np.ndarray
-    """[n] int32 1-based rank of the observed next token."""
 
 
 def drop_ids_beyond(records: dict[int, PriorRecord], rows: int) -> dict[str, float]:
@@ -350,8 +336,11 @@ class VLLMServerEngine:
         timeout: float = 600.0,
         retries: int = 3,
     ) -> None:
-        self.base = url.rstrip("/").removesuffix("/v1")
+        self.base, self.headers = split_credentials(url.rstrip("/").removesuffix("/v1"))
         self.k, self.concurrency, self.timeout, self.retries = k, concurrency, timeout, retries
+        self._stop = threading.Event()  # set after a failure: in-flight requests give up
+        self._open: set[Any] = set()  # responses being read, closed on a failure
+        self._lock = threading.Lock()
         self.forward_passes = 0
         self.model = self._served_model(served_model, model_path, max_length)
         self._check_vocabulary(vocab_size)
@@ -362,7 +351,14 @@ class VLLMServerEngine:
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="vllm-server")
         try:
             records = [f.result() for f in [pool.submit(self._score_one, e) for e in examples]]
-        finally:  # after a failure or Ctrl-C: report it now, drop the requests not yet sent
+        except BaseException:  # a failure or Ctrl-C: cancel what is in flight, report at once
+            self._stop.set()
+            with self._lock:
+                for response in list(self._open):
+                    with contextlib.suppress(Exception):
+                        response.close()
+            raise
+        finally:  # drop the requests not yet sent
             pool.shutdown(wait=False, cancel_futures=True)
         self.forward_passes += len(examples)
         return records
@@ -370,7 +366,17 @@ class VLLMServerEngine:
     def _score_one(self, example: Example) -> PriorRecord:
         ids = np.asarray(example.input_ids).tolist()
         body = {"model": self.model, "prompt": ids, "max_tokens": 1, "prompt_logprobs": self.k}
-        choice = self._call("/v1/completions", {**body, "return_token_ids": True})["choices"][0]
+        answer = self._call("/v1/completions", {**body, "return_token_ids": True})
+        try:
+            return self._record(example, ids, answer)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
+            raise PriorError(
+                f"vLLM server {self.base} answered example {example.index} with a malformed completion "
+                f"({type(e).__name__}: {str(e)[:120]}); is it a vLLM server of a supported version?"
+            ) from None
+
+    def _record(self, example: Example, ids: list[int], answer: dict[str, Any]) -> PriorRecord:
+        choice = answer["choices"][0]
         scored, logprobs = choice.get("prompt_token_ids"), choice.get("prompt_logprobs")
         if scored != ids or logprobs is None or len(logprobs) != len(ids):
             scored = scored if isinstance(scored, list) else []
@@ -455,14 +461,17 @@ class VLLMServerEngine:
         """The server's JSON answer; retried with backoff (1, 2, 4 ... s) after a connection error,
         a timeout or an HTTP 5xx; a 4xx is the server refusing the request, reported at once."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base + path, data=data, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json", **self.headers}
+        request = urllib.request.Request(self.base + path, data=data, headers=headers)
         failure = ""
         for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(min(2 ** (attempt - 1), 30))
+            if attempt and self._stop.wait(min(2 ** (attempt - 1), 30)):
+                break
+            if self._stop.is_set():
+                break
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    answer = json.loads(response.read())
+                    answer = json.loads(self._read(response, time.monotonic() + self.timeout))
                 if not isinstance(answer, dict):
                     raise ValueError("not a JSON object")
                 return answer
@@ -477,13 +486,32 @@ class VLLMServerEngine:
             except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
                 reason = getattr(e, "reason", e)
                 failure = f"timed out after {self.timeout:g} s" if isinstance(reason, TimeoutError) else str(reason)
-            except ValueError as e:  # JSONDecodeError too
-                raise PriorError(f"{self.base}{path} did not answer JSON ({e}); is it a vLLM server?") from None
+            except (ValueError, RecursionError) as e:  # JSONDecodeError too
+                what = "JSON nested too deeply" if isinstance(e, RecursionError) else str(e)[:120]
+                raise PriorError(f"{self.base}{path} did not answer JSON ({what}); is it a vLLM server?") from None
+        if self._stop.is_set():
+            failure = failure or "cancelled after another request failed"
         tries = f"{self.retries + 1} tries" if self.retries else "1 try"
         raise PriorError(
             f"vLLM server {self.base} did not answer {path} ({tries}; last: {failure}); check it is up "
             f"(curl {self.base}/v1/models) and rerun: finished shards are kept"
         )
+
+    def _read(self, response: Any, deadline: float) -> bytes:
+        """The whole body by the deadline: `timeout` bounds each socket read, not a server that
+        trickles a byte at a time, so the request as a whole gets one too."""
+        with self._lock:
+            self._open.add(response)
+        try:
+            chunks = []
+            while chunk := response.read1(1 << 16):
+                chunks.append(chunk)
+                if time.monotonic() > deadline or self._stop.is_set():
+                    raise TimeoutError(f"no whole answer within {self.timeout:g} s")
+            return b"".join(chunks)
+        finally:
+            with self._lock:
+                self._open.discard(response)
 
     def close(self) -> None:
         pass
@@ -496,6 +524,21 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int:
 
 def _logprob(value: float) -> float:
     return float("-inf") if value <= -9999.0 else float(value)  # the server writes -inf as -9999.0
+
+
+def split_credentials(url: str) -> tuple[str, dict[str, str]]:
+    """`http://user:secret@host/...` → the URL without its user part (safe to print in any error
+    line or hint) and the HTTP Basic header that carries it."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, {}
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    netloc += f":{parts.port}" if parts.port else ""
+    user = urllib.parse.unquote(parts.username or "")
+    secret = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{secret}".encode()).decode()
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), {"Authorization": f"Basic {token}"}
 
 
 def _error_message(error: urllib.error.HTTPError) -> str:

@@ -60,6 +60,8 @@ class CapturePlan:
     dtype: str
     teacher: bool = False
     """The prior comes from another model than the one trained (its γ profile is the teacher's)."""
+    vocab: int = 0
+    """The prior model's output rows: every stored token id is below it (prior_schema.conform)."""
 
 
 def prior_role(cfg: RunConfig) -> str:
@@ -83,7 +85,7 @@ def plan(cfg: RunConfig, progress: bool = True, prepared: data.PreparedData | No
                 f"the prior model {prior_model} has a different tokenizer than the student "
                 f"{inputs.model_path}; priors must be over the same token ids (use a teacher of the same family)"
             )
-    _check_k(prior_model, cfg.priors.k, cfg.model.trust_remote_code)
+    vocab = _check_k(prior_model, cfg.priors.k, cfg.model.trust_remote_code)
     engine_name = resolve_engine(cfg.priors.engine)
     device = resolve_device(cfg.priors.device)
     dtype = resolve_dtype(cfg.priors.dtype, device)
@@ -91,7 +93,9 @@ def plan(cfg: RunConfig, progress: bool = True, prepared: data.PreparedData | No
     memo = hash_memo(PriorStore(cfg.storage_root))
     key_inputs = key_inputs_for(cfg, prior_model, prepared, engine_name, dtype, memo)
     teacher = prior_model != inputs.model_path
-    return CapturePlan(cache_key(key_inputs), key_inputs, prepared, prior_model, engine_name, device, dtype, teacher)
+    return CapturePlan(
+        cache_key(key_inputs), key_inputs, prepared, prior_model, engine_name, device, dtype, teacher, vocab
+    )
 
 
 def capture(cfg: RunConfig, progress: bool = True, planned: CapturePlan | None = None) -> CaptureResult:
@@ -125,7 +129,7 @@ def capture(cfg: RunConfig, progress: bool = True, planned: CapturePlan | None =
             started = time.perf_counter()
             assert engine is not None
             records = engine.score(shards[index])
-            store.write_shard(key, index, records, cfg.priors.k, time.perf_counter() - started)
+            store.write_shard(key, index, records, cfg.priors.k, time.perf_counter() - started, p.vocab)
             bar.update(tokens)
     finally:
         bar.close()
@@ -147,6 +151,7 @@ def capture(cfg: RunConfig, progress: bool = True, planned: CapturePlan | None =
                 "config": _model_summary(p.prior_model, cfg),
             },
             "logprobs_mode": "raw_logprobs",  # log_softmax of the unprocessed logits, temperature 1 (vLLM's default)
+            "vocab": p.vocab,
         }
         if isinstance(engine, VLLMServerEngine):
             capture["server_vllm_version"] = engine.version
@@ -273,10 +278,12 @@ def make_engine(
     )
 
 
-def _check_k(model: Path, k: int, trust_remote_code: bool) -> None:
-    vocab = load_model_config(model, trust_remote_code).vocab_size
+def _check_k(model: Path, k: int, trust_remote_code: bool) -> int:
+    """The model's vocabulary size (its output rows), once `k` is known to fit in it."""
+    vocab = int(load_model_config(model, trust_remote_code).vocab_size)
     if not 1 <= k <= vocab:
         raise PriorError(f"priors.k={k} must be between 1 and the vocabulary size {vocab} of {model}")
+    return vocab
 
 
 def _check_writable(store: PriorStore) -> None:

@@ -85,7 +85,7 @@ def code_histogram(codes: Iterable[np.ndarray]) -> np.ndarray:
     return counts
 
 
-def profile(counts: np.ndarray, captured_by: str = "model") -> dict[str, Any]:
+def profile(counts: np.ndarray, captured_by: str = "model", caveat: str | None = None) -> dict[str, Any]:
     """The γ profile from a code histogram (`code_histogram`).
 
     Args:
@@ -93,6 +93,7 @@ def profile(counts: np.ndarray, captured_by: str = "model") -> dict[str, Any]:
         captured_by: `model` (the model being trained captured the prior: its step-0 γ), `teacher`
             (another model did: training's γ is still the student's own p), or `unknown` (a set
             captured before this was recorded).
+        caveat: what makes the profile inexact (an import without some observed log-probs), or None.
 
     Raises:
         CacheError: the set has no scored tokens (no γ to describe).
@@ -120,6 +121,8 @@ def profile(counts: np.ndarray, captured_by: str = "model") -> dict[str, Any]:
         "evidence": regime.evidence,
         "captured_by": captured_by,
     }
+    if caveat:
+        out["caveat"] = caveat
     return out
 
 
@@ -137,5 +140,5 @@ def describe(p: dict[str, Any], captured_by: str | None = None) -> str:
         f"median {p['q50']:.3f}, q05 {p['q05']:.3f}, q10 {p['q10']:.3f}, q20 {p['q20']:.3f}; "
         f"γ > 0.55 on {p['share_above_0_55']:.1%}, γ < 0.01 on {p['share_below_0_01']:.1%}\n"
         f"regime: {p['regime']} (bands on mean γ: weak < 0.30 ≤ intermediate < 0.70 ≤ strong); "
-        f"expected: {p['expectation']} [{p['evidence']}]"
+        f"expected: {p['expectation']} [{p['evidence']}]" + (f"\ncaveat: {p['caveat']}" if p.get("caveat") else "")
     )

@@ -36,10 +36,29 @@ class ResolvedInputs:
         return self.embedded.sft_heldout if self.embedded is not None else None
 
 
+def half_set_paths(cfg: RunConfig) -> str | None:
+    """Both model and data paths unset means the embedded world; one of them unset is a mistake (a
+    user's model would train on the embedded arithmetic set): the line that says so, or None."""
+    if (cfg.model.path is None) == (cfg.data.path is None):
+        return None
+    given, missing = ("model.path", "data.path") if cfg.data.path is None else ("data.path", "model.path")
+    return (
+        f"{given} is set but {missing} is not; set {missing} too (or unset both to use the embedded tiny world, "
+        "whose model and data belong together)"
+    )
+
+
 def resolve_inputs(cfg: RunConfig, progress: bool = True) -> ResolvedInputs:
-    """Use the configured paths, building the embedded base model (and teacher) for whatever is unset."""
+    """Use the configured paths, or build the embedded base model and data when both are unset (and
+    the embedded teacher where asked).
+
+    Raises:
+        ConfigError: one of model.path and data.path set without the other.
+    """
+    if (problem := half_set_paths(cfg)) is not None:
+        raise ConfigError(problem)
     embedded = None
-    if cfg.model.path is None or cfg.data.path is None:
+    if cfg.model.path is None and cfg.data.path is None:
         embedded = base_model.build(cfg.base_model, cfg.storage_root, progress=progress)
     model_path = Path(cfg.model.path) if cfg.model.path else embedded.model  # type: ignore[union-attr]
     data_path = Path(cfg.data.path) if cfg.data.path else embedded.sft_train  # type: ignore[union-attr]

@@ -49,7 +49,8 @@ from pipeline.errors import CacheError, DivergedError, TrackingError, TrainError
 from pipeline.loss import TargetStats, fused_q_target_loss
 from pipeline.models import load_model, load_model_config, load_tokenizer, pad_id
 from pipeline.prior_cache import PriorStore
-from pipeline.prior_engines import PriorRecord, drop_ids_beyond
+from pipeline.prior_engines import drop_ids_beyond
+from pipeline.prior_schema import PriorRecord
 from pipeline.resolve import check_attention, resolve_inputs, run_dir, tokens_dir
 from pipeline.schedule import warmup_cosine
 from pipeline.storage import atomic_write_text

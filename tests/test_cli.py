@@ -82,3 +82,19 @@ def test_pipeline_never_imports_prefect():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
     for path in (REPO / "pipeline").glob("*.py"):
         assert "import prefect" not in path.read_text() and "from prefect" not in path.read_text(), path
+
+
+def test_a_model_path_without_a_data_path_is_one_line_not_the_embedded_data(tiny_build, tmp_path, capsys):
+    """The embedded world is used only when both paths are unset: a user's model must never train on
+    the embedded arithmetic set because data.path was forgotten (and the same the other way round)."""
+    config = str(REPO / "configs" / "regimes" / "model-strong.yaml")
+    for given, missing in (
+        (f"model.path={tiny_build.model}", "data.path"),
+        (f"data.path={tiny_build.sft_train}", "model.path"),
+    ):
+        for command in (["train", config], ["check", config]):
+            code = cli.main([*command, f"--set=storage_root={tmp_path}", f"--set={given}"])
+            err = capsys.readouterr().err
+            lines = [line for line in err.splitlines() if line.strip()]
+            assert code == 2 and f"but {missing} is not" in err and len(lines) == 1, (command, err)
+    assert not [p for p in tmp_path.rglob("*") if p.is_dir() and p.name != "runs"]  # no run, no world built

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline import cli, diagnostics
-from pipeline.prior_engines import PriorRecord
+from pipeline.prior_schema import PriorRecord
 from tests.conftest import REPO, tiny_args
 
 
