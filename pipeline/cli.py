@@ -318,8 +318,12 @@ def gc_command(storage_root: str, dry_run: bool, min_age_hours: float) -> int:
         raise ConfigError(f"--min-age {min_age_hours}: give hours, 0 or more")
     root = Path(storage_root)
     dead = gc.find(root, min_age_hours * 3600)
-    print(gc.report(dead if dry_run else gc.collect(dead), root, removed=not dry_run))
-    return 0
+    if dry_run:
+        print(gc.report(dead, root, removed=False))
+        return 0
+    removed, failed = gc.collect(dead)
+    print(gc.report(removed, root, removed=True, failed=failed))
+    return 1 if failed else 0
 
 
 def cache_command(action: str, key: str | None, store: PriorStore) -> int:

@@ -7,13 +7,17 @@ removes one: `cache rm KEY` does, by name. What it removes:
   is never the only copy of anything);
 * tokenisation entries (`tokens/<key>/`) that no run, prior set or capture in progress was built
   from (their dataset fingerprint), and damaged ones: `tokens/` is a cache, rebuilt on demand;
-* unfinished runs (no `final/`) that no experiment lists: a `train` that was killed or failed and
-  was never resumed;
+* unfinished runs (a folder with our `run.json` but no `final/`) that no experiment lists: a
+  `train` that was killed or failed and was never resumed. A folder under `runs/` without
+  `run.json` is not ours (notes, TensorBoard's `runs/<date>_<host>/`) and is never touched;
 * evaluations in `evals/` of a model folder that no longer exists.
 
-Two rules hold for every candidate: nothing a process holds (the run's or the tokenisation entry's
-file lock, taken without waiting and held while removing) and nothing touched within `min_age`
-(a temporary without a lock may still be being written; an unfinished run may be resumed).
+Rules that hold for every candidate: nothing a process holds (the run's lock, or the tokenisation
+entry's lock, which every process using the entry holds shared; taken without waiting and held
+while removing); nothing touched within `min_age` (a temporary without a lock may still be being
+written; an unfinished run may be resumed); nothing reached through a symlink or outside the root.
+A candidate is renamed to a temporary before it is deleted, so a removal that fails half-way (a
+file it may not delete) leaves a temporary, never half a run; the failure is named and gc goes on.
 """
 
 from __future__ import annotations
@@ -38,30 +42,59 @@ class Dead:
     why: str
     size: int
     lock: Path | None = None
-    """The lock its writer holds (`runs/.<name>.lock`, `tokens/.<key>.lock`), taken while removing it."""
+    """The lock its writer holds (`runs/.<name>.lock`, `tokens/.<key>.lock`), taken while removing it:
+    exclusively for an entry or run (any holder, a user too, keeps it), shared for a temporary (only
+    a writer, who holds it exclusively, keeps one: users of the finished entry do not)."""
+
+    @property
+    def shared(self) -> bool:
+        return self.why == "temporary"
 
 
 def find(root: Path, min_age: float, now: float | None = None) -> list[Dead]:
     """Everything under `root` that gc would remove (temporaries, tokens, runs, evals); reads, never writes."""
     now = time.time() if now is None else now
     old = [p for p in _candidates(root) if now - _newest_mtime(p.path) >= min_age]
-    return [d for d in old if d.lock is None or not _held(d.lock)]
+    return [d for d in old if d.lock is None or not _held(d.lock, d.shared)]
 
 
-def collect(dead: list[Dead]) -> list[Dead]:
-    """Remove `dead` (as `find` returned it), each under its lock; returns what was removed. A
-    candidate whose lock was taken since `find` is left alone."""
-    removed = []
+def collect(dead: list[Dead]) -> tuple[list[Dead], list[str]]:
+    """Remove `dead` (as `find` returned it), each under its lock; returns what was removed and a
+    line per candidate that could not be (its path and why). A candidate whose lock was taken since
+    `find` is left alone."""
+    removed, failed = [], []
     for d in dead:
-        with _lock(d.lock) as ours:
-            if ours and d.path.exists():
-                # the lock file stays (empty): unlinking it would let a waiting and a new process both "hold" it
-                shutil.rmtree(d.path) if d.path.is_dir() and not d.path.is_symlink() else d.path.unlink()
-                removed.append(d)
-    return removed
+        with _lock(d.lock, d.shared) as ours:
+            if not ours or not d.path.exists():
+                continue
+            # the lock file stays (empty): unlinking it would let a waiting and a new process both "hold" it
+            try:
+                if d.path.is_dir() and not d.path.is_symlink():
+                    doomed = d.path
+                    if d.why != "temporary":  # whole or not at all: what is left after a failure is a temporary
+                        doomed = d.path.with_name(f".{d.path.name}.tmp-gc-{os.getpid()}")
+                        d.path.rename(doomed)
+                    shutil.rmtree(doomed)
+                else:
+                    d.path.unlink()
+            except OSError as e:
+                failed.append(f"{e.filename or d.path}: {e.strerror or e} (not removed; gc went on)")
+                continue
+            removed.append(d)
+    return removed, failed
 
 
 def _candidates(root: Path) -> Iterator[Dead]:
+    real = root.resolve()
+    for dead in _all_candidates(root):
+        # never through a symlink: not the candidate itself, not any folder between it and the root
+        hops = [dead.path, *dead.path.parents[: len(dead.path.relative_to(root).parts) - 1]]
+        if any(p.is_symlink() for p in hops) or not dead.path.resolve().is_relative_to(real):
+            continue
+        yield dead
+
+
+def _all_candidates(root: Path) -> Iterator[Dead]:
     runs, tokens, priors = root / "runs", root / "tokens", root / "priors"
     fingerprints, listed_runs = _references(root)
     for area in ("models", "datasets", "tokens", "priors", "runs", "evals", "experiments"):
@@ -76,7 +109,8 @@ def _candidates(root: Path) -> Iterator[Dead]:
             why = "damaged tokenisation entry" if fingerprint is None else "tokenisation entry nothing was built from"
             yield Dead(entry, why, _size(entry), tokens / f".{entry.name}.lock")
     for run in sorted(p for p in runs.glob("*") if p.is_dir() and not p.name.startswith(".")):
-        if not (run / "final" / "config.json").exists() and run.name not in listed_runs:
+        ours = (run / "run.json").is_file() and not (run / "run.json").is_symlink()
+        if ours and not (run / "final" / "config.json").exists() and run.name not in listed_runs:
             yield Dead(run, "unfinished run no experiment lists", _size(run), runs / f".{run.name}.lock")
     for folder in sorted(p for p in (root / "evals").glob("*") if p.is_dir() and not p.name.startswith(".")):
         model = _json(folder / "report.json").get("model")
@@ -127,33 +161,36 @@ def _newest_mtime(path: Path) -> float:
     return max(stamps)
 
 
-def _held(lock: Path) -> bool:
-    with _lock(lock) as ours:
+def _held(lock: Path, shared: bool = False) -> bool:
+    with _lock(lock, shared) as ours:
         return not ours
 
 
 @contextlib.contextmanager
-def _lock(lock: Path | None) -> Iterator[bool]:
-    """Take `lock` without waiting, for the block; yields whether we have it (no lock file: yes)."""
+def _lock(lock: Path | None, shared: bool = False) -> Iterator[bool]:
+    """Take `lock` (exclusively, or `shared`) without waiting, for the block; yields whether we have it
+    (no lock file: yes)."""
     if lock is None or not lock.exists():
         yield True
         return
     with open(lock, "a") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
             return
         yield True
 
 
-def report(dead: list[Dead], root: Path, removed: bool) -> str:
-    """What gc removed (or, with a dry run, would remove), as a table with the space it frees."""
+def report(dead: list[Dead], root: Path, removed: bool, failed: list[str] | None = None) -> str:
+    """What gc removed (or, with a dry run, would remove), as a table with the space it frees, and
+    what it could not remove."""
     verb = "removed" if removed else "would remove"
     lines = [f"| {verb} | why | size |", "|---|---|---:|"]
     lines += [f"| {os.path.relpath(d.path, root)} | {d.why} | {_human(d.size)} |" for d in dead]
     total = sum(d.size for d in dead)
     lines.append(f"\n{len(dead)} entries, {_human(total)} {'freed' if removed else 'to free'} under {root}")
+    lines += [f"could not remove {line}" for line in failed or []]
     return "\n".join(lines)
 
 

@@ -328,8 +328,15 @@ class PriorStore:
             CacheError: the set is incomplete, corrupted, or has no scored tokens.
         """
         manifest = self.manifest(key)
-        if isinstance(manifest.get("gamma_profile"), dict):
-            return cast(dict[str, Any], manifest["gamma_profile"])
+        recorded = manifest.get("gamma_profile")
+        if recorded is not None and "gamma_profile" in manifest:
+            problem = regimes.profile_problem(recorded, manifest.get("counts", {}).get("scored_tokens"))
+            if problem is not None:
+                raise CacheError(
+                    f"prior set {key}: the manifest's gamma_profile is damaged or edited ({problem}); "
+                    f"`cache verify {key}` checks the set, `cache rm {key}` and a new capture replace it"
+                )
+            return cast(dict[str, Any], recorded)
         reader = self.open(key)
         histogram = regimes.code_histogram(
             _flat(pq.read_table(io.BytesIO(reader.shard_bytes(shard)), columns=["obs_logprob_q"]), "obs_logprob_q")

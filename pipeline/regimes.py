@@ -14,6 +14,7 @@ the stored γ in O(1) memory, whatever the number of tokens.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -126,6 +127,29 @@ def profile(counts: np.ndarray, captured_by: str = "model", caveat: str | None =
     return out
 
 
+PROFILE_FIELDS = ("tokens", "mean", "share_above_0_55", "share_below_0_01", "q05", "q10", "q20", "q50")
+
+
+def profile_problem(p: Any, tokens: int | None = None) -> str | None:
+    """Why a recorded profile (a manifest's, so possibly edited by hand) cannot be printed as it is, or
+    None: every number in range, the regime the one its mean gives, the token count the set's."""
+    if not isinstance(p, dict):
+        return "it is not a mapping"
+    for name in PROFILE_FIELDS:
+        value = p.get(name)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 <= value <= (2**63 if name == "tokens" else 1)
+        ):
+            return f"{name}={value!r} is not a count or share"
+    if p["tokens"] < 1 or (tokens is not None and p["tokens"] != tokens):
+        return f"tokens={p['tokens']} is not the set's {tokens} scored tokens"
+    if p.get("regime") != band(float(p["mean"])).name:
+        return f"its regime is not the band of mean {p['mean']:.3f} ({band(float(p['mean'])).name})"
+    return None
+
+
 def describe(p: dict[str, Any], captured_by: str | None = None) -> str:
     """The profile as the lines `priors`, `cache show` and the experiment table print; `captured_by`
     (from the config at hand) replaces the role recorded at capture, since one set can serve one
@@ -134,11 +158,13 @@ def describe(p: dict[str, Any], captured_by: str | None = None) -> str:
         "model": "the model being trained (its γ at step 0)",
         "teacher": "a teacher, not the model being trained: training's γ is the student's own p",
         "unknown": "the prior model (captured before the role was recorded)",
-    }.get(captured_by or p["captured_by"], captured_by or p["captured_by"])
+    }.get(captured_by or p.get("captured_by", "unknown"), "the prior model")
+    regime = band(float(p["mean"]))  # printed from the band, never from the file's text
     return (
         f"γ profile (p(observed) under {who}; {p['tokens']:,} scored tokens): mean {p['mean']:.3f}, "
         f"median {p['q50']:.3f}, q05 {p['q05']:.3f}, q10 {p['q10']:.3f}, q20 {p['q20']:.3f}; "
         f"γ > 0.55 on {p['share_above_0_55']:.1%}, γ < 0.01 on {p['share_below_0_01']:.1%}\n"
-        f"regime: {p['regime']} (bands on mean γ: weak < 0.30 ≤ intermediate < 0.70 ≤ strong); "
-        f"expected: {p['expectation']} [{p['evidence']}]" + (f"\ncaveat: {p['caveat']}" if p.get("caveat") else "")
+        f"regime: {regime.name} (bands on mean γ: weak < 0.30 ≤ intermediate < 0.70 ≤ strong); "
+        f"expected: {regime.expectation} [{regime.evidence}]"
+        + (f"\ncaveat: {html.escape(' '.join(str(p['caveat']).split())[:300])}" if p.get("caveat") else "")
     )

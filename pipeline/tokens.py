@@ -14,7 +14,8 @@ That is 5 bytes per token. Later runs, every training process and every capture 
 memory-map the arrays instead of tokenising again, so a process holds in memory only the pages of
 the examples it touches. The folder is written under a temporary name and renamed into place, and
 a file lock beside it makes concurrent builders (torchrun ranks, capture workers, two runs) take
-turns: the first builds, the others wait and read.
+turns: the first builds, the others wait and read. Every process that uses an entry holds that lock
+shared for as long as it lives, so `cache gc` never removes an entry in use.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -113,20 +114,23 @@ def cached(folder: Path, build: Build, limits: Limits) -> Stored:
     in memory. A damaged entry is treated as absent: removed (under the lock) and built again, with
     one line.
     """
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = _entry_lock(folder)
+    except OSError as e:  # a read-only root: read a complete entry as it is, else tokenise in memory
+        with contextlib.suppress(Damaged, OSError):
+            if (folder / "meta.json").exists():
+                return _load(folder, limits)
+        log.info("tokens: cannot use the cache %s (%s); tokenising in memory", folder, e.strerror)
+        return _in_memory(build)
+    fcntl.flock(lock, fcntl.LOCK_SH)  # a user's hold, kept while this process lives: gc leaves the entry alone
     if (folder / "meta.json").exists():
         try:
             return _load(folder, limits)
         except Damaged as e:
-            damaged = str(e)
-        log.warning("tokens: the cache entry %s is damaged (%s); rebuilding it", folder, damaged)
+            log.warning("tokens: the cache entry %s is damaged (%s); rebuilding it", folder, e)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # builders take turns (converting the hold above)
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(folder.parent / f".{folder.name}.lock", "w")  # noqa: SIM115 (the with below closes it)
-    except OSError as e:  # an optimisation lost, not an error: INFO, not a second line on stderr
-        log.info("tokens: cannot use the cache %s (%s); tokenising in memory", folder, e.strerror)
-        return _in_memory(build)
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
         if folder.exists():
             try:
                 return _load(folder, limits)  # another process built it while we waited
@@ -145,6 +149,21 @@ def cached(folder: Path, build: Build, limits: Limits) -> Stored:
             return _load(folder, limits)
         except Damaged as e:  # unreadable right after writing it: the storage itself is at fault
             raise OSError(f"the tokenisation cache {folder} cannot be read back: {e}") from None
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_SH)  # back to a user's hold
+
+
+_HELD: dict[Path, IO[str]] = {}
+"""The lock file of every entry this process has used, held (shared) until the process exits: the
+examples are memory-mapped from the entry, and `cache gc` removes only entries whose lock it can
+take exclusively. One handle per entry, so a second use in the same process never waits on itself."""
+
+
+def _entry_lock(folder: Path) -> IO[str]:
+    handle = _HELD.get(folder)
+    if handle is None:
+        handle = _HELD[folder] = open(folder.parent / f".{folder.name}.lock", "a")  # noqa: SIM115 (held for life)
+    return handle
 
 
 def _give_back_freed_heap() -> None:

@@ -97,6 +97,7 @@ def test_gc_dry_run_lists_and_gc_removes_exactly_the_dead_entries(tiny_build, tm
 def test_gc_keeps_young_entries_and_refuses_an_object_store(tmp_path, capsys):
     root = tmp_path / "root"
     (root / "runs" / "fresh").mkdir(parents=True)
+    (root / "runs" / "fresh" / "run.json").write_text("{}")  # a run of ours, never finished
     assert cli.main(["cache", "gc", f"--set=storage_root={root}"]) == 0
     assert (root / "runs" / "fresh").exists() and "0 entries" in capsys.readouterr().out
     assert cli.main(["cache", "gc", "--min-age", "0", f"--set=storage_root={root}"]) == 0
@@ -105,3 +106,69 @@ def test_gc_keeps_young_entries_and_refuses_an_object_store(tmp_path, capsys):
     assert cli.main(["cache", "gc", "--set=storage_root=s3://bucket/x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 2 and "--min-age -1" in err and "is an object store" in err
+
+
+def test_gc_never_touches_what_is_not_its_own(tiny_build, tmp_path, capsys, monkeypatch):
+    """A folder under runs/ without our run.json (notes, TensorBoard's runs/<date>_<host>/ when the root
+    is the working folder), a runs/ that is a symlink out of the root, and a tokenisation entry a
+    process is using before any run.json or key.json names it: all stay, however old."""
+    root = tmp_path / "root"
+    runs = root / "runs"
+    notes = runs / "my-notes"
+    board = runs / "Dec07_05-31-12_host"
+    for folder in (notes, board):
+        folder.mkdir(parents=True)
+    (notes / "ideas.md").write_text("keep me")
+    (board / "events.out.tfevents.1.host").write_bytes(b"x")
+    # a tokenisation entry in use by this process (data.prepare holds its lock shared), named by nothing
+    from pipeline import data
+    from pipeline.config import RunConfig, load_config
+    from pipeline.models import load_tokenizer
+
+    cfg = load_config(RunConfig, None, tiny_args(tiny_build, root))
+    data.prepare(cfg.data, tiny_build.sft_train, load_tokenizer(tiny_build.model, False), root / "tokens")
+    (live,) = [p for p in (root / "tokens").iterdir() if p.is_dir()]
+    # somewhere else, reached through a symlinked runs/ of a second root
+    outside = tmp_path / "elsewhere"
+    (outside / "unfinished").mkdir(parents=True)
+    (outside / "unfinished" / "run.json").write_text("{}")
+    other = tmp_path / "other-root"
+    other.mkdir()
+    (other / "runs").symlink_to(outside)
+    for path in (notes, board, live, outside / "unfinished"):
+        _age(path, 30)
+    for where in (root, other):
+        assert cli.main(["cache", "gc", "--min-age", "0", f"--set=storage_root={where}"]) == 0
+        assert "0 entries" in capsys.readouterr().out
+    assert (notes / "ideas.md").read_text() == "keep me" and (board / "events.out.tfevents.1.host").exists()
+    assert (live / "meta.json").exists() and (outside / "unfinished" / "run.json").exists()
+    # the same entry, once no process uses it, is collected
+    from pipeline import tokens
+
+    tokens._HELD.pop(live).close()
+    assert cli.main(["cache", "gc", "--min-age", "0", f"--set=storage_root={root}"]) == 0
+    assert not live.exists() and "1 entries" in capsys.readouterr().out
+
+
+def test_a_run_gc_cannot_remove_is_named_and_gc_goes_on(tmp_path, capsys, monkeypatch):
+    """What the filesystem refuses (this suite runs as root, which no permission stops, so the refusal
+    is injected into shutil.rmtree) is one named line; the other dead runs go, and the refused one is
+    left as a temporary, never as half a run."""
+    root = tmp_path / "root"
+    for name in ("a-stuck", "b-gone"):
+        (root / "runs" / name / "checkpoints").mkdir(parents=True)
+        (root / "runs" / name / "run.json").write_text("{}")
+        _age(root / "runs" / name, 3)
+    real_rmtree = shutil.rmtree
+
+    def refuse_one(path, *args, **kwargs):
+        if "a-stuck" in str(path):
+            raise PermissionError(13, "Permission denied", str(Path(path) / "checkpoints"))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", refuse_one)
+    assert cli.main(["cache", "gc", f"--set=storage_root={root}"]) == 1
+    out = capsys.readouterr().out
+    assert "could not remove" in out and "Permission denied" in out and "a-stuck" in out
+    assert not (root / "runs" / "b-gone").exists() and not (root / "runs" / "a-stuck").exists()
+    assert [p.name.startswith(".a-stuck.tmp-gc") for p in (root / "runs").iterdir() if p.is_dir()] == [True]

@@ -21,6 +21,7 @@ from pipeline.config import RunConfig, load_config
 from pipeline.errors import PriorError
 from pipeline.prior_cache import PriorStore
 from pipeline.prior_schema import PriorRecord, conform
+from tests.conftest import REPO
 from tests.test_interop import args
 
 V = 100
@@ -231,3 +232,30 @@ def test_any_axolotl_row_is_one_line_or_a_record_inside_the_contract(ids, lps, o
         conform(record, V)
     except PriorError as e:
         assert "\n" not in str(e) and len(str(e)) < 600, str(e)
+
+
+@pytest.mark.parametrize(
+    "edit, phrase",
+    [
+        ({"regime": "<script>alert(1)</script>"}, "regime"),
+        ({"tokens": -5}, "tokens=-5"),
+        ({"mean": "high"}, "mean='high'"),
+        ("empty", "tokens=None"),
+    ],
+    ids=["script-in-regime", "negative-tokens", "text-mean", "empty-profile"],
+)
+def test_an_edited_gamma_profile_is_one_line_never_printed(tiny_build, tmp_path, capsys, edit, phrase):
+    captured = priors.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
+    path = Path(PriorStore(str(tmp_path)).dir(captured.key)) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["gamma_profile"] = {} if edit == "empty" else {**manifest["gamma_profile"], **edit}
+    path.write_text(json.dumps(manifest))
+    cfg = [f"--set={a}" for a in args(tiny_build, tmp_path)]
+    capsys.readouterr()
+    for command in (["cache", "show", captured.key], ["priors", str(REPO / "configs/regimes/model-strong.yaml")]):
+        code = cli.main([*command, *cfg])
+        out, err = capsys.readouterr()
+        assert code == 2 and phrase in err and err.count("\n") == 1, (command, err)
+        assert "<script>" not in out + err
+    assert cli.main(["cache", "verify", captured.key, *cfg]) == 1
+    capsys.readouterr()
