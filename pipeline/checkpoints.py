@@ -180,22 +180,92 @@ def verify_checkpoint(folder: Path) -> str | None:
     return None
 
 
-def newest_good_checkpoint(out: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The newest checkpoint that reads back as written, with its weights and trainer state; a
-    truncated, changed or older-format newer one is skipped, with a warning."""
+def good_checkpoints(out: Path) -> Iterator[tuple[Path, dict[str, torch.Tensor], dict[str, Any]]]:
+    """The checkpoints that read back as written, newest first, with their weights and trainer
+    state; a truncated, changed or older-format one is skipped, with a warning."""
     for folder in sorted((out / "checkpoints").glob("step-*"), reverse=True):
         try:
-            return folder, *read_checkpoint(folder)
+            yield folder, *read_checkpoint(folder)
         except Damaged as e:
             log.warning("checkpoint %s is unusable (%s); trying the one before it", folder, e)
+
+
+def newest_good_checkpoint(out: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The newest checkpoint that reads back as written (`good_checkpoints`), or None."""
+    return next(good_checkpoints(out), None)
+
+
+def misfit(folder: Path, model: nn.Module, optimizer: Any, model_state: dict[str, Any], state: dict[str, Any],
+           world: int, fsdp: bool) -> str | None:  # fmt: skip
+    """Why a checkpoint whose files verify still cannot be loaded into this run (a trainer state
+    written for another model, optimizer or world size; a step that is not its folder's), or None.
+    Checked before anything is loaded, so a misfit leaves the model and optimizer untouched."""
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or folder.name != f"step-{step:06d}":
+        return f"its trainer state says step {str(step)[:20]}, its folder {folder.name}"
+    rng = state.get("rng")
+    if not isinstance(rng, list) or len(rng) != world or not all(isinstance(r, dict) for r in rng):
+        return f"it holds RNG states for {len(rng) if isinstance(rng, list) else 'no'} processes, this run has {world}"
+    for r in rng:
+        torch_rng = r.get("torch")
+        if not isinstance(torch_rng, torch.Tensor) or torch_rng.shape != torch.get_rng_state().shape:
+            return "its torch RNG state is not one this torch can restore"
+        try:
+            random.Random().setstate(_as_tuple(r.get("python")))
+        except (TypeError, ValueError) as e:
+            return f"its Python RNG state cannot be restored ({e})"
+    if not isinstance(state.get("scheduler"), dict) or not isinstance(state.get("optimizer"), dict):
+        return "it has no scheduler or optimizer state"
+    if fsdp:  # sharded state: set_*_state_dict check it as they load
+        return None
+    own = model.state_dict()
+    theirs = _retied(model, dict(model_state))
+    if set(own) != set(theirs):
+        return f"its weights name {len(set(theirs) ^ set(own))} tensors this model does not have, or lack them"
+    for name, tensor in own.items():
+        if not isinstance(theirs[name], torch.Tensor) or theirs[name].shape != tensor.shape:
+            return (
+                f"its {name} has shape {tuple(getattr(theirs[name], 'shape', ()))}, the model's {tuple(tensor.shape)}"
+            )
+    saved, fresh = state["optimizer"], optimizer.state_dict()
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or [len(g.get("params", [])) for g in groups if isinstance(g, dict)] != [
+        len(g["params"]) for g in fresh["param_groups"]
+    ]:
+        return "its optimizer state is for other parameter groups"
+    shapes = [p.shape for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in (saved.get("state") or {}).items():
+        if not isinstance(entry, dict) or not str(index).isdigit() or int(index) >= len(shapes):
+            return "its optimizer state names parameters this model does not have"
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != shapes[int(index)]:
+                return f"its optimizer {key} for parameter {index} has shape {tuple(value.shape)}"
     return None
 
 
+def _as_tuple(value: Any) -> Any:
+    """Python's RNG state as JSON gives it back (lists) → the tuples random.setstate takes."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
+
+
 def load_checkpoint(out: Path, model: nn.Module, optimizer: Any, scheduler: Any, fsdp: bool, rank: int) -> int:
-    found = newest_good_checkpoint(out)
+    """Load the newest checkpoint that verifies and fits this run (`misfit`), falling back to the one
+    before it with a warning; returns its step (0: none to resume).
+
+    Raises:
+        TrainError: checkpoints exist and none of them verifies and fits.
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    found = None
+    for folder, model_state, state in good_checkpoints(out):
+        problem = misfit(folder, model, optimizer, model_state, state, world, fsdp)
+        if problem is None:
+            found = folder, model_state, state
+            break
+        log.warning("checkpoint %s does not fit this run (%s); trying the one before it", folder, problem)
     if found is None:
         if list((out / "checkpoints").glob("step-*")):
-            raise TrainError(f"no checkpoint of {out} verifies; start a new run (another train.name)")
+            raise TrainError(f"no checkpoint of {out} verifies and fits this run; start a new run (another train.name)")
         return 0
     folder, model_state, state = found
     log.info("resuming %s from %s", out, folder.name)
@@ -216,7 +286,7 @@ def load_checkpoint(out: Path, model: nn.Module, optimizer: Any, scheduler: Any,
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"][rank]
     torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
+    random.setstate(_as_tuple(rng["python"]))
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     metrics = out / "metrics.jsonl"

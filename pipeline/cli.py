@@ -7,12 +7,13 @@ The commands that run Prefect flows (`run`, `serve`, `demo`) are defined here bu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pipeline import base_model, data, evaluate, experiment, gc, interop, launch, priors, regimes, storage
@@ -215,12 +216,18 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
                 profile = PriorStore(cfg.storage_root).gamma_profile(result.key)
                 print(regimes.describe(profile, priors.prior_role(cfg)))
         elif args.command == "cache" and args.action == "import":
-            if args.format == "distillkit":
-                imported = interop.import_distillkit(cfg, args.source)
-            else:
-                imported = interop.import_axolotl(
-                    cfg, args.source, args.ids_field, args.logprobs_field, normalized=args.normalized, rows=args.rows
-                )
+            with on_storage(cfg.storage_root):
+                if args.format == "distillkit":
+                    imported = interop.import_distillkit(cfg, args.source)
+                else:
+                    imported = interop.import_axolotl(
+                        cfg,
+                        args.source,
+                        args.ids_field,
+                        args.logprobs_field,
+                        normalized=args.normalized,
+                        rows=args.rows,
+                    )
             state = "reused (already imported)" if imported.reused else f"imported {imported.examples} examples"
             if imported.clamped:
                 state += f"; {imported.clamped:,} log-probs above 0 stored as 0 (counted in the manifest)"
@@ -228,19 +235,13 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
             print(regimes.describe(PriorStore(cfg.storage_root).gamma_profile(imported.key), priors.prior_role(cfg)))
             print(f"train on it with --set train.prior_key={imported.key}")
         elif args.command == "cache" and args.action == "export":
-            print(f"wrote {interop.export_axolotl(cfg, args.key, Path(args.out))}")
+            with on_storage(cfg.storage_root):
+                print(f"wrote {interop.export_axolotl(cfg, args.key, Path(args.out))}")
         elif args.command == "cache" and args.action == "gc":
             return gc_command(cfg.storage_root, args.dry_run, args.min_age)
         elif args.command == "cache":
-            store = PriorStore(cfg.storage_root)
-            try:
-                return cache_command(args.action, getattr(args, "key", None), store)
-            except TargetSFTError:
-                raise
-            except Exception as e:  # an object store's credentials, network, permissions: as `priors` says them
-                if not storage.is_remote(cfg.storage_root):
-                    raise
-                raise storage_error(cfg.storage_root, e) from None
+            with on_storage(cfg.storage_root):
+                return cache_command(args.action, getattr(args, "key", None), PriorStore(cfg.storage_root))
     except TargetSFTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -256,6 +257,20 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
         )
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def on_storage(root: str) -> Iterator[None]:
+    """An object store's credentials, network or permissions failing inside the block: the one line
+    `priors` gives for them (a local root's errors keep their traceback: they are not the user's)."""
+    try:
+        yield
+    except TargetSFTError:
+        raise
+    except Exception as e:
+        if not storage.is_remote(root):
+            raise
+        raise storage_error(root, e) from None
 
 
 def compare_with_shipped(cfg: RunConfig, out: base_model.BaseModelPaths) -> str:

@@ -30,7 +30,9 @@ Every record passes the prior schema's contract (`prior_schema.conform`) on its 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import logging
@@ -46,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline import data, priors
+from pipeline import data, priors, storage
 from pipeline.config import RunConfig, parse_yaml
 from pipeline.errors import ConfigError, PriorError
 from pipeline.models import load_tokenizer
@@ -176,6 +178,51 @@ def _write_set(
     total = len(plan.prepared.examples)
     if store.complete(key):
         return ImportResult(key, manifest_path, total, reused=True)
+    capture = {"engine": "import", "source_format": engine["format"], "data_counts": plan.prepared.counts()}
+    capture.update({"prior_role": "teacher" if plan.teacher else "model", "vocab": vocab, "lossy": lossy, **stated})
+    with _writer_lock(store, key):
+        if store.complete(key):  # another import finished it before this one took the lock: reuse
+            return ImportResult(key, manifest_path, total, reused=True)
+        return _write_records(cfg, store, key, key_inputs, records, total, progress, vocab, lossy, capture, source_path)
+
+
+@contextlib.contextmanager
+def _writer_lock(store: PriorStore, key: str) -> Iterator[None]:
+    """One import at a time per set, on a local root (a file lock beside the set, held while writing):
+    a second import of the same source stops with a line instead of writing the same shards, and its
+    failure can never remove the first one's work. An object store has no file locks: there the
+    imports write identical bytes, and only a failed one's own fresh folder is removed."""
+    if storage.is_remote(store.root):
+        yield
+        return
+    Path(store.base).mkdir(parents=True, exist_ok=True)
+    with open(f"{store.base}/.{key}.import.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PriorError(
+                f"another import into prior set {key} (the same source) is running; wait for it to finish, "
+                "then rerun: the set is reused"
+            ) from None
+        yield
+
+
+def _write_records(
+    cfg: RunConfig,
+    store: PriorStore,
+    key: str,
+    key_inputs: dict[str, Any],
+    records: Iterator[PriorRecord],
+    total: int,
+    progress: bool,
+    vocab: int,
+    lossy: bool,
+    capture: dict[str, Any],
+    source_path: str,
+) -> ImportResult:
+    """The shards, manifest and _SUCCESS of an import (under `_writer_lock`); a failure removes the
+    set's folder if this import created it."""
+    manifest_path = store.url(f"{store.dir(key)}/manifest.json")
     existed = store.fs.exists(store.dir(key))
     shard: list[PriorRecord] = []
     written = 0
@@ -191,8 +238,6 @@ def _write_set(
         if shard:
             store.write_shard(key, written, shard, cfg.priors.k, 0.0, vocab, lossy)
             written += 1
-        capture = {"engine": "import", "source_format": engine["format"], "data_counts": plan.prepared.counts()}
-        capture.update({"prior_role": "teacher" if plan.teacher else "model", "vocab": vocab, "lossy": lossy, **stated})
         manifest = store.finalize(key, key_inputs, written, "import", capture)
     except BaseException:
         if not existed and store.fs.exists(store.dir(key)):
@@ -320,8 +365,11 @@ def export_axolotl(cfg: RunConfig, key: str, out: Path, progress: bool = True) -
     `observed_logprob` and `observed_rank` are extra columns Axolotl's trainer drops and our import
     reads back.
     """
-    if out.exists():
-        raise PriorError(f"{out} exists; export into a new folder")
+    try:
+        if out.exists():
+            raise PriorError(f"{out} exists; export into a new folder")
+    except OSError as e:
+        raise PriorError(f"cannot write {str(out)[:200]}: {e.strerror or e}; choose a writable folder") from None
     plan = priors.plan(cfg, progress)
     reader = PriorStore(cfg.storage_root).open(key)
     recorded = reader.manifest["key_inputs"]
@@ -372,7 +420,7 @@ def export_axolotl(cfg: RunConfig, key: str, out: Path, progress: bool = True) -
     except FileExistsError:
         raise PriorError(f"{out} exists; export into a new folder") from None
     except OSError as e:
-        raise PriorError(f"cannot write {out}: {e.strerror or e}; choose a writable folder") from None
+        raise PriorError(f"cannot write {str(out)[:200]}: {e.strerror or e}; choose a writable folder") from None
     return out / "train.parquet"
 
 

@@ -13,6 +13,7 @@ checkpoints and the resume contract in `pipeline.checkpoints`.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import gc
 import json
 import logging
@@ -20,8 +21,9 @@ import math
 import os
 import random
 import shutil
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, cast
@@ -328,13 +330,70 @@ def evaluate_loss(
         module.train()
 
 
+RENDEZVOUS_TIMEOUT_S = 600.0
+"""How long a process waits for the others (and for collectives) before it fails with a line,
+instead of torch's silent 30 minutes."""
+
+
+def rendezvous_problem(env: Mapping[str, str]) -> str | None:
+    """Why torchrun's variables (`WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) cannot
+    make a process group, in one line, or None; checked before `init_process_group`, which would
+    otherwise wait or fail with a traceback."""
+    values: dict[str, int] = {}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"):
+        if name in env:
+            try:
+                values[name] = int(env[name])
+            except ValueError:
+                return f"{name}={env[name][:40]!r} is not a whole number; launch with torchrun, which sets it"
+    world = values.get("WORLD_SIZE", 1)
+    if world < 1:
+        return f"WORLD_SIZE={world}: it must be 1 or more"
+    if world == 1:
+        return None
+    missing = [n for n in ("RANK", "MASTER_ADDR", "MASTER_PORT") if n not in env]
+    if missing:
+        return (
+            f"WORLD_SIZE={world} is set but {', '.join(missing)} not: launch with torchrun "
+            "(or train.processes), or unset WORLD_SIZE"
+        )
+    if not 0 <= values["RANK"] < world:
+        return f"RANK={values['RANK']} is outside 0..{world - 1} (WORLD_SIZE={world})"
+    if not 0 < values["MASTER_PORT"] < 65536:
+        return f"MASTER_PORT={values['MASTER_PORT']} is not a TCP port"
+    try:
+        socket.getaddrinfo(env["MASTER_ADDR"], values["MASTER_PORT"])
+    except (OSError, UnicodeError) as e:
+        return f"MASTER_ADDR={env['MASTER_ADDR'][:80]!r} does not resolve ({e}); give rank 0's host name or address"
+    return None
+
+
 def _init_distributed() -> tuple[int, int, str]:
-    """(rank, world size, device): joins torchrun's process group, one GPU per process."""
+    """(rank, world size, device): joins torchrun's process group, one GPU per process.
+
+    Raises:
+        TrainError: torchrun's variables do not describe a group, or the group did not form within
+            RENDEZVOUS_TIMEOUT_S.
+    """
+    if (problem := rendezvous_problem(os.environ)) is not None:
+        raise TrainError(problem)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
     if world > 1:
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+            log.info("joining the process group at %s (up to %.0f s)", where, RENDEZVOUS_TIMEOUT_S)
+            try:
+                dist.init_process_group(
+                    "nccl" if torch.cuda.is_available() else "gloo",
+                    timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S),
+                )
+            except (RuntimeError, ValueError, OSError) as e:  # DistStoreError is a RuntimeError
+                raise TrainError(
+                    f"rank {os.environ['RANK']} could not join the process group at {where} within "
+                    f"{RENDEZVOUS_TIMEOUT_S:.0f} s ({' '.join(str(e).split())[:200]}); check that every node "
+                    "runs torchrun with the same --rdzv-endpoint and can reach it"
+                ) from None
         rank = dist.get_rank()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":  # LOCAL_RANK: this node's n-th process (global ranks run on across nodes)

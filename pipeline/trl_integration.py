@@ -124,9 +124,8 @@ class TargetSFTTrainer(SFTTrainer):
             raise TargetError(f"target {target.name!r} needs priors: pass priors=CachedPriors.from_config(cfg)")
         if priors is not None:
             for split in ("train_dataset", "eval_dataset"):
-                dataset = kwargs.get(split)
-                if dataset is not None and ROW not in dataset.column_names:
-                    kwargs[split] = dataset.add_column(ROW, list(range(len(dataset))))
+                if kwargs.get(split) is not None:
+                    kwargs[split] = with_row_index(kwargs[split], split)
         super().__init__(*args, **kwargs)
         if priors is not None:
             if getattr(self.args, "packing", False) or getattr(self.args, "padding_free", False):
@@ -168,6 +167,32 @@ class TargetSFTTrainer(SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as Trainer does: DDP averages the gradients
         return (loss, outputs) if return_outputs else loss
+
+
+def with_row_index(dataset: Any, split: str) -> Any:
+    """`dataset` with the `row` column the collator matches priors by: added as 0..n-1, or checked
+    where the caller set it.
+
+    Raises:
+        ConfigError: not a map-style `datasets.Dataset` (an IterableDataset has no row index), or a
+            `row` column that does not hold integer row indices.
+    """
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        raise ConfigError(
+            f"{split} is a {type(dataset).__name__}; with priors, TargetSFTTrainer needs a map-style datasets.Dataset "
+            "(rows are matched to their priors by index): load it without streaming"
+        )
+    if ROW not in dataset.column_names:
+        return dataset.add_column(ROW, list(range(len(dataset))))
+    dtype = getattr(dataset.features[ROW], "dtype", None)
+    if dtype not in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"):
+        raise ConfigError(
+            f"{split} has a {ROW!r} column of {dtype or type(dataset.features[ROW]).__name__}; TargetSFTTrainer uses "
+            f"{ROW!r} for the integer row index the priors were captured on: rename or drop that column"
+        )
+    return dataset
 
 
 def as_prompt_completion(row: dict[str, Any]) -> dict[str, Any]:

@@ -267,6 +267,27 @@ def test_train_stage(world, capsys, flags, overrides, phrase):
     assert not (world["root"] / "runs" / "r").exists()
 
 
+RENDEZVOUS_CASES = [
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a whole number"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT not"),
+    ({"WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}, "RANK=5 is outside 0..1"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"}, "is not a TCP port"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "no-such-host.invalid", "MASTER_PORT": "29511"},
+     "does not resolve"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("env,phrase", RENDEZVOUS_CASES, ids=[c[1] for c in RENDEZVOUS_CASES])
+def test_torchrun_variables_are_checked_before_the_process_group(world, capsys, monkeypatch, env, phrase):
+    """Set by hand or half set, torchrun's variables are one line at once, not torch's 30-minute wait."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    started = time.monotonic()
+    code, err = run(["train", DEMO, *local("train.name=r", "train.max_steps=2", *SMALL_BATCH)], world, capsys)
+    assert (code, phrase in err, err.count("\n")) == (2, True, 1), err
+    assert time.monotonic() - started < 60
+
+
 EVAL_CASES = [
     (["eval.model_path={files}/corrupt-model", EVAL_SET], "cannot load the model"),
     (["eval.model_path={files}/remote-model", EVAL_SET], "asks to run the model's own Python code"),
@@ -453,6 +474,58 @@ def _skeleton_names_a_missing_tensor(run: Path) -> None:
     (newest / "checkpoint.json").write_text(json.dumps(manifest))
 
 
+def _refit(run: Path, name: str, change) -> None:
+    """One file of the newest checkpoint rewritten by `change(path)`, its checksum and size updated: a
+    checkpoint whose files verify but whose content does not fit the model, optimizer or RNG."""
+    import hashlib
+
+    newest = _newest(run)
+    change(newest / name)
+    blob = (newest / name).read_bytes()
+    manifest = json.loads((newest / "checkpoint.json").read_text())
+    manifest["files"][name] = {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}
+    (newest / "checkpoint.json").write_text(json.dumps(manifest))
+
+
+def _edit_json(path: Path, change) -> None:
+    value = json.loads(path.read_text())
+    change(value)
+    path.write_text(json.dumps(value))
+
+
+def _edit_tensors(path: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path)
+
+
+def _first_weight_reshaped(tensors: dict) -> None:
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].reshape(-1)[:-1].clone()
+
+
+def _optimizer_moment_reshaped(tensors: dict) -> None:
+    """The trainer state's tree is (optimizer, scheduler, rng, step): `t.0.*` are the optimizer's."""
+    name = next(n for n in sorted(tensors) if n.startswith("t.0.") and tensors[n].dim() > 0)
+    tensors[name] = tensors[name].reshape(-1)[:3].clone()
+
+
+def _skeleton_entry(skeleton: dict, key: str) -> list:
+    """The [key, subtree] pair of the trainer state's top-level dict (tensorfiles.split_tree)."""
+    return next(pair for pair in skeleton["dict"] if pair[0] == key)
+
+
+def _step_far_ahead(skeleton: dict) -> None:
+    _skeleton_entry(skeleton, "step")[1] = {"value": 10**30}
+
+
+def _rng_for_two(skeleton: dict) -> None:
+    rng = _skeleton_entry(skeleton, "rng")[1]
+    rng["list"] = rng["list"] * 2
+
+
 FALLBACK = "trying the one before it"  # resumed from the checkpoint before
 RESUME_DAMAGE = [
     ("truncated run.json", lambda r: _truncate(r / "run.json"), [], "run.json is damaged"),
@@ -468,6 +541,15 @@ RESUME_DAMAGE = [
     ("the weights truncated", lambda r: _truncate(_newest(r) / "model.safetensors"), [], FALLBACK),
     ("trainer_state.json names a missing tensor", _skeleton_names_a_missing_tensor, [], FALLBACK),
     ("a checkpoint file missing from checkpoint.json", _unlisted_weights, [], FALLBACK),
+    # files that verify, content that does not fit: the checkpoint before is used
+    ("step 10**30 in the trainer state", lambda r: _refit(r, "trainer_state.json",
+     lambda p: _edit_json(p, _step_far_ahead)), [], FALLBACK),
+    ("a weight of another shape", lambda r: _refit(r, "model.safetensors",
+     lambda p: _edit_tensors(p, _first_weight_reshaped)), [], FALLBACK),
+    ("an optimizer moment of another shape", lambda r: _refit(r, "trainer_state.safetensors",
+     lambda p: _edit_tensors(p, _optimizer_moment_reshaped)), [], FALLBACK),
+    ("RNG states for two processes", lambda r: _refit(r, "trainer_state.json",
+     lambda p: _edit_json(p, _rng_for_two)), [], FALLBACK),
     ("tensorboard is a file", lambda r: (r / "tensorboard").write_text("x"), ["train.report_to=[tensorboard]"],
      "is a file, not TensorBoard's folder"),
 ]  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def errors(err: str) -> int:
     """Lines of error output, progress bars aside."""
-    return sum(1 for line in err.splitlines() if line.strip() and "it/s]" not in line and "ex/s]" not in line)
+    return sum(1 for line in err.splitlines() if line.strip() and not any(f"{u}/s]" in line for u in ("it", "ex", "row")))
 
 
 def sets(root: Path) -> list[str]:
@@ -412,3 +413,57 @@ def test_a_distillkit_capture_of_other_rows_or_a_damaged_one_is_one_line(tiny_bu
         (damaged / f.name).write_bytes(f.read_bytes())
     pq.write_table(cut.cast(table.schema), damaged / "data_0.parquet")
     assert "does not decode with compression_config.yaml" in attempt(folder=damaged)
+
+
+@pytest.mark.parametrize("out", ["{tmp}/new/..", "/proc/target-sft-export", "{tmp}/" + "x" * 300, "{tmp}/kd.jsonl/sub"])
+def test_an_export_to_a_place_it_cannot_write_is_one_line(tiny_build, tmp_path, capsys, out):
+    captured = priors.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
+    (tmp_path / "kd.jsonl").write_text("a file, not a folder")
+    argv = ["cache", "export", captured.key, "--out", out.format(tmp=tmp_path)]
+    capsys.readouterr()
+    code, _, err = run([*argv, *[f"--set={a}" for a in args(tiny_build, tmp_path)]], capsys)
+    assert (code, errors(err)) == (2, 1), err
+
+
+def test_a_distillkit_config_that_is_not_a_regular_file_is_one_line(tiny_build, tmp_path, capsys):
+    folder = write_distillkit(tiny_build, tmp_path / "fixture", tmp_path / "dk", README_CONFIGS["budget"])
+    (folder / "compression_config.yaml").unlink()
+    os.mkfifo(folder / "compression_config.yaml")  # reading it would wait for a writer forever
+    argv = ["cache", "import", str(folder), "--format", "distillkit"]
+    code, _, err = run([*argv, *[f"--set={a}" for a in args(tiny_build, tmp_path)]], capsys)
+    assert (code, errors(err), "not a regular file" in err) == (2, 1, True), err
+    (folder / "compression_config.yaml").unlink()
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+    )
+    (folder / "compression_config.yaml").write_text(bomb)
+    code, _, err = run([*argv, *[f"--set={a}" for a in args(tiny_build, tmp_path)]], capsys)
+    assert (code, errors(err)) == (2, 1) and len(err) < 1000 and "aliases" in err, err
+    quoted = {**README_CONFIGS["budget"], "delta_encoding": "false"}  # pydantic reads a quoted 'false' as False
+    import yaml
+
+    (folder / "compression_config.yaml").write_text(yaml.safe_dump(quoted))
+    code, out, err = run([*argv, *[f"--set={a}" for a in args(tiny_build, tmp_path)]], capsys)
+    assert code == 0, err
+
+
+def test_a_second_import_of_the_same_source_never_removes_the_first_ones_work(tiny_build, tmp_path, capsys):
+    """Two imports of one source write one set: while one holds the set's import lock, the other stops
+    with a line, and its failure leaves the first one's shards alone."""
+    import fcntl
+    import shutil
+
+    fixture = write_axolotl_kd(tiny_build, tmp_path / "fixture", tmp_path / "kd.jsonl")
+    argv = ["cache", "import", str(fixture), *[f"--set={a}" for a in args(tiny_build, tmp_path)]]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    key = out.split("prior set ")[1].split(":")[0]
+    folder = tmp_path / "priors" / key
+    shutil.rmtree(folder)
+    (folder / "shards").mkdir(parents=True)  # the first import, mid-way: one shard written
+    (folder / "shards" / "00000.parquet").write_bytes(b"in progress")
+    with open(tmp_path / "priors" / f".{key}.import.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, _, err = run(argv, capsys)
+    assert (code, errors(err), "another import" in err) == (2, 1, True), err
+    assert (folder / "shards" / "00000.parquet").read_bytes() == b"in progress"

@@ -83,8 +83,20 @@ def test_missing_s3_credentials_fail_clearly(s3_server, tiny_build, monkeypatch)
         priors.capture(load_config(RunConfig, None, overrides(tiny_build, s3_server)), progress=False)
 
 
-@pytest.mark.parametrize("action", [["ls"], ["show", "0123456789abcdef0123"], ["verify", "0123456789abcdef0123"]])
-def test_cache_commands_without_s3_credentials_are_one_line(s3_server, monkeypatch, capsys, action):
+@pytest.mark.parametrize(
+    "action",
+    [
+        ["ls"],
+        ["show", "0123456789abcdef0123"],
+        ["verify", "0123456789abcdef0123"],
+        ["import", "{fixture}"],
+        ["export", "0123456789abcdef0123", "--out", "{out}"],
+    ],
+    ids=["ls", "show", "verify", "import", "export"],
+)
+def test_cache_commands_without_s3_credentials_are_one_line(
+    s3_server, tiny_build, tmp_path, monkeypatch, capsys, action
+):
     """`cache ls s3://…` with no credentials said a botocore traceback; now what `priors` says."""
     import s3fs
 
@@ -95,6 +107,12 @@ def test_cache_commands_without_s3_credentials_are_one_line(s3_server, monkeypat
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     s3fs.S3FileSystem.clear_instance_cache()
-    assert cli.main(["cache", *action, f"--set=storage_root={s3_server}"]) == 2
+    from tests.test_interop import write_axolotl_kd
+
+    fixture = write_axolotl_kd(tiny_build, tmp_path / "local", tmp_path / "kd.jsonl") if "import" in action else None
+    action = [a.format(fixture=fixture, out=tmp_path / "out") for a in action]
+    extra = [f"--set={a}" for a in overrides(tiny_build, s3_server)] if action[0] in ("import", "export") else []
+    assert cli.main(["cache", *action, f"--set=storage_root={s3_server}", *extra]) == 2
     err = capsys.readouterr().err
+    err = "".join(line + "\n" for line in err.splitlines() if line.strip() and "%|" not in line)
     assert err.count("\n") == 1 and "no credentials for s3://priors-bucket/team" in err, err

@@ -153,3 +153,26 @@ def test_the_readme_block_runs_as_written(tiny_build, tmp_path, monkeypatch):
     exec(compile(body, "README.md", "exec"), namespace)
     assert namespace["trainer"].state.global_step == 60 // 8 + 1  # one epoch of 60 rows, 8 per step
     assert (tmp_path / "trl-out").is_dir()
+
+
+@pytest.mark.parametrize("kind", ["iterable", "string-rows"])
+def test_a_dataset_the_priors_cannot_be_matched_to_is_one_line(tiny_build, tmp_path, kind):
+    """An IterableDataset has no row index; a `row` column of text is not one: each is refused when
+    the trainer is built, in one line, not with a traceback from the collator."""
+    from pipeline.errors import ConfigError
+
+    cfg = load_config(RunConfig, None, overrides(tiny_build, tmp_path))
+    priors.capture(cfg, progress=False)
+    data = rows(tiny_build)
+    data = data.to_iterable_dataset() if kind == "iterable" else data.add_column("row", ["x"] * len(data))
+    with pytest.raises(ConfigError) as refused:
+        TargetSFTTrainer(
+            model=AutoModelForCausalLM.from_pretrained(tiny_build.model),
+            processing_class=AutoTokenizer.from_pretrained(tiny_build.model),
+            args=sft_config(tmp_path / "trl"),
+            train_dataset=data,
+            target=preset("target_sft", eta=0.5),
+            priors=CachedPriors.from_config(cfg),
+        )
+    text = str(refused.value)
+    assert "\n" not in text and ("IterableDataset" in text if kind == "iterable" else "'row' column of string" in text)
