@@ -45,7 +45,8 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def errors(err: str) -> int:
     """Lines of error output, progress bars aside."""
-    return sum(1 for line in err.splitlines() if line.strip() and not any(f"{u}/s]" in line for u in ("it", "ex", "row")))
+    bars = ("it/s]", "ex/s]", "row/s]")
+    return sum(1 for line in err.splitlines() if line.strip() and not any(bar in line for bar in bars))
 
 
 def sets(root: Path) -> list[str]:
@@ -338,6 +339,8 @@ def test_a_distillkit_capture_imports_what_its_decoder_gives(tiny_build, tmp_pat
     code, out, err = run([*argv, *[f"--set={a}" for a in args(tiny_build, tmp_path)]], capsys)
     assert code == 0, err
     key = out.split("prior set ")[1].split(":")[0]
+    assert PriorStore(str(tmp_path)).manifest(key)["key_inputs"]["engine"]["codec"]["delta_encoding"] is False
+    key = out.split("prior set ")[1].split(":")[0]
     store = PriorStore(str(tmp_path))
     manifest = store.manifest(key)
     assert manifest["key_inputs"]["engine"]["format"] == "distillkit" and store.verify(key) == []
@@ -434,7 +437,8 @@ def test_a_distillkit_config_that_is_not_a_regular_file_is_one_line(tiny_build, 
     assert (code, errors(err), "not a regular file" in err) == (2, 1, True), err
     (folder / "compression_config.yaml").unlink()
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)
     )
     (folder / "compression_config.yaml").write_text(bomb)
     code, _, err = run([*argv, *[f"--set={a}" for a in args(tiny_build, tmp_path)]], capsys)
@@ -445,6 +449,8 @@ def test_a_distillkit_config_that_is_not_a_regular_file_is_one_line(tiny_build, 
     (folder / "compression_config.yaml").write_text(yaml.safe_dump(quoted))
     code, out, err = run([*argv, *[f"--set={a}" for a in args(tiny_build, tmp_path)]], capsys)
     assert code == 0, err
+    key = out.split("prior set ")[1].split(":")[0]
+    assert PriorStore(str(tmp_path)).manifest(key)["key_inputs"]["engine"]["codec"]["delta_encoding"] is False
 
 
 def test_a_second_import_of_the_same_source_never_removes_the_first_ones_work(tiny_build, tmp_path, capsys):
