@@ -54,7 +54,7 @@ from pipeline.errors import ConfigError, PriorError
 from pipeline.models import load_tokenizer
 from pipeline.prior_cache import PriorStore, cache_key
 from pipeline.prior_engines import first_difference, scored_positions
-from pipeline.prior_schema import PriorRecord
+from pipeline.prior_schema import CLAMP_TOLERANCE, PriorRecord
 from pipeline.resolve import resolve_inputs
 from pipeline.storage import atomic_dir, sha256_file
 from pipeline.tokens import Example
@@ -692,6 +692,12 @@ def distillkit_record(
     if ids.max(initial=0) >= vocab:
         raise PriorError(
             f"row {example.index}: token id {int(ids.max())} is outside the prior model's vocabulary of {vocab}"
+        )
+    head = lps[:, : codec.exact_k]
+    if (bad := head > CLAMP_TOLERANCE).any():  # stored as they were: not the curve fit's error
+        raise PriorError(
+            f"row {example.index}: {file} row {row} stores an exact log-prob of {float(head[bad][0]):+.4g} > 0; "
+            "not a capture of log-probabilities"
         )
     # DistillKit's decoded curves are not monotone (the fit rises, and jumps where it meets the exact
     # head): sort what its `decompress_to_sparse` gives, most likely first; the store clamps

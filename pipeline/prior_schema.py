@@ -126,6 +126,8 @@ def conform(record: PriorRecord, vocab: int, lossy: bool = False, where: str = "
     if (bad := np.diff(lps, axis=1) > 0).any():
         raise refuse(bad, "top-k log-probs not sorted most likely first")
     finite = np.isfinite(lps)
+    if (bad := ~finite.any(axis=1)).any():
+        raise refuse(bad, "its top-k holds no finite log-prob (a padding row where a prior belongs)")
     order = np.sort(np.where(finite, ids, -1 - np.arange(ids.shape[1])), axis=1)
     if (bad := (order[:, 1:] == order[:, :-1]) & (order[:, 1:] >= 0)).any():
         raise refuse(bad, f"token id {int(order[:, 1:][bad][0])} appears twice in one position's top-k")

@@ -166,6 +166,24 @@ def big_id(rows):
     rows[0]["target_token_ids"][-2][0] = 10**6
 
 
+def swap_equal_lengths(rows):
+    """Two rows of the same token count swapped: counts alone cannot see it, their messages do."""
+    by_length: dict[int, int] = {}
+    for i, row in enumerate(rows):
+        j = by_length.setdefault(len(row["target_token_ids"]), i)
+        if j != i:
+            rows[i], rows[j] = rows[j], rows[i]
+            return
+
+
+def wrong_values(value):
+    def change(rows):
+        for row in rows:
+            row["logprobs"] = [[value] * len(v) for v in row["logprobs"]]
+
+    return change
+
+
 @pytest.mark.parametrize(
     ("change", "extra", "message"),
     [
@@ -176,8 +194,28 @@ def big_id(rows):
         (big_id, (), "outside the prior model's vocabulary"),
         (lambda rows: [r.pop("logprobs") for r in rows], (), "has no column logprobs"),
         (lambda rows: None, (f"data.chat_template={OTHER_TEMPLATE}",), "row 0: the source has"),
+        (swap_equal_lengths, (), "messages differ from the data's row"),
+        (lambda rows: [r.pop("messages") for r in rows], (), "neither input_ids nor messages"),
+        (wrong_values(3.0), (), "> 0, not a log-probability"),
+        (wrong_values(-0.01), (), "probability mass"),
+        (wrong_values(-1e9), (), "no finite log-prob"),
+        (wrong_values(float("nan")), (), "top-k log-prob nan"),
     ],
-    ids=["shorter-row", "fewer-rows", "other-ids", "smaller-k", "other-vocabulary", "no-logprobs", "other-template"],
+    ids=[
+        "shorter-row",
+        "fewer-rows",
+        "other-ids",
+        "smaller-k",
+        "other-vocabulary",
+        "no-logprobs",
+        "other-template",
+        "permuted-rows",
+        "no-content",
+        "positive-logprobs",
+        "mass-7.9",
+        "all-padding",
+        "nan",
+    ],  # fmt: skip
 )
 def test_a_misaligned_import_is_one_line_and_writes_nothing(tiny_build, tmp_path, capsys, change, extra, message):
     fixture = write_axolotl_kd(tiny_build, tmp_path / "fixture", tmp_path / "kd.jsonl")

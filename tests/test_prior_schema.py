@@ -259,3 +259,34 @@ def test_an_edited_gamma_profile_is_one_line_never_printed(tiny_build, tmp_path,
         assert "<script>" not in out + err
     assert cli.main(["cache", "verify", captured.key, *cfg]) == 1
     capsys.readouterr()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    data=st.one_of(st.binary(min_size=14, max_size=14), st.binary(max_size=40)),  # 14: bf16 head + 3 float32 terms
+    ids=st.one_of(st.binary(min_size=4, max_size=4), st.binary(max_size=60)),  # 4: four 7-bit ids
+    n=st.integers(1, 3),
+)
+def test_any_distillkit_bytes_are_one_line_or_a_record_inside_the_contract(data, ids, n):
+    """Property: whatever bytes a DistillKit row holds per position, the import decodes them into a
+    record the contract accepts (lossy: clamped and counted) or says in one line why it cannot."""
+    from pipeline.interop import DistillKitCodec, distillkit_record
+
+    codec = DistillKitCodec(
+        d=V, k=4, exact_k=1, exact_dtype="bfloat16", polynomial_terms=[0, 1, "sqrt"], term_dtype="float32",
+        residual_bins=[], delta_encoding=False, normalize_t=False,
+    )  # fmt: skip
+    table = pa.table(
+        {
+            "compressed_logprobs": [[list(data)] * 5],
+            "bytepacked_indices": [[list(ids)] * 5],
+        }
+    )
+    example = __import__("pipeline.tokens", fromlist=["Example"]).Example(
+        0, np.arange(5, dtype=np.int32), np.array([False, False] + [True] * 3)
+    )
+    try:
+        record = distillkit_record(example, table, 0, codec, min(n, 4), V, "data_0.parquet")
+        conform(record, V, lossy=True)
+    except PriorError as e:
+        assert "\n" not in str(e) and len(str(e)) < 600, str(e)
