@@ -215,7 +215,7 @@ def wrong_values(value):
         "mass-7.9",
         "all-padding",
         "nan",
-    ],  # fmt: skip
+    ],
 )
 def test_a_misaligned_import_is_one_line_and_writes_nothing(tiny_build, tmp_path, capsys, change, extra, message):
     fixture = write_axolotl_kd(tiny_build, tmp_path / "fixture", tmp_path / "kd.jsonl")
