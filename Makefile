@@ -19,6 +19,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# matplotlib's font cache and config go beside the project, not into ~/.config or ~/.cache
+export MPLCONFIGDIR ?= $(CURDIR)/storage/.matplotlib
 # Pinned CPU kernels (pipeline/cpu_kernels.py): the same numbers on every machine of one CPU kind;
 # TARGET_SFT_CPU_KERNELS=portable: on every x86 CPU, at ~2x the matmul time; =native: nothing pinned.
 # A value already set wins.
@@ -45,8 +47,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/target-sft demo
 
+# Two workers (pytest-xdist), a test file per worker at a time: the CI class has 2 cores.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline flows tests benchmarks

@@ -51,7 +51,8 @@ def run_one(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.loss import Prior, fused_q_target_loss, q_target_loss
+    from pipeline.loss import fused_q_target_loss, q_target_loss
+    from pipeline.prior_schema import Prior
     from pipeline.targets import preset
 
     torch.manual_seed(0)

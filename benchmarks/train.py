@@ -78,7 +78,7 @@ def run_one(args) -> dict:
     import torch
 
     from pipeline.batching import Batch
-    from pipeline.loss import Prior
+    from pipeline.prior_schema import Prior
     from pipeline.targets import preset
     from pipeline.train import TargetLossModel
 

@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.loss import IGNORE, Prior
 from pipeline.prior_engines import aligned_priors
-from pipeline.prior_schema import PriorRecord
-from pipeline.tokens import Example, pad_rows
+from pipeline.prior_schema import Prior, PriorRecord
+from pipeline.tokens import IGNORE, Example, pad_rows
 
 
 @dataclass

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pipeline import base_model, data, evaluate, experiment, gc, interop, launch, priors, regimes, storage
+from pipeline import base_model, data, evaluate, experiment, interop, launch, priors, prune, regimes, storage
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import CacheError, ConfigError, TargetSFTError
 from pipeline.models import load_tokenizer
@@ -323,7 +323,7 @@ def inspect_data(cfg: RunConfig) -> None:
 
 
 def gc_command(storage_root: str, dry_run: bool, min_age_hours: float) -> int:
-    """`cache gc`: the rules are pipeline/gc.py's; a dry run first is the habit to keep."""
+    """`cache gc`: the rules are pipeline/prune.py's; a dry run first is the habit to keep."""
     if storage.is_remote(storage_root):
         raise ConfigError(
             f"cache gc works on a folder (it takes the runs' file locks); {storage_root} is an object store: "
@@ -332,12 +332,12 @@ def gc_command(storage_root: str, dry_run: bool, min_age_hours: float) -> int:
     if not math.isfinite(min_age_hours) or min_age_hours < 0:
         raise ConfigError(f"--min-age {min_age_hours}: give hours, 0 or more")
     root = Path(storage_root)
-    dead = gc.find(root, min_age_hours * 3600)
+    dead = prune.find(root, min_age_hours * 3600)
     if dry_run:
-        print(gc.report(dead, root, removed=False))
+        print(prune.report(dead, root, removed=False))
         return 0
-    removed, failed = gc.collect(dead)
-    print(gc.report(removed, root, removed=True, failed=failed))
+    removed, failed = prune.collect(dead)
+    print(prune.report(removed, root, removed=True, failed=failed))
     return 1 if failed else 0
 
 

@@ -31,9 +31,11 @@ from transformers import PreTrainedTokenizerBase
 from pipeline import tokens
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
-from pipeline.loss import IGNORE  # the label that scores nothing (one definition, beside the loss)
 from pipeline.storage import fast_hash_file, sha256_json
-from pipeline.tokens import Example  # re-exported: data.Example is how stages name it
+from pipeline.tokens import (
+    IGNORE,
+    Example,  # re-exported: data.Example is how stages name it
+)
 
 log = logging.getLogger(__name__)
 

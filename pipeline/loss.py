@@ -32,9 +32,10 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import TargetError
-from pipeline.targets import Coefficients, SupportStats, TailPolicy, TargetSpec, coefficients
+from pipeline.prior_schema import Prior
+from pipeline.targets import Coefficients, SupportStats, TailPolicy, TargetSpec, coefficients, q_entropy
+from pipeline.tokens import IGNORE
 
-IGNORE = -100
 STAT_NAMES = ("gamma", "q_entropy", "prior_mass", "ce")
 Reduction = Literal["none", "sum", "mean"]
 
@@ -52,21 +53,6 @@ class TargetStats:
     def means(self) -> dict[str, float]:
         count = max(float(self.sums[-1]), 1.0)
         return {name: float(value) / count for name, value in zip(STAT_NAMES, self.sums[:-1], strict=True)}
-
-
-class Prior(NamedTuple):
-    """The stored prior, aligned with the labels (rows where the label is -100 are ignored)."""
-
-    ids: Tensor
-    """[..., k] top-k token ids, -1 where padded."""
-    logprobs: Tensor
-    """[..., k] their log-probabilities, -inf where padded."""
-    obs_logprob: Tensor
-    """[...] the prior's log-probability of the observed token."""
-
-    def map(self, fn: Callable[[Tensor], Tensor]) -> Prior:
-        """The same prior with `fn` applied to each tensor (move, flatten, select rows)."""
-        return Prior(fn(self.ids), fn(self.logprobs), fn(self.obs_logprob))
 
 
 class QLoss(NamedTuple):
@@ -363,32 +349,8 @@ def _chunk_loss_and_grad(
     on_support = torch.where(valid, (w * one_minus_gamma)[:, None] * on_support, 0.0)
     on_support[:, -1] -= w * coef.gamma
     grad.scatter_add_(-1, ids, on_support)
-    q_entropy = _closed_form_q_entropy(coef, p_s, valid, ids, sum_plogp - plogp_s, vocab)
-    return loss, grad, _stat_sums(coef, q_entropy, stats.logp_y)
-
-
-def _closed_form_q_entropy(
-    coef: Coefficients, p_s: Tensor, valid: Tensor, ids: Tensor, tail_plogp: Tensor, vocab: int
-) -> Tensor:
-    """H(Q) without touching the c × V buffer: explicit on S, closed form on V ∖ S.
-
-    Outside S, Q(v) = (1−γ)·(uniform/V + (self + tail)·p(v)); residuals are exclusive, so this
-    is either a constant b or a multiple a·p(v) of the student.
-    """
-    one_minus_gamma = 1 - coef.gamma
-    q_s = one_minus_gamma[:, None] * (coef.uniform / vocab + coef.self_coef[:, None] * p_s)
-    if coef.sparse is not None:
-        q_s = q_s + one_minus_gamma[:, None] * coef.sparse
-    q_s = torch.where(valid, q_s, 0.0)
-    q_s[:, -1] += coef.gamma
-    inside = torch.special.xlogy(q_s, q_s).sum(-1)
-    a = one_minus_gamma * (coef.self_coef + coef.tail_coef)
-    student_tail = (1 - p_s.sum(-1)).clamp(min=0)
-    outside = a * tail_plogp + torch.special.xlogy(a, a) * student_tail
-    if coef.uniform:
-        b = one_minus_gamma * coef.uniform / vocab
-        outside = outside + (vocab - valid.sum(-1)) * torch.special.xlogy(b, b)
-    return -(inside + outside)
+    entropy = q_entropy(coef, p_s, valid, ids, sum_plogp - plogp_s, vocab)
+    return loss, grad, _stat_sums(coef, entropy, stats.logp_y)
 
 
 def fused_q_target_loss(

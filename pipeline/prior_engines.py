@@ -38,9 +38,8 @@ import numpy as np
 import torch
 
 from pipeline.errors import PriorError
-from pipeline.loss import Prior
 from pipeline.models import check_remote_code, load_model
-from pipeline.prior_schema import PriorRecord
+from pipeline.prior_schema import Prior, PriorRecord
 from pipeline.tokens import Example, pad_rows
 
 

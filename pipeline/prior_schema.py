@@ -31,12 +31,17 @@ against the same contract (`cache verify`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import PriorError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 SCHEMA_VERSION = 1
 SCALE = 64.0
@@ -83,6 +88,22 @@ class PriorRecord:
     """[n] int32 1-based rank of the observed next token; 0 where unknown."""
 
 
+class Prior(NamedTuple):
+    """A prior as the loss reads it: tensors aligned with the labels (rows whose label is -100 are
+    ignored), built from `PriorRecord`s by `prior_engines.aligned_prior(s)`."""
+
+    ids: Tensor
+    """[..., k] top-k token ids, -1 where padded."""
+    logprobs: Tensor
+    """[..., k] their log-probabilities, -inf where padded."""
+    obs_logprob: Tensor
+    """[...] the prior's log-probability of the observed token."""
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Prior:
+        """The same prior with `fn` applied to each tensor (move, flatten, select rows)."""
+        return Prior(fn(self.ids), fn(self.logprobs), fn(self.obs_logprob))
+
+
 def conform(record: PriorRecord, vocab: int, lossy: bool = False, where: str = "") -> tuple[PriorRecord, int]:
     """`record` checked against the contract, with log-probs in (0, CLAMP_TOLERANCE] set to 0; and
     how many were clamped.
@@ -126,8 +147,8 @@ def conform(record: PriorRecord, vocab: int, lossy: bool = False, where: str = "
     if (bad := np.diff(lps, axis=1) > 0).any():
         raise refuse(bad, "top-k log-probs not sorted most likely first")
     finite = np.isfinite(lps)
-    if (bad := ~finite.any(axis=1)).any():
-        raise refuse(bad, "its top-k holds no finite log-prob (a padding row where a prior belongs)")
+    if (empty := np.asarray(~finite.any(axis=1))).any():
+        raise refuse(empty, "its top-k holds no finite log-prob (a padding row where a prior belongs)")
     order = np.sort(np.where(finite, ids, -1 - np.arange(ids.shape[1])), axis=1)
     if (bad := (order[:, 1:] == order[:, :-1]) & (order[:, 1:] >= 0)).any():
         raise refuse(bad, f"token id {int(order[:, 1:][bad][0])} appears twice in one position's top-k")

@@ -19,6 +19,12 @@ from typing import Any
 from pipeline.errors import ConfigError
 
 
+class Damaged(ValueError):
+    """Stored bytes that are not what was written (truncated, edited, half-deleted; another size or
+    digest than recorded): the tokenisation cache rebuilds such an entry, resume skips such a
+    checkpoint. One class for every reader that checks what it reads."""
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder that is renamed to `final` if the block succeeds.

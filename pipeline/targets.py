@@ -336,3 +336,25 @@ def _prior_residual(stats: SupportStats, tail: TailPolicy, eta: float) -> tuple[
         sparse = torch.where(degenerate[:, None] & valid, stats.logp_s.exp(), sparse)
         tail_coef = torch.where(degenerate, 1.0, tail_coef)
     return tail_coef, torch.where(valid, sparse, 0.0), prior_mass
+
+
+def q_entropy(coef: Coefficients, p_s: Tensor, valid: Tensor, ids: Tensor, tail_plogp: Tensor, vocab: int) -> Tensor:
+    """H(Q) without touching the c × V buffer: explicit on S, closed form on V ∖ S.
+
+    Outside S, Q(v) = (1−γ)·(uniform/V + (self + tail)·p(v)); residuals are exclusive, so this
+    is either a constant b or a multiple a·p(v) of the student.
+    """
+    one_minus_gamma = 1 - coef.gamma
+    q_s = one_minus_gamma[:, None] * (coef.uniform / vocab + coef.self_coef[:, None] * p_s)
+    if coef.sparse is not None:
+        q_s = q_s + one_minus_gamma[:, None] * coef.sparse
+    q_s = torch.where(valid, q_s, 0.0)
+    q_s[:, -1] += coef.gamma
+    inside = torch.special.xlogy(q_s, q_s).sum(-1)
+    a = one_minus_gamma * (coef.self_coef + coef.tail_coef)
+    student_tail = (1 - p_s.sum(-1)).clamp(min=0)
+    outside = a * tail_plogp + torch.special.xlogy(a, a) * student_tail
+    if coef.uniform:
+        b = one_minus_gamma * coef.uniform / vocab
+        outside = outside + (vocab - valid.sum(-1)) * torch.special.xlogy(b, b)
+    return -(inside + outside)

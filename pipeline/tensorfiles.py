@@ -24,6 +24,8 @@ from typing import IO, Any
 
 import torch
 
+from pipeline.storage import Damaged
+
 DTYPES = {
     torch.float64: "F64",
     torch.float32: "F32",
@@ -39,10 +41,6 @@ DTYPES = {
 BY_NAME = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 2**20  # the safetensors library's own bound
 CHUNK = 16 * 2**20  # hashed on one thread while the next is read or written on the other
-
-
-class Damaged(ValueError):
-    """A file that is not what its manifest recorded (size, digest, layout)."""
 
 
 class _Digest:

@@ -34,8 +34,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.loss import IGNORE
-from pipeline.storage import atomic_dir
+from pipeline.storage import Damaged, atomic_dir
+
+IGNORE = -100
+"""The label that scores nothing (Hugging Face's convention): prompt tokens, padding."""
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +95,6 @@ class Limits:
 
     max_length: int
     vocab_size: int
-
-
-class Damaged(Exception):
-    """A cache entry that cannot be what `_save` wrote (truncated, edited, half-deleted)."""
 
 
 Build = Callable[[Callable[[Example], None]], dict[str, Any]]
@@ -157,6 +155,13 @@ _HELD: dict[Path, IO[str]] = {}
 """The lock file of every entry this process has used, held (shared) until the process exits: the
 examples are memory-mapped from the entry, and `cache gc` removes only entries whose lock it can
 take exclusively. One handle per entry, so a second use in the same process never waits on itself."""
+
+
+def release(under: Path) -> None:
+    """Let go of the entries under `under` that this process used (their locks close): for a
+    long-lived process done with a storage root, and for unmounting one."""
+    for folder in [f for f in _HELD if f.is_relative_to(under)]:
+        _HELD.pop(folder).close()
 
 
 def _entry_lock(folder: Path) -> IO[str]:
@@ -249,6 +254,8 @@ def _load(folder: Path, limits: Limits) -> Stored:
         ids, completion, offsets, index = (
             np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("input_ids", "completion", "offsets", "index")
         )
+    except Damaged:
+        raise
     except (OSError, ValueError, EOFError) as e:  # missing, truncated, not JSON / not .npy
         raise Damaged(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
     if ids.ndim != 1 or completion.shape != ids.shape or offsets.ndim != 1 or index.ndim != 1:

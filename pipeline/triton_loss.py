@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pipeline.targets import Coefficients, SupportStats, TailPolicy, TargetSpec, coefficients
+from pipeline.targets import Coefficients, SupportStats, TailPolicy, TargetSpec, coefficients, q_entropy
 
 BLOCKS = (64, 128, 64)
 """(rows, vocabulary, hidden) per tile; the tests shrink them to cross tile edges on tiny shapes."""
@@ -173,11 +173,10 @@ def q_loss_and_grads(
     if coef.sparse is not None:
         residual_dot = residual_dot + torch.where(valid, coef.sparse * logp_s, 0.0).sum(-1)
     loss = -(w * (coef.gamma * logp_s[:, -1] + one_minus_gamma * residual_dot)).sum()
-    from pipeline.loss import _closed_form_q_entropy  # one formula for both paths
 
-    q_entropy = _closed_form_q_entropy(coef, p_s, valid, ids, sum_plogp - plogp_s, vocab)
+    entropy = q_entropy(coef, p_s, valid, ids, sum_plogp - plogp_s, vocab)
     if not needs_grad:
-        return loss, coef, q_entropy, logp_s[:, -1], None, None, None
+        return loss, coef, entropy, logp_s[:, -1], None, None, None
     # --- the dense part of w·(p − Q) on every tile, then the corrections on S
     a = (w * (1 - one_minus_gamma * (coef.self_coef + coef.tail_coef)) * scale).float().contiguous()
     c = (w * one_minus_gamma * coef.uniform / vocab * scale).float().contiguous()
@@ -198,4 +197,4 @@ def q_loss_and_grads(
         grad_w.index_add_(0, ids[r].reshape(-1), outer.reshape(-1, dim))
     if grad_b is not None:
         grad_b.index_add_(0, ids.reshape(-1), on_support.reshape(-1))
-    return loss, coef, q_entropy, logp_s[:, -1], grad_h, grad_w, grad_b
+    return loss, coef, entropy, logp_s[:, -1], grad_h, grad_w, grad_b

@@ -25,11 +25,11 @@ from trl import SFTTrainer
 from pipeline import priors as prior_stage
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, PriorError, TargetError
-from pipeline.loss import Prior, fused_q_target_loss
+from pipeline.loss import fused_q_target_loss
 from pipeline.models import load_model_config
 from pipeline.prior_cache import PriorStore
 from pipeline.prior_engines import aligned_priors, drop_ids_beyond, first_difference, scored_positions
-from pipeline.prior_schema import PriorRecord
+from pipeline.prior_schema import Prior, PriorRecord
 from pipeline.resolve import resolve_inputs
 from pipeline.targets import TargetSpec
 from pipeline.tokens import IGNORE, Example

@@ -112,6 +112,28 @@ def default_build() -> base_model.BaseModelPaths:
     return base_model.build(BaseModelConfig(), REPO / "storage", progress=False)
 
 
+@pytest.fixture(autouse=True)
+def _log_handlers_keep_an_open_stream():
+    """A log handler made during a test (Prefect's console handler, made when Prefect configures its
+    logging) keeps the object that was sys.stderr then: that test's captured stream, closed when the
+    test ends. The next test to log through it fails on "I/O operation on closed file", depending only
+    on test order (seen under pytest-xdist). Point such handlers back at the process's stderr."""
+    yield
+    import logging
+    import sys
+
+    loggers = [
+        logging.getLogger(),
+        *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)),
+    ]
+    for handler in {h for logger in loggers for h in logger.handlers}:
+        stream = getattr(handler, "stream", None)
+        if isinstance(handler, logging.StreamHandler) and getattr(stream, "closed", False):
+            handler.setStream(sys.__stderr__)
+            if getattr(handler, "console", None) is not None:  # rich's Console (Prefect) holds it too
+                handler.console.file = sys.__stderr__
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """A real temporary Prefect server (prefect_test_harness) for the flow tests."""
@@ -119,9 +141,17 @@ def prefect_server(tmp_path_factory):
     os.environ["PREFECT_HOME"] = str(home)
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(home / "storage")  # see flows.home_paths
     os.environ["PREFECT_SERVER_MEMO_STORE_PATH"] = str(home / "memo_store.toml")
+    import contextlib
+    import sys
+
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with contextlib.ExitStack() as stack:
+        # Prefect's console log handler keeps the stream it was configured on: configure it on the
+        # process's own stderr, never on the captured stream of whichever test came first (closed
+        # after that test; under pytest-xdist's test order, flows then failed on logging).
+        with contextlib.redirect_stderr(sys.__stderr__), contextlib.redirect_stdout(sys.__stdout__):
+            stack.enter_context(prefect_test_harness(server_startup_timeout=120))
         yield
 
 

@@ -49,7 +49,7 @@ def test_base_model_eval_reports_accuracy_and_baseline(tmp_path, capsys):
     assert "| held-out (SFT skill) | " in out and "| forgetting (old skill) | " in out and "| plain |" in out
 
 
-def test_bad_config_is_an_error_not_a_traceback(tmp_path, capsys):
+def test_bad_config_is_an_error_not_a_traceback(tiny_build, tmp_path, capsys):
     assert (
         cli.main(
             ["data", "inspect", str(REPO / "configs" / "regimes" / "model-strong.yaml"), "--set", "data.max_lenght=3"]
@@ -66,6 +66,7 @@ def test_bad_config_is_an_error_not_a_traceback(tmp_path, capsys):
             str(REPO / "configs" / "regimes" / "model-strong.yaml"),
             f"--set=data.path={bad}",
             *tiny_overrides(tmp_path),
+            f"--set=model.path={tiny_build.model}",
         ]
     )
     assert code == 2

@@ -1,4 +1,4 @@
-"""`target-sft cache gc` removes exactly the dead entries of a storage root (pipeline/gc.py)."""
+"""`target-sft cache gc` removes exactly the dead entries of a storage root (pipeline/prune.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline import cli
 from pipeline.checkpoints import run_lock
-from pipeline.gc import _lock
+from pipeline.prune import _lock
 from tests.conftest import REPO, tiny_args
 
 DEMO = str(REPO / "configs" / "regimes" / "model-strong.yaml")

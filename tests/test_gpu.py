@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pipeline import batching, train
-from pipeline.loss import Prior, fused_q_target_loss, q_target_loss
+from pipeline.loss import fused_q_target_loss, q_target_loss
+from pipeline.prior_schema import Prior
 from pipeline.targets import preset
 from pipeline.tokens import Example
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from flows import cli
+from pipeline import tokens
 from tests.conftest import REPO, free_port
 
 DEMO = str(REPO / "configs" / "regimes" / "model-strong.yaml")
@@ -701,6 +702,7 @@ def test_a_read_only_storage_root_is_one_clear_error(world, capsys):
         code, err = run(["priors", DEMO, *local()], world, capsys)
         assert (code, "is not writable" in err or "Read-only" in err, err.count("\n")) == (2, True, 1), err
     finally:
+        tokens.release(world["root"])  # this process's hold on the tokenisation entries there
         subprocess.run(["umount", str(world["root"])], check=True)
 
 
@@ -731,4 +733,5 @@ def test_a_full_disk_during_priors_is_one_line_and_the_rerun_resumes(world, caps
         passes = int(out.split("forward passes: ")[1].split()[0])
         assert 0 < passes < 4, out  # the shards finished before the disk filled were kept
     finally:
+        tokens.release(world["root"])  # this process's hold on the tokenisation entries there
         subprocess.run(["umount", str(world["root"])], check=True)

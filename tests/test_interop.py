@@ -176,6 +176,26 @@ def swap_equal_lengths(rows):
             return
 
 
+def at_every_scored_row(change_one):
+    """Apply `change_one(ids, logprobs)` to the second-to-last row of every example (a scored position)."""
+
+    def change(rows):
+        for row in rows:
+            change_one(row["target_token_ids"][-2], row["logprobs"][-2])
+
+    return change
+
+
+def observed_columns(logprob, rank):
+    def change(rows):
+        for row in rows:
+            n = len(row["target_token_ids"])
+            row["observed_logprob"] = [logprob] * n
+            row["observed_rank"] = [rank] * n
+
+    return change
+
+
 def wrong_values(value):
     def change(rows):
         for row in rows:
@@ -200,6 +220,13 @@ def wrong_values(value):
         (wrong_values(-0.01), (), "probability mass"),
         (wrong_values(-1e9), (), "no finite log-prob"),
         (wrong_values(float("nan")), (), "top-k log-prob nan"),
+        (wrong_values(float("inf")), (), "top-k log-prob inf"),
+        (at_every_scored_row(lambda ids, lps: ids.__setitem__(1, ids[0])), (), "appears twice"),
+        (at_every_scored_row(lambda ids, lps: ids.__setitem__(0, ids[0] + 0.7)), (), "not whole numbers"),
+        (at_every_scored_row(lambda ids, lps: ids.__setitem__(0, "x")), (), "not numbers"),
+        (at_every_scored_row(lambda ids, lps: lps.__setitem__(0, None)), (), "top-k log-prob nan"),
+        (observed_columns(2.0, 1), (), "observed log-prob +2"),
+        (observed_columns(-0.5, -3), (), "observed rank -3"),
     ],
     ids=[
         "shorter-row",
@@ -215,6 +242,13 @@ def wrong_values(value):
         "mass-7.9",
         "all-padding",
         "nan",
+        "inf",
+        "duplicate-ids",
+        "fractional-id",
+        "string-id",
+        "null-logprob",
+        "observed-plus-2",
+        "negative-rank",
     ],
 )
 def test_a_misaligned_import_is_one_line_and_writes_nothing(tiny_build, tmp_path, capsys, change, extra, message):
@@ -377,8 +411,6 @@ def test_a_distillkit_capture_imports_what_its_decoder_gives(tiny_build, tmp_pat
     code, out, err = run([*argv, *[f"--set={a}" for a in args(tiny_build, tmp_path)]], capsys)
     assert code == 0, err
     key = out.split("prior set ")[1].split(":")[0]
-    assert PriorStore(str(tmp_path)).manifest(key)["key_inputs"]["engine"]["codec"]["delta_encoding"] is False
-    key = out.split("prior set ")[1].split(":")[0]
     store = PriorStore(str(tmp_path))
     manifest = store.manifest(key)
     assert manifest["key_inputs"]["engine"]["format"] == "distillkit" and store.verify(key) == []
@@ -467,6 +499,8 @@ def test_an_export_to_a_place_it_cannot_write_is_one_line(tiny_build, tmp_path, 
 
 
 def test_a_distillkit_config_that_is_not_a_regular_file_is_one_line(tiny_build, tmp_path, capsys):
+    import yaml
+
     folder = write_distillkit(tiny_build, tmp_path / "fixture", tmp_path / "dk", README_CONFIGS["budget"])
     (folder / "compression_config.yaml").unlink()
     os.mkfifo(folder / "compression_config.yaml")  # reading it would wait for a writer forever
@@ -481,9 +515,15 @@ def test_a_distillkit_config_that_is_not_a_regular_file_is_one_line(tiny_build, 
     (folder / "compression_config.yaml").write_text(bomb)
     code, _, err = run([*argv, *[f"--set={a}" for a in args(tiny_build, tmp_path)]], capsys)
     assert (code, errors(err)) == (2, 1) and len(err) < 1000 and "aliases" in err, err
+    for bad, phrase in (
+        ({"polynomial_terms": [0, 1, 500]}, "overflow float32"),
+        ({"k": 1_000_000_000}, "do not describe a top-k"),
+        ({"delta_encoding": "maybe"}, "is not a boolean"),
+    ):
+        (folder / "compression_config.yaml").write_text(yaml.safe_dump({**README_CONFIGS["budget"], **bad}))
+        code, _, err = run([*argv, *[f"--set={a}" for a in args(tiny_build, tmp_path)]], capsys)
+        assert (code, errors(err), phrase in err) == (2, 1, True), err
     quoted = {**README_CONFIGS["budget"], "delta_encoding": "false"}  # pydantic reads a quoted 'false' as False
-    import yaml
-
     (folder / "compression_config.yaml").write_text(yaml.safe_dump(quoted))
     code, out, err = run([*argv, *[f"--set={a}" for a in args(tiny_build, tmp_path)]], capsys)
     assert code == 0, err

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.loss import Prior, dense_target, fused_q_target_loss, q_target_loss
+from pipeline.loss import dense_target, fused_q_target_loss, q_target_loss
+from pipeline.prior_schema import Prior
 from pipeline.targets import PRESETS, TargetError, from_config, preset
 
 N, V, K = 9, 40, 5

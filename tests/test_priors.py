@@ -447,8 +447,9 @@ def test_vllm_and_hf_engines_agree(default_build, tmp_path):
 
 
 def test_reader_gives_loss_ready_tensors_aligned_with_the_labels(tiny_build, tmp_path):
-    from pipeline.loss import Prior, q_target_loss
+    from pipeline.loss import q_target_loss
     from pipeline.prior_engines import aligned_prior
+    from pipeline.prior_schema import Prior
     from pipeline.targets import preset
 
     cfg = make_cfg(tiny_build, tmp_path)

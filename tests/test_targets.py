@@ -7,7 +7,8 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pipeline.loss import Prior, _prior_support, _support_stats, dense_target, fused_q_target_loss, q_target_loss
+from pipeline.loss import _prior_support, _support_stats, dense_target, fused_q_target_loss, q_target_loss
+from pipeline.prior_schema import Prior
 from pipeline.targets import PRESETS, TargetError, coefficients, from_config, preset
 
 

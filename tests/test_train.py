@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import batching, priors, train
+from pipeline import batching, priors, tokens, train
 from pipeline.checkpoints import read_checkpoint
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import ConfigError
@@ -405,6 +405,7 @@ def test_full_disk_fails_cleanly_and_keeps_the_last_good_checkpoint(tiny_build, 
         assert read_checkpoint(latest)[1]["step"] >= 1
         assert not list(checkpoints.glob(".step-*"))  # no half-written checkpoint left behind
     finally:
+        tokens.release(mount)  # this process's hold on the tokenisation entries there
         subprocess.run(["umount", str(mount)], check=True)
 
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from pipeline import loss as loss_module
-from pipeline.loss import Prior, fused_q_target_loss, q_target_loss, resolve_backend
+from pipeline.loss import fused_q_target_loss, q_target_loss, resolve_backend
+from pipeline.prior_schema import Prior
 from pipeline.targets import PRESETS, preset
 from tests.test_loss import PARAMS, make_case
 
