@@ -129,7 +129,7 @@ def _log_handlers_keep_an_open_stream():
     for handler in {h for logger in loggers for h in logger.handlers}:
         stream = getattr(handler, "stream", None)
         if isinstance(handler, logging.StreamHandler) and getattr(stream, "closed", False):
-            handler.setStream(sys.__stderr__)
+            handler.stream = sys.__stderr__  # not setStream(): it flushes the closed stream first
             if getattr(handler, "console", None) is not None:  # rich's Console (Prefect) holds it too
                 handler.console.file = sys.__stderr__
 
