@@ -15,7 +15,6 @@ the recorded ones, except `RESUME_MAY_CHANGE`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -34,7 +33,7 @@ from torch import nn
 from pipeline import cpu_kernels
 from pipeline.config import RunConfig, flatten, to_dict
 from pipeline.errors import TrainError
-from pipeline.storage import atomic_write_text, sha256_file
+from pipeline.storage import atomic_write_text, lock_file, sha256_file
 from pipeline.tensorfiles import Damaged, join_tree, load_tensors, save_tensors, split_tree
 
 log = logging.getLogger(__name__)
@@ -216,6 +215,9 @@ def misfit(folder: Path, model: nn.Module, optimizer: Any, model_state: dict[str
             return f"its Python RNG state cannot be restored ({e})"
     if not isinstance(state.get("scheduler"), dict) or not isinstance(state.get("optimizer"), dict):
         return "it has no scheduler or optimizer state"
+    count = state["scheduler"].get("last_epoch")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        return f"its scheduler's step count is {str(count)[:20]}"
     if fsdp:  # sharded state: set_*_state_dict check it as they load
         return None
     own = model.state_dict()
@@ -349,17 +351,15 @@ def run_lock(out: Path, held: bool = True) -> Iterator[None]:
         return
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(out.parent / f".{out.name}.lock", "w")  # noqa: SIM115 (closed below)
+        handle = lock_file(out.parent / f".{out.name}.lock", wait=False)
     except OSError as e:
         raise TrainError(f"cannot create the run folder {out}: {e.strerror}; check storage_root") from None
+    if handle is None:
+        raise TrainError(
+            f"run {out.name!r} is being trained by another process right now ({out}); wait for it to finish, "
+            "or pick another train.name"
+        )
     with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise TrainError(
-                f"run {out.name!r} is being trained by another process right now ({out}); wait for it to finish, "
-                "or pick another train.name"
-            ) from None
         yield
 
 

@@ -16,14 +16,14 @@ Rules that hold for every candidate: nothing a process holds (the run's lock, or
 entry's lock, which every process using the entry holds shared; taken without waiting and held
 while removing); nothing touched within `min_age` (a temporary without a lock may still be being
 written; an unfinished run may be resumed); nothing reached through a symlink or outside the root.
-A candidate is renamed to a temporary before it is deleted, so a removal that fails half-way (a
-file it may not delete) leaves a temporary, never half a run; the failure is named and gc goes on.
+The lock file of a removed entry or run goes with it (`storage.lock_file` makes that safe). A
+candidate is renamed to a temporary before it is deleted, so a removal that fails half-way (a file
+it may not delete) leaves a temporary, never half a run; the failure is named and gc goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pipeline.storage import lock_file
 
 
 @dataclass
@@ -67,7 +69,6 @@ def collect(dead: list[Dead]) -> tuple[list[Dead], list[str]]:
         with _lock(d.lock, d.shared) as ours:
             if not ours or not d.path.exists():
                 continue
-            # the lock file stays (empty): unlinking it would let a waiting and a new process both "hold" it
             try:
                 if d.path.is_dir() and not d.path.is_symlink():
                     doomed = d.path
@@ -77,6 +78,8 @@ def collect(dead: list[Dead]) -> tuple[list[Dead], list[str]]:
                     shutil.rmtree(doomed)
                 else:
                     d.path.unlink()
+                if d.lock is not None and not d.shared:  # held exclusively: a process that opened it
+                    d.lock.unlink(missing_ok=True)  # before this finds it unlinked (storage.lock_file)
             except OSError as e:
                 failed.append(f"{e.filename or d.path}: {e.strerror or e} (not removed; gc went on)")
                 continue
@@ -173,12 +176,11 @@ def _lock(lock: Path | None, shared: bool = False) -> Iterator[bool]:
     if lock is None or not lock.exists():
         yield True
         return
-    with open(lock, "a") as handle:
-        try:
-            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
+    handle = lock_file(lock, shared, wait=False)
+    if handle is None:
+        yield False
+        return
+    with handle:
         yield True
 
 

@@ -7,6 +7,7 @@ folder and renamed into place, which is atomic on POSIX filesystems (local disk,
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pipeline.errors import ConfigError
 
@@ -44,6 +45,31 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def lock_file(path: Path, shared: bool = False, wait: bool = True) -> IO[str] | None:
+    """`path` opened and flock-ed (shared or exclusive); None when `wait` is False and another
+    process holds it. Lock files are removed by `cache gc` (holding them exclusively) once what they
+    guard is gone, so a lock taken on a file that was unlinked meanwhile guards nothing: then the
+    file at `path` is opened and locked again."""
+    how = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+    while True:
+        handle = open(path, "a")  # noqa: SIM115 (the caller closes it, which lets go of the lock)
+        try:
+            fcntl.flock(handle, how)
+        except BlockingIOError:
+            handle.close()
+            return None
+        except BaseException:
+            handle.close()
+            raise
+        try:
+            current = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return handle
+        handle.close()
 
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs")

@@ -28,13 +28,13 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.storage import Damaged, atomic_dir
+from pipeline.storage import Damaged, atomic_dir, lock_file
 
 IGNORE = -100
 """The label that scores nothing (Hugging Face's convention): prompt tokens, padding."""
@@ -121,7 +121,6 @@ def cached(folder: Path, build: Build, limits: Limits) -> Stored:
                 return _load(folder, limits)
         log.info("tokens: cannot use the cache %s (%s); tokenising in memory", folder, e.strerror)
         return _in_memory(build)
-    fcntl.flock(lock, fcntl.LOCK_SH)  # a user's hold, kept while this process lives: gc leaves the entry alone
     if (folder / "meta.json").exists():
         try:
             return _load(folder, limits)
@@ -165,9 +164,10 @@ def release(under: Path) -> None:
 
 
 def _entry_lock(folder: Path) -> IO[str]:
+    """The entry's lock file, held shared (a user's hold) from the first use until the process exits."""
     handle = _HELD.get(folder)
     if handle is None:
-        handle = _HELD[folder] = open(folder.parent / f".{folder.name}.lock", "a")  # noqa: SIM115 (held for life)
+        handle = _HELD[folder] = cast(IO[str], lock_file(folder.parent / f".{folder.name}.lock", shared=True))
     return handle
 
 

@@ -22,9 +22,11 @@ import os
 import random
 import shutil
 import socket
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, cast
 
@@ -332,7 +334,36 @@ def evaluate_loss(
 
 RENDEZVOUS_TIMEOUT_S = 600.0
 """How long a process waits for the others (and for collectives) before it fails with a line,
-instead of torch's silent 30 minutes."""
+instead of torch's silent 30 minutes; `TARGET_SFT_RENDEZVOUS_TIMEOUT` (seconds) overrides it."""
+
+
+def rendezvous_timeout(env: Mapping[str, str]) -> float:
+    """`TARGET_SFT_RENDEZVOUS_TIMEOUT` in seconds, or RENDEZVOUS_TIMEOUT_S; NaN when it is not a
+    positive number (rendezvous_problem names it)."""
+    text = env.get("TARGET_SFT_RENDEZVOUS_TIMEOUT", "")
+    try:
+        value = float(text) if text else RENDEZVOUS_TIMEOUT_S
+    except ValueError:
+        return math.nan
+    return value if 0 < value < math.inf else math.nan
+
+
+@contextmanager
+def _native_stderr_held() -> Iterator[None]:
+    """c10d's C++ store logs each failed connection try with a native stack trace on file
+    descriptor 2. Hold it in a file while the group forms: replayed on success, dropped on failure
+    (the TrainError's one line says what went wrong)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        held.seek(0)
+        os.write(2, held.read())
 
 
 def rendezvous_problem(env: Mapping[str, str]) -> str | None:
@@ -346,6 +377,9 @@ def rendezvous_problem(env: Mapping[str, str]) -> str | None:
                 values[name] = int(env[name])
             except ValueError:
                 return f"{name}={env[name][:40]!r} is not a whole number; launch with torchrun, which sets it"
+    if math.isnan(rendezvous_timeout(env)):
+        text = env["TARGET_SFT_RENDEZVOUS_TIMEOUT"][:40]
+        return f"TARGET_SFT_RENDEZVOUS_TIMEOUT={text!r} is not a positive number of seconds"
     world = values.get("WORLD_SIZE", 1)
     if world < 1:
         return f"WORLD_SIZE={world}: it must be 1 or more"
@@ -373,25 +407,26 @@ def _init_distributed() -> tuple[int, int, str]:
 
     Raises:
         TrainError: torchrun's variables do not describe a group, or the group did not form within
-            RENDEZVOUS_TIMEOUT_S.
+            its timeout (`rendezvous_timeout`).
     """
     if (problem := rendezvous_problem(os.environ)) is not None:
         raise TrainError(problem)
+    timeout = rendezvous_timeout(os.environ)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
     if world > 1:
         if not dist.is_initialized():
             where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-            log.info("joining the process group at %s (up to %.0f s)", where, RENDEZVOUS_TIMEOUT_S)
+            log.info("joining the process group at %s (up to %.0f s)", where, timeout)
             try:
-                dist.init_process_group(
-                    "nccl" if torch.cuda.is_available() else "gloo",
-                    timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S),
-                )
+                with _native_stderr_held():
+                    dist.init_process_group(
+                        "nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(seconds=timeout)
+                    )
             except (RuntimeError, ValueError, OSError) as e:  # DistStoreError is a RuntimeError
                 raise TrainError(
                     f"rank {os.environ['RANK']} could not join the process group at {where} within "
-                    f"{RENDEZVOUS_TIMEOUT_S:.0f} s ({' '.join(str(e).split())[:200]}); check that every node "
+                    f"{timeout:g} s ({' '.join(str(e).split())[:200]}); check that every node "
                     "runs torchrun with the same --rdzv-endpoint and can reach it"
                 ) from None
         rank = dist.get_rank()

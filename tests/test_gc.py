@@ -67,6 +67,10 @@ def test_gc_dry_run_lists_and_gc_removes_exactly_the_dead_entries(tiny_build, tm
         if path.name != "young":
             _age(path, 3)
     (tokens / ".busy.lock").touch()
+    dead_locks = [runs / ".killed.lock", tokens / ".0123abcd.lock", tokens / ".damaged.lock"]
+    for lock in dead_locks:  # as the killed writers left them
+        lock.touch()
+    live_locks = [runs / ".busy.lock", runs / ".live.lock", tokens / ".busy.lock", tokens / f".{live_tokens.name}.lock"]
     everything = sorted(str(p) for p in root.rglob("*") if not p.name.endswith(".lock"))
 
     with run_lock(runs / "busy"), _lock(tokens / ".busy.lock") as held:
@@ -84,6 +88,8 @@ def test_gc_dry_run_lists_and_gc_removes_exactly_the_dead_entries(tiny_build, tm
         assert "freed" in capsys.readouterr().out
     assert [p for p in dead if p.exists()] == []
     assert [p for p in alive if not p.exists()] == []
+    assert [p for p in dead_locks if p.exists()] == []  # a removed entry's lock file goes with it
+    assert [p for p in live_locks if not p.exists()] == []
     assert (runs / "live" / "final" / "config.json").exists() and (prior_set / "_SUCCESS").exists()
     assert (live_tokens / "meta.json").exists()
 
@@ -172,3 +178,27 @@ def test_a_run_gc_cannot_remove_is_named_and_gc_goes_on(tmp_path, capsys, monkey
     assert "could not remove" in out and "Permission denied" in out and "a-stuck" in out
     assert not (root / "runs" / "b-gone").exists() and not (root / "runs" / "a-stuck").exists()
     assert [p.name.startswith(".a-stuck.tmp-gc") for p in (root / "runs").iterdir() if p.is_dir()] == [True]
+
+
+def test_a_lock_taken_on_a_file_gc_unlinked_meanwhile_is_taken_again_on_the_current_file(tmp_path):
+    """gc unlinks a removed entry's lock file while holding it; a process that opened the file before
+    that and was waiting must not end up "holding" an unlinked file beside a newcomer holding the new
+    one (storage.lock_file)."""
+    import threading
+
+    from pipeline.storage import lock_file
+
+    path = tmp_path / ".entry.lock"
+    gc_hold = lock_file(path)
+    assert gc_hold is not None
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(lock_file(path, shared=True)))
+    waiter.start()
+    time.sleep(0.3)  # the waiter has opened the old file and waits on it
+    path.unlink()
+    gc_hold.close()
+    waiter.join(timeout=10)
+    (handle,) = got
+    assert handle is not None and os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+    assert lock_file(path, wait=False) is None  # the current file is the one held: a newcomer waits
+    handle.close()

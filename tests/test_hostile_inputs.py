@@ -275,6 +275,8 @@ RENDEZVOUS_CASES = [
     ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"}, "is not a TCP port"),
     ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "no-such-host.invalid", "MASTER_PORT": "29511"},
      "does not resolve"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511",
+      "TARGET_SFT_RENDEZVOUS_TIMEOUT": "soon"}, "TARGET_SFT_RENDEZVOUS_TIMEOUT='soon' is not a positive number"),
 ]  # fmt: skip
 
 
@@ -287,6 +289,20 @@ def test_torchrun_variables_are_checked_before_the_process_group(world, capsys, 
     code, err = run(["train", DEMO, *local("train.name=r", "train.max_steps=2", *SMALL_BATCH)], world, capsys)
     assert (code, phrase in err, err.count("\n")) == (2, True, 1), err
     assert time.monotonic() - started < 60
+
+
+def test_a_master_that_resolves_but_never_answers_is_one_line_within_the_timeout(world):
+    """Rank 1 of 2 with nobody listening at MASTER_ADDR:MASTER_PORT: torch's store would retry for 30
+    minutes, printing a native stack trace per try. In a real process (the C++ store writes to file
+    descriptor 2, which capsys cannot see): one line after the stated timeout, nothing else."""
+    argv = [sys.executable, "-m", "flows.cli", "train", DEMO,
+            *(fill(a, world) for a in local("train.name=r", "train.max_steps=2", *SMALL_BATCH))]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "TARGET_SFT_RENDEZVOUS_TIMEOUT": "3"}  # fmt: skip
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not PROGRESS.search(line)]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    assert "rank 1 could not join the process group at 127.0.0.1:" in lines[0] and "within 3 s" in lines[0], lines
 
 
 EVAL_CASES = [
@@ -527,6 +543,65 @@ def _rng_for_two(skeleton: dict) -> None:
     rng["list"] = rng["list"] * 2
 
 
+def _step_as_text(skeleton: dict) -> None:
+    _skeleton_entry(skeleton, "step")[1] = {"value": "000002"}
+
+
+def _python_rng_garbage(skeleton: dict) -> None:
+    first = _skeleton_entry(skeleton, "rng")[1]["list"][0]
+    next(pair for pair in first["dict"] if pair[0] == "python")[1] = {"value": "garbage"}
+
+
+def _scheduler_gone(skeleton: dict) -> None:
+    _skeleton_entry(skeleton, "scheduler")[1] = {"value": 3}
+
+
+def _scheduler_count_text(skeleton: dict) -> None:
+    scheduler = _skeleton_entry(skeleton, "scheduler")[1]
+    next(pair for pair in scheduler["dict"] if pair[0] == "last_epoch")[1] = {"value": "x"}
+
+
+def _optimizer_gone(skeleton: dict) -> None:
+    _skeleton_entry(skeleton, "optimizer")[1] = {"value": None}
+
+
+def _optimizer_pair(skeleton: dict, key: str) -> list:
+    return next(pair for pair in _skeleton_entry(skeleton, "optimizer")[1]["dict"] if pair[0] == key)
+
+
+def _extra_param_group(skeleton: dict) -> None:
+    groups = _optimizer_pair(skeleton, "param_groups")[1]["list"]
+    groups.append(json.loads(json.dumps(groups[0])))
+
+
+def _state_for_a_parameter_not_there(skeleton: dict) -> None:
+    _optimizer_pair(skeleton, "state")[1]["dict"][0][0] = 9999
+
+
+def _torch_rng_cut(tensors: dict) -> None:
+    import torch
+
+    size = torch.get_rng_state().numel()
+    name = next(n for n, t in sorted(tensors.items()) if t.dtype == torch.uint8 and t.numel() == size)
+    tensors[name] = tensors[name][:100].clone()
+
+
+def _a_weight_gone(tensors: dict) -> None:
+    del tensors[sorted(tensors)[-1]]
+
+
+def _a_weight_more(tensors: dict) -> None:
+    import torch
+
+    tensors["extra.weight"] = torch.zeros(2, 2)
+
+
+def _misfit(name: str, change, file: str = "trainer_state.json"):
+    """A RESUME_DAMAGE case: `change` applied to one file of the newest checkpoint, checksums updated."""
+    edit = _edit_json if file.endswith(".json") else _edit_tensors
+    return (name, lambda r: _refit(r, file, lambda p: edit(p, change)), [], FALLBACK)
+
+
 FALLBACK = "trying the one before it"  # resumed from the checkpoint before
 RESUME_DAMAGE = [
     ("truncated run.json", lambda r: _truncate(r / "run.json"), [], "run.json is damaged"),
@@ -551,6 +626,16 @@ RESUME_DAMAGE = [
      lambda p: _edit_tensors(p, _optimizer_moment_reshaped)), [], FALLBACK),
     ("RNG states for two processes", lambda r: _refit(r, "trainer_state.json",
      lambda p: _edit_json(p, _rng_for_two)), [], FALLBACK),
+    _misfit("the step written as text", _step_as_text),
+    _misfit("a Python RNG state that is not one", _python_rng_garbage),
+    _misfit("a torch RNG state cut short", _torch_rng_cut, "trainer_state.safetensors"),
+    _misfit("no scheduler state", _scheduler_gone),
+    _misfit("a scheduler step count that is text", _scheduler_count_text),
+    _misfit("no optimizer state", _optimizer_gone),
+    _misfit("an optimizer with an extra parameter group", _extra_param_group),
+    _misfit("optimizer state for a parameter the model lacks", _state_for_a_parameter_not_there),
+    _misfit("a weight missing", _a_weight_gone, "model.safetensors"),
+    _misfit("a weight the model does not have", _a_weight_more, "model.safetensors"),
     ("tensorboard is a file", lambda r: (r / "tensorboard").write_text("x"), ["train.report_to=[tensorboard]"],
      "is a file, not TensorBoard's folder"),
 ]  # fmt: skip

@@ -498,6 +498,27 @@ def test_an_export_to_a_place_it_cannot_write_is_one_line(tiny_build, tmp_path, 
     assert (code, errors(err)) == (2, 1), err
 
 
+@pytest.mark.parametrize("mount", ["ro,size=1m", "size=8k"], ids=["read-only", "full"])
+def test_an_export_onto_a_read_only_or_full_disk_is_one_line_and_leaves_nothing(tiny_build, tmp_path, capsys, mount):
+    """A real tmpfs (mounting needs root, as CI runs): read-only, or too small for the file."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    captured = priors.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", mount, "tmpfs", str(disk)], check=True)
+    try:
+        argv = ["cache", "export", captured.key, "--out", str(disk / "kd")]
+        code, _, err = run([*argv, *[f"--set={a}" for a in args(tiny_build, tmp_path)]], capsys)
+        reason = "Read-only file system" if mount.startswith("ro") else "No space left on device"
+        assert (code, errors(err), reason in err) == (2, 1, True), err
+        assert list(disk.iterdir()) == []  # no half-written folder, no temporary
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 def test_a_distillkit_config_that_is_not_a_regular_file_is_one_line(tiny_build, tmp_path, capsys):
     import yaml
 
