@@ -33,7 +33,7 @@ from pipeline.models import load_model, load_model_config, load_tokenizer, pad_i
 from pipeline.prior_engines import set_vllm_cpu_environment, shutdown_vllm
 from pipeline.resolve import eval_dir, resolve_device, resolve_dtype, resolve_engine, resolve_inputs, run_dir
 from pipeline.sampling import sample, sample_key
-from pipeline.storage import atomic_write_text, fast_hash_file, sha256_json, write_jsonl
+from pipeline.storage import atomic_write_text, fast_hash_file, sha256_json, sums_problem, write_jsonl
 from pipeline.tracking import Trackers
 
 log = logging.getLogger(__name__)
@@ -448,10 +448,13 @@ def eval_target(cfg: RunConfig, base: bool = False, prior: bool = False) -> tupl
     if base:
         assert inputs is not None
         return inputs.model_path, eval_dir(cfg, f"base-{inputs.model_path.name}"), default
+    model, out = run / "final", run / "eval"
     if cfg.eval.model_path:
         model = Path(cfg.eval.model_path)
-        return model, eval_dir(cfg, model.name), default
-    return run / "final", run / "eval", default
+        out = eval_dir(cfg, model.name)
+    if model.is_dir() and (problem := sums_problem(model)) is not None:
+        raise EvalError(f"the model in {model} is damaged: {problem}; train the run again, or restore the folder")
+    return model, out, default
 
 
 def evaluate_run(

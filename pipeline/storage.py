@@ -163,6 +163,33 @@ def sha256_file(path: Path) -> str:
     return _digest_file(path, hashlib.sha256())
 
 
+SUMS = "SHA256SUMS"
+"""A model folder's checksums, in `sha256sum`'s format (`sha256sum -c SHA256SUMS` checks them too)."""
+
+
+def write_sums(folder: Path) -> None:
+    """`folder/SHA256SUMS` over every file in it (a finished model folder, before it is renamed into place)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SUMS)
+    lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}\n" for p in files]
+    (folder / SUMS).write_text("".join(lines))
+
+
+def sums_problem(folder: Path) -> str | None:
+    """Why a model folder does not match its SHA256SUMS (a file changed, cut short or missing), or None
+    (also when it has none: a folder from elsewhere)."""
+    sums = folder / SUMS
+    if not sums.is_file():
+        return None
+    for line in sums.read_text(errors="replace").splitlines():
+        digest, _, name = line.partition("  ")
+        path = folder / name
+        if not path.is_file():
+            return f"{name[:80]} is missing"
+        if sha256_file(path) != digest:
+            return f"{name[:80]} does not match {SUMS}"
+    return None
+
+
 def fast_hash_file(path: Path) -> str:
     """xxh3-128 of a file's bytes: a content key for caches (not for integrity against tampering,
     which the prior cache's sha256 checksums cover), fast enough to read every data file each time."""

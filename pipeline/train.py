@@ -57,7 +57,7 @@ from pipeline.prior_engines import drop_ids_beyond
 from pipeline.prior_schema import PriorRecord
 from pipeline.resolve import check_attention, resolve_inputs, run_dir, tokens_dir
 from pipeline.schedule import warmup_cosine
-from pipeline.storage import atomic_write_text
+from pipeline.storage import atomic_write_text, write_sums
 from pipeline.targets import TargetSpec, from_config
 from pipeline.tracking import Trackers
 
@@ -295,6 +295,7 @@ def _save_final(model: Any, tokenizer: Any, state: dict[str, Any] | None, final:
     try:
         model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
+        write_sums(tmp)  # checked before evaluation (evaluate.eval_target)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
     finally:

@@ -324,6 +324,19 @@ def test_eval_stage(world, capsys, overrides, phrase):
     assert not list(world["root"].glob("evals/*/report.json"))
 
 
+def test_a_final_model_changed_after_training_is_one_line_at_eval(world, capsys):
+    """final/ carries SHA256SUMS (sha256sum's own format); eval checks it before loading the model."""
+    argv = [DEMO, *local("train.name=run", "train.max_steps=1", *SMALL_BATCH, "data.limit=8", EVAL_SET)]
+    code, err = run(["train", *argv], world, capsys)
+    assert code == 0, err
+    final = world["root"] / "runs" / "run" / "final"
+    checked = subprocess.run(["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=final, capture_output=True)
+    assert checked.returncode == 0 and len((final / "SHA256SUMS").read_text().splitlines()) >= 3, checked
+    _flip_a_byte(final / "model.safetensors")
+    code, err = run(["eval", *argv], world, capsys)
+    assert (code, "model.safetensors does not match SHA256SUMS" in err, err.count("\n")) == (2, True, 1), err
+
+
 def _fake_set(root: Path, manifest: str) -> None:
     folder = root / "priors" / FAKE_KEY
     folder.mkdir(parents=True)
