@@ -21,7 +21,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 # matplotlib's font cache and config go beside the project, not into ~/.config or ~/.cache
 export MPLCONFIGDIR ?= $(CURDIR)/storage/.matplotlib
-# Pinned CPU kernels (pipeline/cpu_kernels.py): the same numbers on every machine of one CPU kind;
+# Pinned CPU kernels (pipeline/common/cpu_kernels.py): the same numbers on every machine of one CPU kind;
 # TARGET_SFT_CPU_KERNELS=portable: on every x86 CPU, at ~2x the matmul time; =native: nothing pinned.
 # A value already set wins.
 ifneq ($(TARGET_SFT_CPU_KERNELS),native)

@@ -18,8 +18,8 @@ import tempfile
 
 import torch
 
-from pipeline import base_model, synthetic
-from pipeline.config import BaseModelConfig
+from pipeline.world import base_model, synthetic
+from pipeline.world.config import BaseModelConfig
 
 
 def main() -> None:

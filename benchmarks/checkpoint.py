@@ -5,7 +5,7 @@ alternating, so the machine's noise hits both alike:
 
 * baseline: how `checkpoints.py` worked before: `save_pretrained` + `torch.save`, then the sha256
   of every file read back; resume hashes every file again, then `load_file` + `torch.load`;
-* streaming: today's `save_checkpoint` / `read_checkpoint` (`pipeline/tensorfiles.py`): digests
+* streaming: today's `save_checkpoint` / `read_checkpoint` (`pipeline/common/tensorfiles.py`): digests
   computed from the buffers being written and read, each byte crossing the disk once.
 
 Reported per shape: seconds (median of the repeats), the ratio to the baseline, and the bytes
@@ -51,8 +51,8 @@ def settle() -> bool:
 def baseline_save(folder: Path, model, tokenizer, model_state, optimizer_state, scheduler, rng) -> None:
     import torch
 
-    from pipeline.checkpoints import untied_for_saving
-    from pipeline.storage import sha256_file
+    from pipeline.common.storage import sha256_file
+    from pipeline.training.checkpoints import untied_for_saving
 
     folder.mkdir(parents=True)
     model.save_pretrained(folder, state_dict=untied_for_saving(model, model_state))
@@ -68,7 +68,7 @@ def baseline_read(folder: Path):
     import torch
     from safetensors.torch import load_file
 
-    from pipeline.storage import sha256_file
+    from pipeline.common.storage import sha256_file
 
     listed = json.loads((folder / "checkpoint.json").read_text())["sha256"]
     assert all(sha256_file(folder / name) == digest for name, digest in listed.items())
@@ -79,8 +79,8 @@ def model_for(shape: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline import base_model
-    from pipeline.config import BaseModelConfig
+    from pipeline.world import base_model
+    from pipeline.world.config import BaseModelConfig
 
     build = base_model.build(BaseModelConfig(), os.environ.get("TARGET_SFT_STORAGE", "storage"), progress=False)
     tokenizer = AutoTokenizer.from_pretrained(build.model)
@@ -101,7 +101,7 @@ def model_for(shape: str):
 def main() -> None:
     import torch
 
-    from pipeline import checkpoints
+    from pipeline.training import checkpoints
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["embedded", "0.5b"])

@@ -4,7 +4,7 @@ For every world in `configs/regimes/model-*.yaml` whose experiment has run (`tar
 this reads its prior set's γ profile and its runs' per-problem scores, and plots, at x = the
 world's mean γ, the paired difference to plain SFT (with its 95% bootstrap interval over problems
 and seeds) of DFT and of Target-SFT, at the shared lr and at each objective's own lr. The sign the
-literature predicts for the world's band (pipeline/regimes.py) is marked beside each point, and a
+literature predicts for the world's band (pipeline/priors/regimes.py) is marked beside each point, and a
 table prints predicted against measured.
 
     python benchmarks/continuum.py                       # writes docs/continuum.png
@@ -32,10 +32,11 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
 
-    from pipeline import experiment, stats
-    from pipeline.config import RunConfig, load_config
-    from pipeline.prior_cache import PriorStore
-    from pipeline.resolve import experiment_dir
+    from pipeline.common.config import load_config
+    from pipeline.entry.config import RunConfig
+    from pipeline.entry.resolve import experiment_dir
+    from pipeline.experiments import experiment, stats
+    from pipeline.priors.cache import PriorStore
 
     points = []
     print("| world | mean γ | regime | target | predicted vs SFT | measured Δ vs SFT [95% CI] | seeds won | agrees |")

@@ -27,8 +27,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline import base_model, evaluate, priors, train
-from pipeline.config import BaseModelConfig, RunConfig, load_config
+from pipeline.common.config import load_config
+from pipeline.entry.config import RunConfig
+from pipeline.evaluation import evaluate
+from pipeline.priors import capture
+from pipeline.training import train
+from pipeline.world import base_model
+from pipeline.world.config import BaseModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,7 +55,7 @@ def main() -> None:
             "train.name=short",
         ]  # fmt: skip
         cfg = load_config(RunConfig, REPO / "configs" / "regimes" / "model-strong.yaml", [*settings, *short])
-        priors.capture(cfg, progress=False)
+        capture.capture(cfg, progress=False)
         final = train.train(cfg, progress=False)
         run = base_model.weights_checksum(AutoModelForCausalLM.from_pretrained(final))
         cfg = load_config(

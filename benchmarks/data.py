@@ -4,10 +4,10 @@ A generated chat set (default 50,000 examples of about 470 tokens with the embed
 prepared three ways, each in a fresh process so that peak memory is its own:
 
 * baseline: read the rows, one `tokenize_chat` call per row, examples held as Python lists of ids
-  and labels (how `data.prepare` worked before the tokenisation cache);
-* build: `data.prepare` with the cache, first run (batched Rust tokenizer, int32/bool arrays,
+  and labels (how `sources.prepare` worked before the tokenisation cache);
+* build: `sources.prepare` with the cache, first run (batched Rust tokenizer, int32/bool arrays,
   written to `tokens/<key>/`);
-* cached: `data.prepare` again, reading the memory-mapped arrays; every token is touched once.
+* cached: `sources.prepare` again, reading the memory-mapped arrays; every token is touched once.
 
 Reported: tokens/s, and bytes per token = the growth of the process's peak RSS while preparing
 and holding the examples, divided by the token count.
@@ -52,22 +52,22 @@ def run_one(method: str, data_path: str, model: str, cache: str) -> dict:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from pipeline import data
-    from pipeline.config import DataConfig
+    from pipeline.data import sources
+    from pipeline.data.config import DataConfig
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     cfg = DataConfig(max_length=4096)
     warm = Path(data_path).with_name("warm-up.jsonl")  # imports and first calls outside the measurement
     with open(data_path) as fh:
         warm.write_text("".join(itertools.islice(fh, 4)))
-    data.prepare(cfg, warm, tokenizer)
+    sources.prepare(cfg, warm, tokenizer)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
     if method == "baseline":
-        held = [data.tokenize_chat(r["messages"], tokenizer) for r in data.load_rows(data_path)]
+        held = [sources.tokenize_chat(r["messages"], tokenizer) for r in sources.load_rows(data_path)]
         tokens = sum(len(ids) for ids, _ in held)
     else:
-        prepared = data.prepare(cfg, data_path, tokenizer, Path(cache))
+        prepared = sources.prepare(cfg, data_path, tokenizer, Path(cache))
         tokens = sum(len(e.input_ids) for e in prepared.examples)
         touched = sum(int(np.asarray(e.input_ids).sum()) + int(e.completion.sum()) for e in prepared.examples)
         assert touched > 0
@@ -88,8 +88,8 @@ def main() -> None:
         print(json.dumps(run_one(*args.one)))
         return
 
-    from pipeline import base_model
-    from pipeline.config import BaseModelConfig
+    from pipeline.world import base_model
+    from pipeline.world.config import BaseModelConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         build = base_model.build(BaseModelConfig(), os.environ.get("TARGET_SFT_STORAGE", "storage"), progress=False)

@@ -40,13 +40,14 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="rows of the low-γ token table")
     args = parser.parse_args()
 
-    from pipeline import priors
-    from pipeline.config import RunConfig, load_config
-    from pipeline.models import load_tokenizer
-    from pipeline.prior_cache import PriorStore
+    from pipeline.common.config import load_config
+    from pipeline.common.models import load_tokenizer
+    from pipeline.entry.config import RunConfig
+    from pipeline.priors import capture
+    from pipeline.priors.cache import PriorStore
 
     cfg = load_config(RunConfig, args.config, args.overrides)
-    plan = priors.plan(cfg, progress=False)
+    plan = capture.plan(cfg, progress=False)
     store = PriorStore(cfg.storage_root)
     if not store.complete(plan.key):
         raise SystemExit(f"error: prior set {plan.key} is not captured; run `target-sft priors {args.config}` first")

@@ -1,4 +1,4 @@
-"""Evaluation decode benchmark: transformers `generate` vs the hf engine's loop (pipeline/sampling.py).
+"""Evaluation decode benchmark: transformers `generate` vs the hf engine's loop (pipeline/evaluation/sampling.py).
 
 Both sample n completions per held-out problem of the embedded set, in the same batches, with the
 demo's sampling settings; the report gives seconds, generated tokens/s and the speed ratio measured
@@ -34,9 +34,10 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline import base_model, evaluate, sampling
-    from pipeline.config import BaseModelConfig
-    from pipeline.tokens import pad_rows
+    from pipeline.data.tokens import pad_rows
+    from pipeline.evaluation import evaluate, sampling
+    from pipeline.world import base_model
+    from pipeline.world.config import BaseModelConfig
 
     torch.set_num_threads(args.threads)
     build = base_model.build(BaseModelConfig(), "storage")

@@ -51,9 +51,9 @@ def run_one(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.loss import fused_q_target_loss, q_target_loss
-    from pipeline.prior_schema import Prior
-    from pipeline.targets import preset
+    from pipeline.common.prior_schema import Prior
+    from pipeline.core.loss import fused_q_target_loss, q_target_loss
+    from pipeline.core.targets import preset
 
     torch.manual_seed(0)
     if args.device == "cpu":

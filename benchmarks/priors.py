@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def plain_forward(model, examples, k: int, batch_tokens: int, device: str) -> None:
     import torch
 
-    from pipeline.prior_engines import token_budget_batches
-    from pipeline.tokens import pad_rows
+    from pipeline.data.tokens import pad_rows
+    from pipeline.priors.engines import token_budget_batches
 
     with torch.no_grad():
         for batch in token_budget_batches(examples, batch_tokens):
@@ -97,9 +97,12 @@ def main() -> None:
 
     import torch
 
-    from pipeline import base_model, data, prior_cache
-    from pipeline.config import BaseModelConfig, DataConfig
-    from pipeline.prior_engines import HFEngine, VLLMEngine, vllm_available
+    from pipeline.data import sources
+    from pipeline.data.config import DataConfig
+    from pipeline.priors import cache
+    from pipeline.priors.engines import HFEngine, VLLMEngine, vllm_available
+    from pipeline.world import base_model
+    from pipeline.world.config import BaseModelConfig
 
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,7 +115,7 @@ def main() -> None:
     else:
         build = base_model.build(BaseModelConfig(), os.environ.get("TARGET_SFT_STORAGE", "storage"))
         tokenizer = AutoTokenizer.from_pretrained(build.model)
-        examples = data.prepare(DataConfig(limit=args.examples), build.sft_train, tokenizer).examples
+        examples = sources.prepare(DataConfig(limit=args.examples), build.sft_train, tokenizer).examples
     scored = sum(e.num_scored for e in examples)
     tokens = sum(len(e.input_ids) for e in examples)
     rows = []
@@ -152,13 +155,13 @@ def main() -> None:
         rows.append(("vllm engine, dict path (vLLM without flat_logprobs)", timed(lambda: vllm_engine.score(examples))))
         vllm_engine.close()
 
-    blob = prior_cache.encode_shard(records, args.k)
+    blob = cache.encode_shard(records, args.k)
     import io
 
     import pyarrow.parquet as pq
 
     torch.set_num_threads(1)
-    read = lambda: prior_cache.decode_shard(pq.read_table(io.BytesIO(blob), use_threads=False), args.k)  # noqa: E731
+    read = lambda: cache.decode_shard(pq.read_table(io.BytesIO(blob), use_threads=False), args.k)  # noqa: E731
     read()  # warm-up (first Parquet read initialises pyarrow)
     reader_s = min(timed(read) for _ in range(5))
 
@@ -205,7 +208,7 @@ def synthetic_examples(count: int, length: int, vocab: int):
     """Random token examples of about `length` tokens, the last 90% completion (no tokenizer needed)."""
     import numpy as np
 
-    from pipeline.tokens import Example
+    from pipeline.data.tokens import Example
 
     rng = np.random.default_rng(0)
     examples = []

@@ -21,10 +21,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline import evaluate, stats
-from pipeline.config import RunConfig, load_config
-from pipeline.experiment import _score_matrix
-from pipeline.resolve import experiment_dir
+from pipeline.common.config import load_config
+from pipeline.entry.config import RunConfig
+from pipeline.entry.resolve import experiment_dir
+from pipeline.evaluation import evaluate
+from pipeline.experiments import stats
+from pipeline.experiments.experiment import _score_matrix
 
 REPO = Path(__file__).resolve().parent.parent
 REGIMES = REPO / "configs" / "regimes"

@@ -38,8 +38,8 @@ def build_model(args):
     if args.shape == "embedded":
         from transformers import AutoModelForCausalLM
 
-        from pipeline import base_model
-        from pipeline.config import BaseModelConfig
+        from pipeline.world import base_model
+        from pipeline.world.config import BaseModelConfig
 
         build = base_model.build(BaseModelConfig(), os.environ.get("TARGET_SFT_STORAGE", "storage"), progress=False)
         return AutoModelForCausalLM.from_pretrained(build.model, dtype=torch.float32, attn_implementation=args.attn)
@@ -52,9 +52,9 @@ def skewed_batch(args, vocab: int):
     """Length-skewed examples with random priors, collated padded or packed (`args.method`)."""
     import numpy as np
 
-    from pipeline import batching
-    from pipeline.prior_schema import PriorRecord
-    from pipeline.tokens import Example
+    from pipeline.common.prior_schema import PriorRecord
+    from pipeline.data.tokens import Example
+    from pipeline.training import batching
 
     rng = np.random.default_rng(0)
     lengths = [args.seq, *rng.integers(args.seq // 16, args.seq // 4, args.batch - 1)]
@@ -77,10 +77,10 @@ def skewed_batch(args, vocab: int):
 def run_one(args) -> dict:
     import torch
 
-    from pipeline.batching import Batch
-    from pipeline.prior_schema import Prior
-    from pipeline.targets import preset
-    from pipeline.train import TargetLossModel
+    from pipeline.common.prior_schema import Prior
+    from pipeline.core.targets import preset
+    from pipeline.training.batching import Batch
+    from pipeline.training.train import TargetLossModel
 
     torch.manual_seed(0)
     if args.device == "cpu":

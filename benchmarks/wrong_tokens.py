@@ -22,11 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import priors, synthetic
-from pipeline.config import RunConfig, load_config
-from pipeline.models import load_tokenizer
-from pipeline.prior_cache import PriorStore
-from pipeline.resolve import resolve_inputs
+from pipeline.common.config import load_config
+from pipeline.common.models import load_tokenizer
+from pipeline.entry.config import RunConfig
+from pipeline.entry.resolve import resolve_inputs
+from pipeline.priors import capture
+from pipeline.priors.cache import PriorStore
+from pipeline.world import synthetic
 
 STEP = re.compile(r"(-?\d+) ([-+*]) (\d+) = (-?\d+)\.")
 
@@ -56,7 +58,7 @@ def main() -> None:
     store = PriorStore(teacher_cfg.storage_root)
     sets = {}
     for role, cfg in (("teacher", teacher_cfg), ("base", base_cfg)):
-        plan = priors.plan(cfg, progress=False)
+        plan = capture.plan(cfg, progress=False)
         if not store.complete(plan.key):
             sys.exit(f"the {role}'s prior set {plan.key} is not captured: run `target-sft priors` on its config first")
         sets[role] = store.open(plan.key).load_all()

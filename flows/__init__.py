@@ -55,7 +55,7 @@ def home_paths(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:
 def retry_unexpected(task: Any, task_run: Any, state: Any) -> bool:
     """Every task's retry condition: retry what may pass next time (a lost GPU, a full node), never
     an input error or a divergence (`TargetSFTError`), which would only fail again."""
-    from pipeline.errors import TargetSFTError
+    from pipeline.common.errors import TargetSFTError
 
     try:
         state.result()

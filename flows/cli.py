@@ -8,12 +8,17 @@ import time
 from pathlib import Path
 
 import flows  # noqa: F401  (offline Prefect settings before prefect is imported)
-from pipeline import base_model, cli, cpu_kernels, evaluate, experiment
-from pipeline.config import RunConfig, SafeName
-from pipeline.errors import ConfigError
-from pipeline.prior_cache import PriorStore
-from pipeline.resolve import resolve_inputs
-from pipeline.storage import atomic_write_text
+from pipeline.common import cpu_kernels
+from pipeline.common.config import SafeName
+from pipeline.common.errors import ConfigError
+from pipeline.common.storage import atomic_write_text
+from pipeline.entry import cli
+from pipeline.entry.config import RunConfig
+from pipeline.entry.resolve import resolve_inputs
+from pipeline.evaluation import evaluate
+from pipeline.experiments import experiment
+from pipeline.priors.cache import PriorStore
+from pipeline.world import base_model
 
 
 def run(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) -> int:

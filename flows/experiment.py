@@ -21,10 +21,13 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows import retry_unexpected
 from flows.train import capture_priors
-from pipeline import evaluate, experiment, launch
-from pipeline.config import RunConfig, load_config
-from pipeline.resolve import experiment_dir, resolve_inputs, run_dir
-from pipeline.targets import from_config
+from pipeline.common.config import load_config
+from pipeline.core.targets import from_config
+from pipeline.entry import launch
+from pipeline.entry.config import RunConfig
+from pipeline.entry.resolve import experiment_dir, resolve_inputs, run_dir
+from pipeline.evaluation import evaluate
+from pipeline.experiments import experiment
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unexpected)

@@ -5,7 +5,7 @@
 Each task is one capture worker (`priors.worker_index` of `priors.num_workers`) and returns the
 manifest path it writes to; the last task writes the manifest once every shard exists. On one
 node, `target-sft priors` and the other flows already run one worker process per GPU
-(`priors.workers`, pipeline.launch); this flow is for several nodes: pass the address of an
+(`priors.workers`, pipeline.entry.launch); this flow is for several nodes: pass the address of an
 existing Dask cluster (`--address tcp://scheduler:8786`) whose workers each see one GPU. vLLM's own tensor
 parallelism (`priors.tensor_parallel_size`) covers a model that needs several GPUs.
 """
@@ -19,8 +19,9 @@ from prefect.futures import wait
 from prefect_dask import DaskTaskRunner
 
 from flows import retry_unexpected
-from pipeline import priors
-from pipeline.config import RunConfig, load_config
+from pipeline.common.config import load_config
+from pipeline.entry.config import RunConfig
+from pipeline.priors import capture
 
 
 @task(
@@ -31,14 +32,14 @@ def capture_worker(config: str | None, overrides: list[str], worker_index: int, 
     cfg = load_config(
         RunConfig, config, [*overrides, f"priors.worker_index={worker_index}", f"priors.num_workers={num_workers}"]
     )
-    result = priors.capture(cfg, progress=False)
+    result = capture.capture(cfg, progress=False)
     return {"key": result.key, "manifest": result.manifest_path, "forward_passes": result.forward_passes}
 
 
 @task
 def finalize(config: str | None, overrides: list[str]) -> dict:
     """Write manifest.json and _SUCCESS (every shard exists now; no forward pass runs)."""
-    result = priors.capture(load_config(RunConfig, config, overrides), progress=False)
+    result = capture.capture(load_config(RunConfig, config, overrides), progress=False)
     if not result.complete:
         raise RuntimeError(f"prior set {result.key} still misses shards after all workers finished")
     return {"key": result.key, "manifest": result.manifest_path, "forward_passes": result.forward_passes}

@@ -10,11 +10,13 @@ import argparse
 from prefect import flow, task
 
 from flows import retry_unexpected
-from pipeline import launch, priors
-from pipeline.config import RunConfig, load_config
-from pipeline.prior_cache import PriorStore
-from pipeline.resolve import run_dir
-from pipeline.targets import from_config
+from pipeline.common.config import load_config
+from pipeline.core.targets import from_config
+from pipeline.entry import launch
+from pipeline.entry.config import RunConfig
+from pipeline.entry.resolve import run_dir
+from pipeline.priors import capture
+from pipeline.priors.cache import PriorStore
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unexpected)
@@ -28,7 +30,7 @@ def capture_priors(config: str | None, overrides: list[str]) -> dict:
         "manifest": result.manifest_path,
         "forward_passes": result.forward_passes,
         "gamma_profile": profile,
-        "prior_role": priors.prior_role(cfg),
+        "prior_role": capture.prior_role(cfg),
     }
 
 

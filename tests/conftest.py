@@ -34,8 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import base_model
-from pipeline.config import BaseModelConfig
+from pipeline.world import base_model
+from pipeline.world.config import BaseModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -23,7 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline import base_model, cpu_kernels
+from pipeline.common import cpu_kernels
+from pipeline.world import base_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,13 +73,14 @@ def short_run(build: base_model.BaseModelPaths, storage: Path) -> str:
     """Weights checksum of an 8-step Target-SFT run (η 0.5) on 64 SFT examples of the model-weak world."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline import priors, train
+    from pipeline.priors import capture
+    from pipeline.training import train
 
     cfg = _config(
         build, storage, "data.limit=64", "train.target={preset: target_sft, eta: 0.5}",
         "train.max_steps=8", "train.eval_every=0", "train.checkpoint_every=8", "train.name=short",
     )  # fmt: skip
-    priors.capture(cfg, progress=False)
+    capture.capture(cfg, progress=False)
     final = train.train(cfg, progress=False)
     return base_model.weights_checksum(AutoModelForCausalLM.from_pretrained(final))
 
@@ -86,7 +88,7 @@ def short_run(build: base_model.BaseModelPaths, storage: Path) -> str:
 def samples(build: base_model.BaseModelPaths, storage: Path) -> str:
     """sha256 of the base's samples on the first 16 problems of each evaluation set (the file as it was
     recorded, before the collapse flags joined it)."""
-    from pipeline import evaluate
+    from pipeline.evaluation import evaluate
 
     cfg = _config(build, storage, "eval.limit=16")
     evaluate.evaluate(cfg.eval, build.model, storage / "eval", evaluate.embedded_sets(build), False)
@@ -96,7 +98,8 @@ def samples(build: base_model.BaseModelPaths, storage: Path) -> str:
 
 
 def _config(build: base_model.BaseModelPaths, storage: Path, *extra: str):
-    from pipeline.config import RunConfig, load_config
+    from pipeline.common.config import load_config
+    from pipeline.entry.config import RunConfig
 
     settings = [f"storage_root={storage}", f"model.path={build.model}", f"data.path={build.sft_train}"]
     world = REPO / "configs" / "regimes" / "model-weak.yaml"
@@ -104,7 +107,7 @@ def _config(build: base_model.BaseModelPaths, storage: Path, *extra: str):
 
 
 if __name__ == "__main__":
-    from pipeline.config import BaseModelConfig
+    from pipeline.world.config import BaseModelConfig
 
     built = base_model.build(BaseModelConfig(), sys.argv[1], progress=False)  # the model-weak world, shipped
     with tempfile.TemporaryDirectory() as tmp:

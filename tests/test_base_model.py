@@ -16,10 +16,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import base_model, cpu_kernels, synthetic
-from pipeline.config import BaseModelConfig, RunConfig, load_config, to_dict
-from pipeline.errors import ConfigError, ModelError
-from pipeline.resolve import resolve_inputs
+from pipeline.common import cpu_kernels
+from pipeline.common.config import load_config, to_dict
+from pipeline.common.errors import ConfigError, ModelError
+from pipeline.entry.config import RunConfig
+from pipeline.entry.resolve import resolve_inputs
+from pipeline.world import base_model, synthetic
+from pipeline.world.config import BaseModelConfig
 
 from . import recorded
 from .conftest import REPO, TINY
@@ -243,7 +246,7 @@ def test_shipped_weights_replace_pretraining_and_a_from_scratch_build_reproduces
     """The demo's first run loads a registered world's shipped base instead of pretraining it; the
     build still derives the same bits from scratch (here on the TINY world; the demo's own base is
     checked the same way by `target-sft base-model build --from-scratch`, README)."""
-    from pipeline import cli
+    from pipeline.entry import cli
 
     monkeypatch.setattr(base_model, "SHIPPED", tmp_path / "worlds")
     scratch = base_model.build(TINY, tmp_path / "a", progress=False, from_scratch=True)

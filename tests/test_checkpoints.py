@@ -1,4 +1,4 @@
-"""Checkpoint files hashed while written and while read (pipeline/tensorfiles.py, docs/design.md §5)."""
+"""Checkpoint files hashed while written and while read (pipeline/common/tensorfiles.py, docs/design.md §5)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import checkpoints
-from pipeline.tensorfiles import Damaged, join_tree, load_tensors, save_tensors, split_tree
+from pipeline.common.tensorfiles import Damaged, join_tree, load_tensors, save_tensors, split_tree
+from pipeline.training import checkpoints
 
 
 def test_tensor_files_are_safetensors_and_their_digest_is_the_files(tmp_path):

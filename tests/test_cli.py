@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline import cli
+from pipeline.entry import cli
 
 from .conftest import REPO, TINY
 

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.common.config import load_config
+from pipeline.common.errors import ConfigError
+from pipeline.entry.config import RunConfig
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -61,7 +63,7 @@ def test_a_section_override_merges_instead_of_replacing(tmp_path):
 
 def test_jsonl_keeps_a_line_separator_inside_a_string(tmp_path):
     """U+2028 is a line break for str.splitlines(), but JSON allows it raw inside a string."""
-    from pipeline.data import load_rows
+    from pipeline.data.sources import load_rows
 
     path = tmp_path / "d.jsonl"
     rows = [{"prompt": "first\u2028still first", "completion": "ok"}, {"prompt": "second", "completion": "ok"}]

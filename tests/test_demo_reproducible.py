@@ -18,7 +18,8 @@ import sys
 
 import pytest
 
-from pipeline import base_model, cpu_kernels
+from pipeline.common import cpu_kernels
+from pipeline.world import base_model
 
 from . import recorded
 from .conftest import REPO

@@ -1,4 +1,4 @@
-"""Per-run diagnostics (pipeline/diagnostics.py): sharpening, KL from the prior, collapse."""
+"""Per-run diagnostics (pipeline/training/diagnostics.py): sharpening, KL from the prior, collapse."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cli, diagnostics
-from pipeline.prior_schema import PriorRecord
+from pipeline.common.prior_schema import PriorRecord
+from pipeline.entry import cli
+from pipeline.training import diagnostics
 from tests.conftest import REPO, tiny_args
 
 

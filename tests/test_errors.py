@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import cli, errors, experiment
+from pipeline.common import errors
+from pipeline.entry import cli
+from pipeline.experiments import experiment
 
 REPO_CONFIG = "configs/regimes/model-strong.yaml"
 
@@ -57,7 +59,7 @@ def test_cli_prints_one_line_for_input_errors_and_a_traceback_otherwise(
 
 
 def test_wrapped_errors_keep_their_cause_message(tmp_path):
-    from pipeline.prior_cache import storage_error
+    from pipeline.priors.cache import storage_error
 
     error = storage_error(str(tmp_path), OSError(28, "No space left on device"))
     assert "No space left on device" in str(error) and isinstance(error, errors.CacheError)

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import answers, base_model, evaluate
-from pipeline.config import EvalConfig, EvalSetConfig, RunConfig, load_config
+from pipeline.common.config import load_config
+from pipeline.entry.config import RunConfig
+from pipeline.evaluation import answers, evaluate
+from pipeline.evaluation.config import EvalConfig, EvalSetConfig
+from pipeline.world import base_model
 
 # (completion, reference, answer_type, expected)
 TRICKY = [
@@ -169,7 +172,7 @@ def test_bad_eval_inputs_fail_clearly(tiny_build, tmp_path):
     )
     with pytest.raises(evaluate.EvalError, match="has no final model"):
         evaluate.eval_target(cfg)
-    from pipeline.config import ConfigError
+    from pipeline.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="missing required key 'path'"):
         load_config(RunConfig, None, ["eval.sets=[{name: x}]"])
@@ -212,7 +215,7 @@ def test_a_changed_reference_answer_is_not_served_from_an_old_report(tiny_build,
 
 def test_the_forgetting_set_can_be_left_out_of_the_embedded_sets(tiny_build, tmp_path):
     """eval.forgetting: false (`make demo`): only the held-out problems of the SFT skill."""
-    from pipeline.config import to_dict
+    from pipeline.common.config import to_dict
     from tests.conftest import TINY, tiny_args
 
     names = lambda sets: [s.name for s in sets]  # noqa: E731

@@ -8,10 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cpu_kernels, experiment
-from pipeline.config import EvalSetConfig, ExperimentConfig, RunConfig, TargetConfig, load_config
-from pipeline.errors import ConfigError
-from pipeline.targets import TargetError
+from pipeline.common import cpu_kernels
+from pipeline.common.config import load_config
+from pipeline.common.errors import ConfigError
+from pipeline.core.targets import TargetError
+from pipeline.entry.config import RunConfig
+from pipeline.evaluation.config import EvalSetConfig
+from pipeline.experiments import experiment
+from pipeline.experiments.config import ExperimentConfig
+from pipeline.training.config import TargetConfig
 from tests.conftest import tiny_args
 
 
@@ -176,8 +181,8 @@ def test_select_never_reads_the_held_out_problems(prefect_server, tmp_path):
     import dataclasses
 
     from flows import cli
-    from pipeline import base_model
-    from pipeline.config import to_dict
+    from pipeline.common.config import to_dict
+    from pipeline.world import base_model
     from tests.conftest import TINY
 
     world = dataclasses.replace(TINY, name="tiny-select")

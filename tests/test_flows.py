@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.prior_cache import PriorStore
+from pipeline.priors.cache import PriorStore
 from tests.conftest import tiny_args
 
 

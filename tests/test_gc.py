@@ -1,4 +1,4 @@
-"""`target-sft cache gc` removes exactly the dead entries of a storage root (pipeline/prune.py)."""
+"""`target-sft cache gc` removes exactly the dead entries of a storage root (pipeline/entry/prune.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline import cli
-from pipeline.checkpoints import run_lock
-from pipeline.prune import _lock
+from pipeline.entry import cli
+from pipeline.entry.prune import _lock
+from pipeline.training.checkpoints import run_lock
 from tests.conftest import REPO, tiny_args
 
 DEMO = str(REPO / "configs" / "regimes" / "model-strong.yaml")
@@ -126,13 +126,14 @@ def test_gc_never_touches_what_is_not_its_own(tiny_build, tmp_path, capsys, monk
         folder.mkdir(parents=True)
     (notes / "ideas.md").write_text("keep me")
     (board / "events.out.tfevents.1.host").write_bytes(b"x")
-    # a tokenisation entry in use by this process (data.prepare holds its lock shared), named by nothing
-    from pipeline import data
-    from pipeline.config import RunConfig, load_config
-    from pipeline.models import load_tokenizer
+    # a tokenisation entry in use by this process (sources.prepare holds its lock shared), named by nothing
+    from pipeline.common.config import load_config
+    from pipeline.common.models import load_tokenizer
+    from pipeline.data import sources
+    from pipeline.entry.config import RunConfig
 
     cfg = load_config(RunConfig, None, tiny_args(tiny_build, root))
-    data.prepare(cfg.data, tiny_build.sft_train, load_tokenizer(tiny_build.model, False), root / "tokens")
+    sources.prepare(cfg.data, tiny_build.sft_train, load_tokenizer(tiny_build.model, False), root / "tokens")
     (live,) = [p for p in (root / "tokens").iterdir() if p.is_dir()]
     # somewhere else, reached through a symlinked runs/ of a second root
     outside = tmp_path / "elsewhere"
@@ -149,7 +150,7 @@ def test_gc_never_touches_what_is_not_its_own(tiny_build, tmp_path, capsys, monk
     assert (notes / "ideas.md").read_text() == "keep me" and (board / "events.out.tfevents.1.host").exists()
     assert (live / "meta.json").exists() and (outside / "unfinished" / "run.json").exists()
     # the same entry, once no process uses it, is collected
-    from pipeline import tokens
+    from pipeline.data import tokens
 
     tokens._HELD.pop(live).close()
     assert cli.main(["cache", "gc", "--min-age", "0", f"--set=storage_root={root}"]) == 0
@@ -186,7 +187,7 @@ def test_a_lock_taken_on_a_file_gc_unlinked_meanwhile_is_taken_again_on_the_curr
     one (storage.lock_file)."""
     import threading
 
-    from pipeline.storage import lock_file
+    from pipeline.common.storage import lock_file
 
     path = tmp_path / ".entry.lock"
     gc_hold = lock_file(path)

@@ -12,11 +12,11 @@ import importlib.util
 import pytest
 import torch
 
-from pipeline import batching, train
-from pipeline.loss import fused_q_target_loss, q_target_loss
-from pipeline.prior_schema import Prior
-from pipeline.targets import preset
-from pipeline.tokens import Example
+from pipeline.common.prior_schema import Prior
+from pipeline.core.loss import fused_q_target_loss, q_target_loss
+from pipeline.core.targets import preset
+from pipeline.data.tokens import Example
+from pipeline.training import batching, train
 
 pytestmark = pytest.mark.gpu
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from flows import cli
-from pipeline import tokens
+from pipeline.data import tokens
 from tests.conftest import REPO, free_port
 
 DEMO = str(REPO / "configs" / "regimes" / "model-strong.yaml")
@@ -423,9 +423,9 @@ def test_a_manifest_without_counts_does_not_break_cache_ls(world, capsys):
 
 
 def test_a_template_that_loops_for_hours_fails_in_seconds(world, capsys, monkeypatch):
-    from pipeline import data
+    from pipeline.data import sources
 
-    monkeypatch.setattr(data, "TEMPLATE_SECONDS", 1.0)
+    monkeypatch.setattr(sources, "TEMPLATE_SECONDS", 1.0)
     loop = "{{% for i in range(100000) %}}{{% for j in range(100000) %}}{{% endfor %}}{{% endfor %}}"
     started = time.monotonic()
     code, err = run(["data", "inspect", DEMO, *local(f'data.chat_template="{loop}"')], world, capsys)
@@ -435,7 +435,7 @@ def test_a_template_that_loops_for_hours_fails_in_seconds(world, capsys, monkeyp
 
 def test_a_run_being_trained_cannot_be_trained_again_at_once(world, capsys):
     """Two `train --resume` of one run both ran before, interleaving steps in one metrics.jsonl."""
-    from pipeline.checkpoints import run_lock
+    from pipeline.training.checkpoints import run_lock
 
     argv = ["train", DEMO, *local("train.name=r", "train.max_steps=2", *SMALL_BATCH, "data.limit=8")]
     code, err = run(argv, world, capsys)
@@ -467,7 +467,7 @@ def _older_format(run: Path) -> None:
     would run code) listed in a sha256-only checkpoint.json."""
     import pickle
 
-    from pipeline.storage import sha256_file
+    from pipeline.common.storage import sha256_file
 
     class Evil:
         def __reduce__(self):
@@ -744,7 +744,7 @@ def _run_in_pty(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
 
 
 def test_ctrl_c_stops_training_cleanly_with_the_last_checkpoint_intact(world):
-    from pipeline import checkpoints
+    from pipeline.training import checkpoints
 
     run_dir = world["root"] / "runs" / "c"
     argv = [

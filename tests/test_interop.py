@@ -19,10 +19,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline import cli, priors
-from pipeline.config import RunConfig, load_config
-from pipeline.interop import unpack_bits
-from pipeline.prior_cache import PriorStore
+from pipeline.common.config import load_config
+from pipeline.entry import cli
+from pipeline.entry.config import RunConfig
+from pipeline.priors import capture
+from pipeline.priors.cache import PriorStore
+from pipeline.priors.interop import unpack_bits
 from tests.conftest import REPO, tiny_args
 
 K = 8
@@ -58,7 +60,7 @@ def write_axolotl_kd(build, root: Path, path: Path, k: int = K, extra: tuple[str
     """An Axolotl KD dataset of the tiny SFT set, as a vLLM prompt-logprobs producer writes it: the
     model's top-k at every position, one row per input token, the last one padding."""
     cfg = load_config(RunConfig, None, args(build, root, *extra))
-    examples = priors.plan(cfg, progress=False).prepared.examples
+    examples = capture.plan(cfg, progress=False).prepared.examples
     source = [json.loads(line) for line in Path(build.sft_train).read_text().splitlines()]
     model = AutoModelForCausalLM.from_pretrained(build.model).eval()
     rows = []
@@ -89,7 +91,7 @@ def test_an_axolotl_kd_dataset_imports_as_a_prior_set_and_trains(tiny_build, tmp
     manifest = PriorStore(str(tmp_path)).manifest(key)
     assert manifest["capture"]["engine"] == "import" and manifest["key_inputs"]["engine"]["format"] == "axolotl"
     # the same numbers as this pipeline's own capture at the same positions
-    captured = priors.capture(load_config(RunConfig, None, args(tiny_build, tmp_path / "own")), progress=False)
+    captured = capture.capture(load_config(RunConfig, None, args(tiny_build, tmp_path / "own")), progress=False)
     mine, theirs = records(tmp_path / "own", captured.key), records(tmp_path, key)
     assert mine.keys() == theirs.keys()
     inside = outside = 0
@@ -125,7 +127,7 @@ def test_an_axolotl_kd_dataset_imports_as_a_prior_set_and_trains(tiny_build, tmp
 
 
 def test_export_then_import_gives_the_same_priors(tiny_build, tmp_path, capsys):
-    captured = priors.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
+    captured = capture.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
     cfg_args = [f"--set={a}" for a in args(tiny_build, tmp_path)]
     code, out, err = run(["cache", "export", captured.key, "--out", str(tmp_path / "kd"), *cfg_args], capsys)
     assert code == 0 and (tmp_path / "kd" / "train.parquet").exists(), err
@@ -274,7 +276,7 @@ def test_a_misaligned_import_is_one_line_and_writes_nothing(tiny_build, tmp_path
 # `distillkit/compression/monotonic_logprobs.py` (compress_monotonic_logprobs with its SVD least squares,
 # decompress_monotonic_logprobs) and `bitpack.py`, for configs without residual bins, as the README's three
 # are. `decompress` is the reference the import is held to: an independent port of the decoder beside
-# pipeline/interop.py's numpy one.
+# pipeline/priors/interop.py's numpy one.
 D = 416  # the tiny tokenizer's vocabulary: DistillKit's capture sets d to it (auto_vocab_size)
 README_CONFIGS = {
     "recommended": {  # "Recommended configuration (used at Arcee for new captures)"
@@ -365,7 +367,7 @@ def write_distillkit(
     import yaml
 
     cfg = load_config(RunConfig, None, args(build, root))
-    examples = priors.plan(cfg, progress=False).prepared.examples
+    examples = capture.plan(cfg, progress=False).prepared.examples
     model = AutoModelForCausalLM.from_pretrained(build.model).eval()
     pad = model.config.pad_token_id
     bits = int(np.ceil(np.log2(codec["d"])))
@@ -415,7 +417,7 @@ def test_a_distillkit_capture_imports_what_its_decoder_gives(tiny_build, tmp_pat
     manifest = store.manifest(key)
     assert manifest["key_inputs"]["engine"]["format"] == "distillkit" and store.verify(key) == []
     stored = records(tmp_path, key)
-    examples = priors.plan(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False).prepared.examples
+    examples = capture.plan(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False).prepared.examples
     import pyarrow.parquet as pq
 
     by_ids = {}
@@ -490,7 +492,7 @@ def test_a_distillkit_capture_of_other_rows_or_a_damaged_one_is_one_line(tiny_bu
 
 @pytest.mark.parametrize("out", ["{tmp}/new/..", "/proc/target-sft-export", "{tmp}/" + "x" * 300, "{tmp}/kd.jsonl/sub"])
 def test_an_export_to_a_place_it_cannot_write_is_one_line(tiny_build, tmp_path, capsys, out):
-    captured = priors.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
+    captured = capture.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
     (tmp_path / "kd.jsonl").write_text("a file, not a folder")
     argv = ["cache", "export", captured.key, "--out", out.format(tmp=tmp_path)]
     capsys.readouterr()
@@ -505,7 +507,7 @@ def test_an_export_onto_a_read_only_or_full_disk_is_one_line_and_leaves_nothing(
 
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    captured = priors.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
+    captured = capture.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
     disk = tmp_path / "disk"
     disk.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", mount, "tmpfs", str(disk)], check=True)

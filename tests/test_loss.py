@@ -1,6 +1,6 @@
 """The Q-target loss against the original methods' losses, and fused against dense (docs/design.md §2–§3).
 
-The references below are written independently of `pipeline.targets`: each original loss as
+The references below are written independently of `pipeline.core.targets`: each original loss as
 the paper/DESIGN table states it, and the sparse prior completed to a full distribution over V
 by its tail policy, directly from the definitions.
 """
@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.loss import dense_target, fused_q_target_loss, q_target_loss
-from pipeline.prior_schema import Prior
-from pipeline.targets import PRESETS, TargetError, from_config, preset
+from pipeline.common.prior_schema import Prior
+from pipeline.core.loss import dense_target, fused_q_target_loss, q_target_loss
+from pipeline.core.targets import PRESETS, TargetError, from_config, preset
 
 N, V, K = 9, 40, 5
 PARAMS = {
@@ -142,8 +142,8 @@ def test_preset_gradient_matches_original_loss(name, tail, seed):
     assert rel_err(grad[keep], ref_grad) <= 1e-9, f"{name}/{tail}"
 
     # The gradient is w·(p − Q), and the loss is w·CE(Q, p), with the library's own Q.
-    from pipeline.loss import _prior_support, _support_stats
-    from pipeline.targets import coefficients
+    from pipeline.core.loss import _prior_support, _support_stats
+    from pipeline.core.targets import coefficients
 
     ids, valid, prior_lp = _prior_support(labels[keep], Prior(top_ids[keep], top_lp[keep], obs[keep]), torch.float64)
     coef = coefficients(spec, _support_stats(spec, torch.log(p), ids, valid, prior_lp), tail)

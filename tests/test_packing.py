@@ -9,10 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import batching, data, train
-from pipeline.config import DataConfig, TrainConfig
-from pipeline.prior_engines import HFEngine
-from pipeline.targets import preset
+from pipeline.core.targets import preset
+from pipeline.data import sources
+from pipeline.data.config import DataConfig
+from pipeline.priors.engines import HFEngine
+from pipeline.training import batching, train
+from pipeline.training.config import TrainConfig
 from tests.test_train import _examples, assert_same_weights, cfg_for, losses
 
 
@@ -20,7 +22,7 @@ from tests.test_train import _examples, assert_same_weights, cfg_for, losses
 def scored(tiny_build):
     """Eight examples of skewed lengths with their priors from the tiny model itself."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_build.model)
-    examples = data.prepare(DataConfig(max_length=128), tiny_build.sft_train, tokenizer).examples
+    examples = sources.prepare(DataConfig(max_length=128), tiny_build.sft_train, tokenizer).examples
     examples = sorted(examples, key=lambda e: len(e.input_ids))
     chosen = examples[:6] + examples[-2:]
     records = {r.example_index: r for r in HFEngine(tiny_build.model, k=8).score(chosen)}
@@ -95,9 +97,9 @@ def test_token_budget_fills_packed_rows():
 
 
 def test_packed_training_gives_the_padded_update(tiny_build, tmp_path):
-    from pipeline import priors
+    from pipeline.priors import capture
 
-    priors.capture(cfg_for(tiny_build, tmp_path), progress=False)
+    capture.capture(cfg_for(tiny_build, tmp_path), progress=False)
     common = ("train.target={preset: target_sft, eta: 0.5}", "train.batch_size=8", "train.max_steps=3")
     padded = train.train(cfg_for(tiny_build, tmp_path, *common, "train.name=padded"), progress=False)
     packed_cfg = cfg_for(tiny_build, tmp_path, *common, "train.name=packed", "train.packing=true",

@@ -1,4 +1,4 @@
-"""The prior schema's contract (pipeline/prior_schema.py; docs/design.md §4): what every writer's
+"""The prior schema's contract (pipeline/common/prior_schema.py; docs/design.md §4): what every writer's
 records must be, and what `cache verify` finds in a stored set that breaks it."""
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import cli, prior_schema, priors
-from pipeline.config import RunConfig, load_config
-from pipeline.errors import PriorError
-from pipeline.prior_cache import PriorStore
-from pipeline.prior_schema import PriorRecord, conform
+from pipeline.common import prior_schema
+from pipeline.common.config import load_config
+from pipeline.common.errors import PriorError
+from pipeline.common.prior_schema import PriorRecord, conform
+from pipeline.entry import cli
+from pipeline.entry.config import RunConfig
+from pipeline.priors import capture
+from pipeline.priors.cache import PriorStore
 from tests.conftest import REPO
 from tests.test_interop import args
 
@@ -172,7 +175,7 @@ def wrapped_delta(codes: list[int]) -> list[int]:
     ids=["wrapped-delta", "duplicate-id", "id-beyond-vocab", "negative-rank"],
 )
 def test_cache_verify_finds_values_that_break_the_contract(tiny_build, tmp_path, capsys, column, change, message):
-    captured = priors.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
+    captured = capture.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
     cfg = [f"--set={a}" for a in args(tiny_build, tmp_path)]
     assert cli.main(["cache", "verify", captured.key, *cfg]) == 0
     capsys.readouterr()
@@ -183,7 +186,7 @@ def test_cache_verify_finds_values_that_break_the_contract(tiny_build, tmp_path,
 
 
 def test_cache_verify_finds_an_edited_gamma_profile(tiny_build, tmp_path, capsys):
-    captured = priors.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
+    captured = capture.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
     path = Path(PriorStore(str(tmp_path)).dir(captured.key)) / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["gamma_profile"].update(mean=0.93, regime="model-strong")
@@ -194,7 +197,7 @@ def test_cache_verify_finds_an_edited_gamma_profile(tiny_build, tmp_path, capsys
 
 
 # --- property tests of the import formats' columns -----------------------------------------------------
-EXAMPLE = __import__("pipeline.tokens", fromlist=["Example"]).Example(
+EXAMPLE = __import__("pipeline.data.tokens", fromlist=["Example"]).Example(
     0, np.array([5, 6, 7, 8, 9], np.int32), np.array([False, False, True, True, True])
 )
 CELL = st.one_of(
@@ -224,7 +227,7 @@ POSITION_LPS = st.one_of(st.lists(NUMBERS, min_size=2, max_size=6), CELL)
 def test_any_axolotl_row_is_one_line_or_a_record_inside_the_contract(ids, lps, observed, ranks):
     """Property (issue: fuzz the boundaries): an Axolotl row of any shape and values either raises one
     PriorError line or yields a record that the schema's contract accepts."""
-    from pipeline.interop import axolotl_record
+    from pipeline.priors.interop import axolotl_record
 
     row = {"target_token_ids": ids, "logprobs": lps, "observed_logprob": observed, "observed_rank": ranks}
     try:
@@ -245,7 +248,7 @@ def test_any_axolotl_row_is_one_line_or_a_record_inside_the_contract(ids, lps, o
     ids=["script-in-regime", "negative-tokens", "text-mean", "empty-profile"],
 )
 def test_an_edited_gamma_profile_is_one_line_never_printed(tiny_build, tmp_path, capsys, edit, phrase):
-    captured = priors.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
+    captured = capture.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
     path = Path(PriorStore(str(tmp_path)).dir(captured.key)) / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["gamma_profile"] = {} if edit == "empty" else {**manifest["gamma_profile"], **edit}
@@ -270,7 +273,7 @@ def test_an_edited_gamma_profile_is_one_line_never_printed(tiny_build, tmp_path,
 def test_any_distillkit_bytes_are_one_line_or_a_record_inside_the_contract(data, ids, n):
     """Property: whatever bytes a DistillKit row holds per position, the import decodes them into a
     record the contract accepts (lossy: clamped and counted) or says in one line why it cannot."""
-    from pipeline.interop import DistillKitCodec, distillkit_record
+    from pipeline.priors.interop import DistillKitCodec, distillkit_record
 
     codec = DistillKitCodec(
         d=V, k=4, exact_k=1, exact_dtype="bfloat16", polynomial_terms=[0, 1, "sqrt"], term_dtype="float32",
@@ -282,7 +285,7 @@ def test_any_distillkit_bytes_are_one_line_or_a_record_inside_the_contract(data,
             "bytepacked_indices": [[list(ids)] * 5],
         }
     )
-    example = __import__("pipeline.tokens", fromlist=["Example"]).Example(
+    example = __import__("pipeline.data.tokens", fromlist=["Example"]).Example(
         0, np.arange(5, dtype=np.int32), np.array([False, False] + [True] * 3)
     )
     try:

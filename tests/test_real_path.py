@@ -11,9 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline import data, evaluate, train
-from pipeline.config import DataConfig, EvalSetConfig, RunConfig, load_config
-from pipeline.errors import DataError, EvalError
+from pipeline.common.config import load_config
+from pipeline.common.errors import DataError, EvalError
+from pipeline.core.targets import IGNORE
+from pipeline.data import sources
+from pipeline.data.config import DataConfig
+from pipeline.entry.config import RunConfig
+from pipeline.evaluation import evaluate
+from pipeline.evaluation.config import EvalSetConfig
+from pipeline.training import train
 from tests.conftest import REPO, hub_snapshot, tiny_args, write_jsonl
 
 QA = [{"question": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(12)]
@@ -50,8 +56,8 @@ def tokenizer(tiny_build):
 @pytest.mark.parametrize("fmt", ["messages", "prompt_completion", "conversational", "question_answer", "sharegpt"])
 def test_every_row_format_from_a_hub_snapshot_gives_the_same_examples(tmp_path, tokenizer, fmt):
     folder = hub_snapshot(tmp_path / "snapshot", rows_in(fmt))
-    prepared = data.prepare(DataConfig(path=str(folder)), folder, tokenizer)
-    reference = data.prepare(DataConfig(), write_jsonl(tmp_path / "ref.jsonl", rows_in("messages")), tokenizer)
+    prepared = sources.prepare(DataConfig(path=str(folder)), folder, tokenizer)
+    reference = sources.prepare(DataConfig(), write_jsonl(tmp_path / "ref.jsonl", rows_in("messages")), tokenizer)
     assert [e.input_ids.tolist() for e in prepared.examples] == [e.input_ids.tolist() for e in reference.examples]
     assert [e.labels.tolist() for e in prepared.examples] == [
         e.labels.tolist() for e in reference.examples
@@ -81,12 +87,12 @@ def test_every_path_form_reads_the_same_rows(tmp_path, tokenizer):
         (str(files / "part-*.parquet"), "train"),
         (tmp_path / "saved", "train"),
     ]:
-        source = data.open_source(path, split)
+        source = sources.open_source(path, split)
         got = [(r["prompt"], r["completion"]) for r in source.read(["prompt", "completion"])]
         assert got == expected or sorted(got) == sorted(expected), path
-    test = data.open_source(snapshot, "test").read(None)
+    test = sources.open_source(snapshot, "test").read(None)
     assert [r["prompt"] for r in test] == [r["prompt"] for r in rows[:3]]
-    only = data.open_source(snapshot, "train").read(["prompt"])
+    only = sources.open_source(snapshot, "train").read(["prompt"])
     assert set(only[0]) == {"prompt"}  # only the needed columns are read
 
 
@@ -95,11 +101,11 @@ def test_two_snapshots_laid_out_alike_never_share_a_cache(tmp_path):
     key, the second folder (or a changed file) would be read as the first."""
     a = hub_snapshot(tmp_path / "a" / "sft", rows_in("prompt_completion")[:4])
     b = hub_snapshot(tmp_path / "b" / "sft", rows_in("question_answer")[4:8])
-    assert data.open_source(a).columns[:2] == ["prompt", "completion"]
-    assert data.open_source(b).columns[:2] == ["question", "answer"]
+    assert sources.open_source(a).columns[:2] == ["prompt", "completion"]
+    assert sources.open_source(b).columns[:2] == ["question", "answer"]
     shard = next((a / "data").glob("train-00001-*"))
     pq.write_table(pa.Table.from_pylist(rows_in("prompt_completion")[10:12]), shard)
-    assert [r["prompt"] for r in data.open_source(a).read(["prompt"])][-1] == QA[11]["question"]
+    assert [r["prompt"] for r in sources.open_source(a).read(["prompt"])][-1] == QA[11]["question"]
 
 
 @pytest.mark.parametrize(
@@ -114,7 +120,7 @@ def test_two_snapshots_laid_out_alike_never_share_a_cache(tmp_path):
 def test_bad_paths_are_one_clear_error(tmp_path, path, split, message):
     snapshot = hub_snapshot(tmp_path / "snapshot", rows_in("messages"))
     with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        data.open_source(path.format(tmp=tmp_path, snapshot=snapshot), split)
+        sources.open_source(path.format(tmp=tmp_path, snapshot=snapshot), split)
 
 
 def test_sharegpt_roles_and_keys_are_mappable(tmp_path, tokenizer):
@@ -126,10 +132,10 @@ def test_sharegpt_roles_and_keys_are_mappable(tmp_path, tokenizer):
         message_keys={"role": "speaker", "content": "text"},
         roles={"patient": "user", "doctor": "assistant"},
     )
-    prepared = data.prepare(cfg, path, tokenizer)
-    assert "Rest." in tokenizer.decode([t for t in prepared.examples[0].labels.tolist() if t != data.IGNORE])
+    prepared = sources.prepare(cfg, path, tokenizer)
+    assert "Rest." in tokenizer.decode([t for t in prepared.examples[0].labels.tolist() if t != IGNORE])
     with pytest.raises(DataError, match=r"turn 0 has role 'patient'; map it with data\.roles"):
-        data.prepare(DataConfig(format="conversations", columns={"conversations": "dialog"},
+        sources.prepare(DataConfig(format="conversations", columns={"conversations": "dialog"},
                                 message_keys={"role": "speaker", "content": "text"}), path, tokenizer)  # fmt: skip
 
 
@@ -161,7 +167,7 @@ def test_a_tokenizer_without_pad_token_trains_and_evaluates(llama3_style, tiny_b
         ),
     )
     tok = AutoTokenizer.from_pretrained(llama3_style)
-    example = data.prepare(cfg.data, data_path, tok).examples[0]
+    example = sources.prepare(cfg.data, data_path, tok).examples[0]
     assert example.labels[-1] == tok.convert_tokens_to_ids("<|eot_id|>")  # eos is scored
     final = train.train(cfg, progress=False)
     report = json.loads(evaluate.evaluate_run(cfg, progress=False).read_text())
@@ -202,8 +208,9 @@ def test_eval_set_from_a_hub_snapshot_test_split(tmp_path):
 def test_prior_capture_fans_out_one_worker_per_gpu(tiny_build, tmp_path, monkeypatch, capsys):
     """Two simulated GPUs: two worker processes, each seeing only its own GPU, share the shards; this
     process then writes the manifest. (On this CPU the workers fall back to the CPU.)"""
-    from pipeline import launch, priors
-    from pipeline.prior_cache import PriorStore
+    from pipeline.entry import launch
+    from pipeline.priors import capture
+    from pipeline.priors.cache import PriorStore
 
     monkeypatch.setattr(launch, "visible_gpus", lambda: ["0", "1"])
     overrides = tiny_args(tiny_build, tmp_path, "priors.shard_size=16")
@@ -214,10 +221,10 @@ def test_prior_capture_fans_out_one_worker_per_gpu(tiny_build, tmp_path, monkeyp
     assert "[gpu 1] prior worker 1 of 2, CUDA_VISIBLE_DEVICES=1" in out
     store = PriorStore(str(tmp_path))
     assert result.complete and store.verify(result.key) == [] and result.forward_passes > 0
-    capture = store.manifest(result.key)["capture"]  # how it was made, beside the key
-    assert (capture["engine"], capture["device"], capture["dtype"]) == ("hf", "cpu", "float32")
-    assert capture["data_counts"]["examples"] == capture["data_counts"]["rows"] == 60
-    single = priors.plan(cfg, progress=False)
+    made = store.manifest(result.key)["capture"]  # how it was made, beside the key
+    assert (made["engine"], made["device"], made["dtype"]) == ("hf", "cpu", "float32")
+    assert made["data_counts"]["examples"] == made["data_counts"]["rows"] == 60
+    single = capture.plan(cfg, progress=False)
     assert single.key == result.key
     again = launch.capture_priors(cfg, None, overrides, progress=False)
     assert again.forward_passes == 0 and "[gpu" not in capsys.readouterr().out  # reused, no worker started
@@ -229,16 +236,16 @@ def test_prior_capture_fans_out_one_worker_per_gpu(tiny_build, tmp_path, monkeyp
 def test_weight_hashes_are_memoized_and_still_see_every_change(tiny_build, tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
-    from pipeline import priors
+    from pipeline.priors import capture
 
     model = tmp_path / "model"
     shutil.copytree(tiny_build.model, model)
     memo = tmp_path / "file-sha256.json"
-    first = priors.model_content_hash(model, memo)
+    first = capture.model_content_hash(model, memo)
     reads = []
-    real = priors.sha256_file
-    monkeypatch.setattr(priors, "sha256_file", lambda path: reads.append(path) or real(path))
-    assert priors.model_content_hash(model, memo) == first and reads == []  # nothing re-read
+    real = capture.sha256_file
+    monkeypatch.setattr(capture, "sha256_file", lambda path: reads.append(path) or real(path))
+    assert capture.model_content_hash(model, memo) == first and reads == []  # nothing re-read
     weights = model / "model.safetensors"
     original = weights.read_bytes()
     tensors = load_file(str(weights))
@@ -247,9 +254,9 @@ def test_weight_hashes_are_memoized_and_still_see_every_change(tiny_build, tmp_p
     tensors[name].view(-1)[0] += 1.0  # a changed tensor, same file size
     save_file(tensors, str(weights), metadata={"format": "pt"})
     assert weights.stat().st_size == len(original)
-    assert priors.model_content_hash(model, memo) != first and reads == [weights]
+    assert capture.model_content_hash(model, memo) != first and reads == [weights]
     weights.write_bytes(original)  # the old bytes again under a new mtime: hashed again, the old key back
-    assert priors.model_content_hash(model, memo) == first and len(reads) == 2
+    assert capture.model_content_hash(model, memo) == first and len(reads) == 2
 
 
 # --- chat templates: override, kwargs, text the template inserts ---------------------------------------
@@ -264,7 +271,7 @@ QWEN3_STYLE = (
 
 
 def _scored_text(prepared, tokenizer) -> str:
-    return tokenizer.decode([t for t in prepared.examples[0].labels.tolist() if t != data.IGNORE])
+    return tokenizer.decode([t for t in prepared.examples[0].labels.tolist() if t != IGNORE])
 
 
 def test_template_inserted_text_stays_out_of_the_loss(tmp_path, tiny_build):
@@ -274,13 +281,13 @@ def test_template_inserted_text_stays_out_of_the_loss(tmp_path, tiny_build):
     template = tmp_path / "qwen3.jinja"
     template.write_text(QWEN3_STYLE)
     path = write_jsonl(tmp_path / "d.jsonl", rows_in("prompt_completion")[:2])
-    masked = data.prepare(DataConfig(chat_template=str(template)), path, tokenizer)
+    masked = sources.prepare(DataConfig(chat_template=str(template)), path, tokenizer)
     assert tokenizer.chat_template == QWEN3_STYLE  # the override (saved with the trained model)
     assert _scored_text(masked, tokenizer) == "1 #### 1<|im_end|>"
-    unmasked = data.prepare(DataConfig(chat_template=QWEN3_STYLE, mask_template_text=False), path, tokenizer)
+    unmasked = sources.prepare(DataConfig(chat_template=QWEN3_STYLE, mask_template_text=False), path, tokenizer)
     assert _scored_text(unmasked, tokenizer).startswith("<think>")
     no_think = DataConfig(chat_template=QWEN3_STYLE, chat_template_kwargs={"enable_thinking": False})
-    rendered = data.prepare(no_think, path, tokenizer)
+    rendered = sources.prepare(no_think, path, tokenizer)
     assert _scored_text(rendered, tokenizer) == "1 #### 1<|im_end|>"
     assert rendered.fingerprint != masked.fingerprint  # the kwargs are part of what training sees
 
@@ -289,12 +296,12 @@ def test_a_qwen3_tokenizer_keeps_its_think_block_out_of_the_loss(qwen3_style, tm
     """The Qwen3-style fixture's own template (no override) writes `<think>\n\n</think>\n\n` into the
     answer turn: no think token is scored, the mask is the content plus `<|im_end|>\n`, and
     `data inspect` highlights exactly that."""
-    from pipeline import cli
+    from pipeline.entry import cli
 
     tokenizer = AutoTokenizer.from_pretrained(qwen3_style)
     think = set(tokenizer.convert_tokens_to_ids(["<think>", "</think>"]))
     path = write_jsonl(tmp_path / "d.jsonl", rows_in("messages")[:3])
-    prepared = data.prepare(DataConfig(), path, tokenizer)
+    prepared = sources.prepare(DataConfig(), path, tokenizer)
     example = prepared.examples[0]
     assert think <= set(example.input_ids.tolist())  # the template wrote the block into the input...
     assert not think & set(example.labels.tolist())  # ...and none of it is scored
@@ -318,7 +325,7 @@ def test_a_qwen3_template_on_multi_turn_conversations(qwen3_style, tmp_path):
     turns = [("What is 1 plus 1?", "2 #### 2"), ("And 2 plus 2?", "4 #### 4")]
     messages = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
-    prepared = data.prepare(DataConfig(), path, tokenizer)
+    prepared = sources.prepare(DataConfig(), path, tokenizer)
     assert _scored_text(prepared, tokenizer) == "2 #### 2<|im_end|>\n4 #### 4<|im_end|>\n"
     think = set(tokenizer.convert_tokens_to_ids(["<think>", "</think>"]))
     assert think <= set(prepared.examples[0].input_ids.tolist())  # in the last answer's turn...

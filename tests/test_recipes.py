@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import base_model, experiment
-from pipeline.config import ConfigError, RunConfig, load_config, to_dict
-from pipeline.errors import TargetError
+from pipeline.common.config import load_config, to_dict
+from pipeline.common.errors import ConfigError, TargetError
+from pipeline.entry.config import RunConfig
+from pipeline.experiments import experiment
+from pipeline.world import base_model
 
 PAPER = Path(__file__).resolve().parent.parent / "configs" / "paper"
 MATH_MODELS = ["qwen3-1.7b", "qwen2.5-math-1.5b", "qwen2.5-math-7b"]
@@ -96,7 +98,7 @@ def _rows(fmt: str, columns: dict[str, str]) -> list[dict]:
 
 def _eval_rows(s, n: int = 4) -> list[dict]:
     """Problems with exactly the columns the recipe's eval set reads (its template's included)."""
-    from pipeline.evaluate import PLACEHOLDER
+    from pipeline.evaluation.evaluate import PLACEHOLDER
 
     rows = []
     for i in range(n):
@@ -118,7 +120,9 @@ def test_recipe_runs_shrunk_through_priors_train_and_eval(setting, tiny_build, l
     sizes overridden."""
     import json
 
-    from pipeline import evaluate, priors, train
+    from pipeline.evaluation import evaluate
+    from pipeline.priors import capture
+    from pipeline.training import train
     from tests.conftest import hub_snapshot, write_jsonl
 
     shipped = load_config(RunConfig, PAPER / f"{setting}.yaml")
@@ -160,7 +164,7 @@ def test_recipe_runs_shrunk_through_priors_train_and_eval(setting, tiny_build, l
         cfg.train.target == shipped.train.target
         and cfg.eval.sets[0].prompt_template == shipped.eval.sets[0].prompt_template
     )
-    captured = priors.capture(cfg, progress=False)
+    captured = capture.capture(cfg, progress=False)
     final = train.train(cfg, progress=False)
     report = json.loads(evaluate.evaluate_run(cfg, progress=False).read_text())
     assert captured.complete and (final / "config.json").exists()
@@ -183,7 +187,7 @@ def test_every_recipe_names_a_teacher_and_runs_distill(setting):
 
 def test_check_names_every_missing_path_of_a_shipped_recipe(tmp_path, capsys):
     """`target-sft check` on a recipe as shipped: its model, data and eval files are not on this machine."""
-    from pipeline import cli
+    from pipeline.entry import cli
 
     recipe = PAPER / "numina-qwen2.5-math-1.5b.yaml"
     assert cli.main(["check", str(recipe), f"--set=storage_root={tmp_path}"]) == 2
@@ -198,7 +202,7 @@ def test_check_names_every_missing_path_of_a_shipped_recipe(tmp_path, capsys):
 def test_check_passes_on_the_fixture_families(family, llama3_style, qwen3_style, tmp_path, capsys):
     import json
 
-    from pipeline import cli
+    from pipeline.entry import cli
     from tests.conftest import hub_snapshot, wide_teacher, write_jsonl
 
     setting = "m23k-llama-3.2-3b" if family == "llama3" else "numina-qwen3-1.7b"

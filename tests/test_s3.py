@@ -10,9 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from pipeline import priors
-from pipeline.config import RunConfig, load_config
-from pipeline.prior_cache import CacheError, PriorStore
+from pipeline.common.config import load_config
+from pipeline.entry.config import RunConfig
+from pipeline.priors import capture
+from pipeline.priors.cache import CacheError, PriorStore
 from tests.conftest import free_port, tiny_args
 
 
@@ -54,10 +55,10 @@ def overrides(tiny_build, root):
 
 
 def test_s3_round_trip_matches_local(s3_server, tiny_build, tmp_path):
-    remote = priors.capture(load_config(RunConfig, None, overrides(tiny_build, s3_server)), progress=False)
-    local = priors.capture(load_config(RunConfig, None, overrides(tiny_build, tmp_path)), progress=False)
+    remote = capture.capture(load_config(RunConfig, None, overrides(tiny_build, s3_server)), progress=False)
+    local = capture.capture(load_config(RunConfig, None, overrides(tiny_build, tmp_path)), progress=False)
     assert remote.key == local.key and remote.manifest_path.startswith("s3://priors-bucket/team/priors/")
-    again = priors.capture(load_config(RunConfig, None, overrides(tiny_build, s3_server)), progress=False)
+    again = capture.capture(load_config(RunConfig, None, overrides(tiny_build, s3_server)), progress=False)
     assert again.forward_passes == 0
     store = PriorStore(s3_server)
     assert store.verify(remote.key) == []
@@ -80,7 +81,7 @@ def test_missing_s3_credentials_fail_clearly(s3_server, tiny_build, monkeypatch)
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     s3fs.S3FileSystem.clear_instance_cache()
     with pytest.raises(CacheError, match="no credentials for s3://priors-bucket/team"):
-        priors.capture(load_config(RunConfig, None, overrides(tiny_build, s3_server)), progress=False)
+        capture.capture(load_config(RunConfig, None, overrides(tiny_build, s3_server)), progress=False)
 
 
 @pytest.mark.parametrize(
@@ -100,7 +101,7 @@ def test_cache_commands_without_s3_credentials_are_one_line(
     """`cache ls s3://…` with no credentials said a botocore traceback; now what `priors` says."""
     import s3fs
 
-    from pipeline import cli
+    from pipeline.entry import cli
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)

@@ -1,4 +1,4 @@
-"""The hf engine's decode loop (pipeline/sampling.py) against transformers' `generate`, and its
+"""The hf engine's decode loop (pipeline/evaluation/sampling.py) against transformers' `generate`, and its
 per-sample random streams."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM
 
-from pipeline import evaluate, sampling
+from pipeline.evaluation import evaluate, sampling
 
 MAX_NEW = 96
 

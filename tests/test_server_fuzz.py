@@ -1,4 +1,4 @@
-"""Every value a vLLM server answers is checked for meaning (pipeline/prior_engines.py, and the prior
+"""Every value a vLLM server answers is checked for meaning (pipeline/priors/engines.py, and the prior
 schema's contract): a server that answers like vLLM, with one field of one answer changed at a time.
 
 The stand-in speaks vLLM 0.32's OpenAI-compatible API as the engine reads it (`/v1/models`,
@@ -25,7 +25,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.prior_cache import PriorStore
+from pipeline.priors.cache import PriorStore
 from tests.test_vllm_server import capture, server_args
 
 K = 8
@@ -193,7 +193,7 @@ def complete_sets(root: Path) -> list[str]:
 def clean(fake_server, tiny_build, tmp_path_factory) -> dict[int, Any]:
     root = tmp_path_factory.mktemp("clean")
     fake_server.mutate = None
-    code = __import__("pipeline.cli", fromlist=["main"]).main(
+    code = __import__("pipeline.entry.cli", fromlist=["main"]).main(
         ["priors", str(Path(__file__).parent.parent / "configs/regimes/model-strong.yaml")]
         + [f"--set={a}" for a in server_args(tiny_build, root, fake_server.url, f"priors.k={K}", "data.limit=6")]
     )

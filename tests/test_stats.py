@@ -1,13 +1,13 @@
-"""pipeline/stats.py: bootstrap intervals over problems and seeds, paired differences, compare_to."""
+"""pipeline/experiments/stats.py: bootstrap intervals over problems and seeds, paired differences, compare_to."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline import experiment, stats
-from pipeline.config import ExperimentConfig
-from pipeline.errors import TargetError
+from pipeline.common.errors import TargetError
+from pipeline.experiments import experiment, stats
+from pipeline.experiments.config import ExperimentConfig
 
 
 def test_no_spread_gives_a_zero_width_interval():

@@ -7,9 +7,9 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pipeline.loss import _prior_support, _support_stats, dense_target, fused_q_target_loss, q_target_loss
-from pipeline.prior_schema import Prior
-from pipeline.targets import PRESETS, TargetError, coefficients, from_config, preset
+from pipeline.common.prior_schema import Prior
+from pipeline.core.loss import _prior_support, _support_stats, dense_target, fused_q_target_loss, q_target_loss
+from pipeline.core.targets import PRESETS, TargetError, coefficients, from_config, preset
 
 
 def test_all_eleven_presets_exist():

@@ -12,11 +12,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import prior_schema, priors, train
-from pipeline.config import RunConfig, load_config
-from pipeline.errors import TrainError
-from pipeline.prior_cache import PriorStore
-from pipeline.prior_engines import drop_ids_beyond
+from pipeline.common import prior_schema
+from pipeline.common.config import load_config
+from pipeline.common.errors import TrainError
+from pipeline.entry.config import RunConfig
+from pipeline.priors import capture
+from pipeline.priors.cache import PriorStore
+from pipeline.priors.engines import drop_ids_beyond
+from pipeline.training import train
 from tests.conftest import tiny_args, wide_teacher, write_jsonl
 
 
@@ -29,7 +32,7 @@ def test_a_teacher_with_more_rows_is_accepted_and_its_extra_ids_never_reach_the_
     teacher = wide_teacher(tiny_build.model, tmp_path / "teacher")
     rows = AutoModelForCausalLM.from_pretrained(tiny_build.model).config.vocab_size
     cfg = cfg_for(tiny_build, tmp_path, f"priors.model_path={teacher}", "train.target={preset: target_sft, eta: 0.5}")
-    result = priors.capture(cfg, progress=False)
+    result = capture.capture(cfg, progress=False)
     records = PriorStore(str(tmp_path)).open(result.key).load_all()
     assert max(int(r.topk_ids.max()) for r in records.values()) >= rows  # the teacher did rank them
     final = train.train(cfg, progress=False)
@@ -48,13 +51,13 @@ def test_a_teacher_with_more_rows_is_accepted_and_its_extra_ids_never_reach_the_
 def test_the_manifest_and_run_json_say_which_model_made_the_prior(tiny_build, tmp_path):
     teacher = wide_teacher(tiny_build.model, tmp_path / "teacher", extra=8)
     cfg = cfg_for(tiny_build, tmp_path, f"priors.model_path={teacher}", "train.target=kd")
-    result = priors.capture(cfg, progress=False)
-    capture = PriorStore(str(tmp_path)).manifest(result.key)["capture"]
-    assert capture["prior_role"] == "teacher" and capture["logprobs_mode"] == "raw_logprobs"
-    model = capture["prior_model"]
+    result = capture.capture(cfg, progress=False)
+    made = PriorStore(str(tmp_path)).manifest(result.key)["capture"]
+    assert made["prior_role"] == "teacher" and made["logprobs_mode"] == "raw_logprobs"
+    model = made["prior_model"]
     assert model["path"] == str(teacher) and model["name"] == "teacher" and len(model["content_sha256"]) == 64
     assert model["config"]["vocab_size"] > AutoModelForCausalLM.from_pretrained(tiny_build.model).config.vocab_size
-    assert (capture["engine"], capture["dtype"]) == ("hf", "float32")
+    assert (made["engine"], made["dtype"]) == ("hf", "float32")
     final = train.train(cfg, progress=False)
     info = json.loads((final.parent / "run.json").read_text())["prior"]
     assert info["key"] == result.key and info["prior_model"]["content_sha256"] == model["content_sha256"]
@@ -63,9 +66,9 @@ def test_the_manifest_and_run_json_say_which_model_made_the_prior(tiny_build, tm
 
 def test_resume_with_another_prior_set_is_refused(tiny_build, tmp_path):
     own = cfg_for(tiny_build, tmp_path, "train.target={preset: target_sft, eta: 0.5}", "train.max_steps=4")
-    first = priors.capture(own, progress=False).key
+    first = capture.capture(own, progress=False).key
     teacher = wide_teacher(tiny_build.model, tmp_path / "teacher", extra=8)
-    other = priors.capture(cfg_for(tiny_build, tmp_path, f"priors.model_path={teacher}"), progress=False).key
+    other = capture.capture(cfg_for(tiny_build, tmp_path, f"priors.model_path={teacher}"), progress=False).key
     assert other != first
     killed = cfg_for(tiny_build, tmp_path, "train.target={preset: target_sft, eta: 0.5}", "train.max_steps=4",
                      "train.checkpoint_every=2", f"train.prior_key={first}")  # fmt: skip
@@ -97,8 +100,8 @@ def test_the_prior_at_j_scores_token_j_plus_1_at_the_edges_of_completions(tiny_b
     ]  # fmt: skip
     data = write_jsonl(tmp_path / "edges.jsonl", rows)
     cfg = load_config(RunConfig, None, [*tiny_args(tiny_build, tmp_path, f"data.path={data}")])
-    result = priors.capture(cfg, progress=False)
-    plan = priors.plan(cfg, progress=False)
+    result = capture.capture(cfg, progress=False)
+    plan = capture.plan(cfg, progress=False)
     records = PriorStore(str(tmp_path)).open(result.key).load_all()
     tokenizer = AutoTokenizer.from_pretrained(tiny_build.model)
     model = AutoModelForCausalLM.from_pretrained(tiny_build.model, dtype=torch.float32).eval()

@@ -1,4 +1,4 @@
-"""The tokenisation cache (pipeline/tokens.py): built once, memory-mapped after, safe under concurrency."""
+"""The tokenisation cache (pipeline/data/tokens.py): built once, memory-mapped after, safe under concurrency."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import data, priors, tokens
-from pipeline.config import DataConfig, RunConfig, load_config
-from pipeline.tokens import Example, pad_rows
+from pipeline.common.config import load_config
+from pipeline.data import sources, tokens
+from pipeline.data.config import DataConfig
+from pipeline.data.tokens import Example, pad_rows
+from pipeline.entry.config import RunConfig
+from pipeline.priors import capture
 from tests.conftest import tiny_args
 
 
@@ -33,10 +36,10 @@ def _tokenised(caplog) -> int:
 def test_second_prepare_reads_the_cache_without_tokenising(tiny_build, tokenizer, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="pipeline")
     cfg = DataConfig(max_length=128)
-    fresh = data.prepare(cfg, tiny_build.sft_train, tokenizer)  # no cache: the reference
-    first = data.prepare(cfg, tiny_build.sft_train, tokenizer, tmp_path)
+    fresh = sources.prepare(cfg, tiny_build.sft_train, tokenizer)  # no cache: the reference
+    first = sources.prepare(cfg, tiny_build.sft_train, tokenizer, tmp_path)
     assert _tokenised(caplog) == 2
-    second = data.prepare(cfg, tiny_build.sft_train, tokenizer, tmp_path)
+    second = sources.prepare(cfg, tiny_build.sft_train, tokenizer, tmp_path)
     assert _tokenised(caplog) == 2  # read back, not tokenised again
     assert isinstance(second.examples[0].input_ids.base, np.memmap)  # mapped, not loaded
     for prepared in (first, second):
@@ -53,13 +56,13 @@ def test_a_changed_setting_or_file_gets_its_own_entry(tiny_build, tokenizer, tmp
     source = tmp_path / "sft.jsonl"
     source.write_bytes(Path(tiny_build.sft_train).read_bytes())
     cache = tmp_path / "tokens"
-    base = data.prepare(DataConfig(max_length=128), source, tokenizer, cache)
-    shorter = data.prepare(DataConfig(max_length=40), source, tokenizer, cache)
+    base = sources.prepare(DataConfig(max_length=128), source, tokenizer, cache)
+    shorter = sources.prepare(DataConfig(max_length=40), source, tokenizer, cache)
     assert shorter.truncated > 0 and shorter.fingerprint != base.fingerprint
     lines = source.read_text().splitlines(keepends=True)
     source.write_text("".join(lines[:10]))
     os.utime(source, ns=(time.time_ns(), time.time_ns() + 10**9))
-    edited = data.prepare(DataConfig(max_length=128), source, tokenizer, cache)
+    edited = sources.prepare(DataConfig(max_length=128), source, tokenizer, cache)
     assert len(edited.examples) == 10
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 3
 
@@ -90,9 +93,9 @@ def test_concurrent_builders_take_turns_and_one_builds(tmp_path):
 def test_capture_plan_after_capture_reads_tokens_from_the_cache(tiny_build, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="pipeline")
     cfg = load_config(RunConfig, None, tiny_args(tiny_build, tmp_path))
-    result = priors.capture(cfg, progress=False)
+    result = capture.capture(cfg, progress=False)
     before = _tokenised(caplog)
-    again = priors.plan(cfg, progress=False)  # what every training process and capture worker does
+    again = capture.plan(cfg, progress=False)  # what every training process and capture worker does
     assert _tokenised(caplog) == before and again.key == result.key
 
 
@@ -111,7 +114,7 @@ def test_an_edit_of_the_same_length_with_its_timestamp_restored_is_tokenised_aga
     source.write_text(text)
     stamp = source.stat()
     cache = tmp_path / "tokens"
-    before = data.prepare(DataConfig(max_length=128), source, tokenizer, cache)
+    before = sources.prepare(DataConfig(max_length=128), source, tokenizer, cache)
     first = json.loads(text.split("\n", 1)[0])
     completion = first["messages"][-1]["content"]
     digits = str.maketrans("0123456789", "9876543210")
@@ -125,7 +128,7 @@ def test_an_edit_of_the_same_length_with_its_timestamp_restored_is_tokenised_aga
     source.write_text("\n".join(lines))
     os.utime(source, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     assert source.stat().st_size == stamp.st_size and source.stat().st_mtime_ns == stamp.st_mtime_ns
-    after = data.prepare(DataConfig(max_length=128), source, tokenizer, cache)
+    after = sources.prepare(DataConfig(max_length=128), source, tokenizer, cache)
     assert after.fingerprint != before.fingerprint
     assert after.examples[0].input_ids.tolist() != before.examples[0].input_ids.tolist()
 
@@ -158,13 +161,13 @@ DAMAGE = {
 def test_a_damaged_entry_is_rebuilt_with_one_line(tiny_build, tokenizer, tmp_path, damage, caplog):
     """A truncated, emptied, half-deleted or edited entry is treated as absent: rebuilt, said once."""
     cfg = DataConfig(max_length=48, limit=64)  # truncated to 48: two examples together are longer
-    prepared = data.prepare(cfg, tiny_build.sft_train, tokenizer, tmp_path)
+    prepared = sources.prepare(cfg, tiny_build.sft_train, tokenizer, tmp_path)
     expected = [(e.input_ids.tolist(), e.labels.tolist()) for e in prepared.examples]
     del prepared  # its arrays map the files about to be damaged
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     DAMAGE[damage](folder)
     caplog.set_level(logging.WARNING, logger="pipeline")
-    again = data.prepare(cfg, tiny_build.sft_train, tokenizer, tmp_path)
+    again = sources.prepare(cfg, tiny_build.sft_train, tokenizer, tmp_path)
     warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
     assert len(warnings) == 1 and "rebuilding it" in warnings[0]
     assert [(e.input_ids.tolist(), e.labels.tolist()) for e in again.examples] == expected

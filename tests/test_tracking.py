@@ -8,9 +8,11 @@ import os
 
 import pytest
 
-from pipeline import evaluate, train
-from pipeline.config import RunConfig, load_config
-from pipeline.errors import TrackingError
+from pipeline.common.config import load_config
+from pipeline.common.errors import TrackingError
+from pipeline.entry.config import RunConfig
+from pipeline.evaluation import evaluate
+from pipeline.training import train
 from tests.conftest import REPO, tiny_args
 
 
@@ -163,7 +165,7 @@ def test_a_tracker_that_cannot_start_is_one_line_and_leaves_no_run_folder(
     tiny_build, tmp_path, monkeypatch, capsys, tracker, env, phrase
 ):
     """MLflow with a store it refuses, W&B with no API key: were tracebacks, and a rerun needed --resume."""
-    from pipeline import cli
+    from pipeline.entry import cli
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no W&B settings
     for name, value in env.items():

@@ -18,11 +18,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import batching, priors, tokens, train
-from pipeline.checkpoints import read_checkpoint
-from pipeline.config import RunConfig, load_config
-from pipeline.errors import ConfigError
-from pipeline.prior_cache import CacheError
+from pipeline.common.config import load_config
+from pipeline.common.errors import ConfigError
+from pipeline.data import tokens
+from pipeline.entry.config import RunConfig
+from pipeline.priors import capture
+from pipeline.priors.cache import CacheError
+from pipeline.training import batching, train
+from pipeline.training.checkpoints import read_checkpoint
 from tests.conftest import REPO, free_port, tiny_args
 
 
@@ -57,7 +60,7 @@ def assert_same_weights(a: Path, b: Path, tol: float) -> None:
 @pytest.fixture
 def captured(tiny_build, tmp_path):
     """Priors of the tiny model over its SFT set, in tmp_path."""
-    priors.capture(cfg_for(tiny_build, tmp_path), progress=False)
+    capture.capture(cfg_for(tiny_build, tmp_path), progress=False)
     return tmp_path
 
 
@@ -106,13 +109,13 @@ def test_token_budget_micro_batches_give_the_same_update(tiny_build, captured):
 
 
 def _examples(lengths: list[int]):
-    from pipeline.data import Example
+    from pipeline.data.sources import Example
 
     return [Example.from_labels(i, [1] * n, [1] * n) for i, n in enumerate(lengths)]
 
 
 def test_micro_batch_split_by_token_budget_is_balanced_across_processes():
-    from pipeline.config import TrainConfig
+    from pipeline.training.config import TrainConfig
 
     rng = random.Random(0)
     batch = sorted(_examples([rng.randint(10, 200) for _ in range(32)]), key=lambda e: len(e.input_ids))
@@ -127,7 +130,7 @@ def test_micro_batch_split_by_token_budget_is_balanced_across_processes():
 
 
 def test_length_grouped_sampling_cuts_padding_and_keeps_every_example(tiny_build):
-    from pipeline.config import TrainConfig
+    from pipeline.training.config import TrainConfig
 
     rng = random.Random(1)
     examples = _examples([rng.randint(5, 300) for _ in range(400)])
@@ -144,10 +147,10 @@ def test_length_grouped_sampling_cuts_padding_and_keeps_every_example(tiny_build
 
 
 def test_each_process_decodes_only_its_share_of_the_priors(tiny_build, captured):
-    from pipeline.prior_cache import PriorStore
+    from pipeline.priors.cache import PriorStore
 
     cfg = cfg_for(tiny_build, captured)
-    key = priors.plan(cfg, progress=False).key
+    key = capture.plan(cfg, progress=False).key
     reader = PriorStore(str(captured)).open(key)
     everything = reader.load_all()
     share = set(sorted(everything)[::2])
@@ -159,7 +162,7 @@ def test_each_process_decodes_only_its_share_of_the_priors(tiny_build, captured)
         reader.load({10**6})
 
 
-TRAIN_SCRIPT = "from pipeline.cli import main; raise SystemExit(main())"
+TRAIN_SCRIPT = "from pipeline.entry.cli import main; raise SystemExit(main())"
 
 
 def test_resume_after_sigkill_gives_identical_losses(tiny_build, tmp_path):
@@ -208,7 +211,7 @@ def test_resume_after_sigkill_gives_identical_losses(tiny_build, tmp_path):
 
 
 def run_torchrun(cli_args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node 2 -m pipeline.cli train ...`; on timeout the whole process group dies."""
+    """`torchrun --nproc-per-node 2 -m pipeline.entry.cli train ...`; on timeout the whole process group dies."""
     command = [
         sys.executable,
         "-m",
@@ -218,7 +221,7 @@ def run_torchrun(cli_args: list[str], timeout: float = 300) -> subprocess.Comple
         "--master-port",
         str(free_port()),
         "-m",
-        "pipeline.cli",
+        "pipeline.entry.cli",
         "train",
         str(REPO / "configs/regimes/model-strong.yaml"),
         *cli_args,
@@ -237,7 +240,7 @@ def run_torchrun(cli_args: list[str], timeout: float = 300) -> subprocess.Comple
 
 def test_two_process_gloo_matches_single_process(tiny_build, captured):
     """`target-sft train --nproc 2` launches torchrun (gloo here); 0.4 epochs of 60 examples = 3 steps."""
-    from pipeline import cli
+    from pipeline.entry import cli
 
     extra = ("train.target={preset: target_sft, eta: 0.5}", "train.batch_size=8", "train.micro_batch_size=2")
     cli_args = [f"--set={a}" for a in args_for(tiny_build, captured, *extra, "train.epochs=0.4", "train.name=ddp")]
@@ -262,7 +265,7 @@ def test_two_nodes_through_c10d_rendezvous_match_single_process(tiny_build, capt
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
         command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=test-job"]
         command += [f"--rdzv-conf=is_host={'true' if node == 0 else 'false'}"]  # node 0 hosts the store
-        command += ["-m", "pipeline.cli", "train", str(REPO / "configs/regimes/model-strong.yaml"), *cli_args]
+        command += ["-m", "pipeline.entry.cli", "train", str(REPO / "configs/regimes/model-strong.yaml"), *cli_args]
         launchers.append(
             subprocess.Popen(
                 command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -341,7 +344,7 @@ def test_bad_inputs_fail_before_any_step(tiny_build, tmp_path, captured):
     with pytest.raises(CacheError, match="needs priors"):
         train.train(cfg_for(tiny_build, fresh, "train.target=kd"), progress=False)
     # a prior set captured for other inputs is refused
-    other = priors.capture(cfg_for(tiny_build, captured, "data.max_length=100"), progress=False)
+    other = capture.capture(cfg_for(tiny_build, captured, "data.max_length=100"), progress=False)
     with pytest.raises(CacheError, match="does not match this run"):
         train.train(
             cfg_for(tiny_build, captured, "train.target=kd", f"train.prior_key={other.key}", "train.name=mismatch"),
@@ -353,7 +356,7 @@ def test_bad_inputs_fail_before_any_step(tiny_build, tmp_path, captured):
     tok = AutoTokenizer.from_pretrained(student)
     tok.add_tokens(["<|tool|>"])
     tok.save_pretrained(student)
-    key = priors.plan(cfg_for(tiny_build, captured), progress=False).key
+    key = capture.plan(cfg_for(tiny_build, captured), progress=False).key
     with pytest.raises(CacheError, match="different tokenizer than the student"):
         train.train(
             cfg_for(
@@ -411,13 +414,13 @@ def test_full_disk_fails_cleanly_and_keeps_the_last_good_checkpoint(tiny_build, 
 
 @pytest.mark.vllm
 def test_final_model_loads_in_vllm(tiny_build, tmp_path):
-    from pipeline.prior_engines import HFEngine, VLLMEngine
+    from pipeline.priors.engines import HFEngine, VLLMEngine
 
     final = train.train(
         cfg_for(tiny_build, tmp_path, "train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=2"),
         progress=False,
     )
-    examples = priors.plan(cfg_for(tiny_build, tmp_path, f"model.path={final}"), progress=False).prepared.examples[:4]
+    examples = capture.plan(cfg_for(tiny_build, tmp_path, f"model.path={final}"), progress=False).prepared.examples[:4]
     engine = VLLMEngine(final, k=5, max_model_len=128, dtype="float32")
     try:
         from_vllm = engine.score(examples)

@@ -13,10 +13,10 @@ import os
 import pytest
 import torch
 
-from pipeline import loss as loss_module
-from pipeline.loss import fused_q_target_loss, q_target_loss, resolve_backend
-from pipeline.prior_schema import Prior
-from pipeline.targets import PRESETS, preset
+from pipeline.common.prior_schema import Prior
+from pipeline.core import loss as loss_module
+from pipeline.core.loss import fused_q_target_loss, q_target_loss, resolve_backend
+from pipeline.core.targets import PRESETS, preset
 from tests.test_loss import PARAMS, make_case
 
 pytest.importorskip("triton")
@@ -27,7 +27,7 @@ TAKEN = [name for name in PRESETS if name != "eaft"]  # eaft: γ from the studen
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    from pipeline import triton_loss
+    from pipeline.core import triton_loss
 
     monkeypatch.setattr(triton_loss, "BLOCKS", (16, 16, 16))
 
@@ -72,7 +72,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("name", TAKEN)
 def test_triton_fp32_matches_the_dense_reference(name, tail, monkeypatch):
     """Loss, ∂hidden, ∂weight and ∂bias within 1e-5 of the fp64 dense reference, and the stats."""
-    from pipeline import triton_loss
+    from pipeline.core import triton_loss
 
     calls = []
     real = triton_loss.q_loss_and_grads
@@ -124,9 +124,12 @@ def test_training_with_the_triton_backend_matches_the_torch_path(tiny_build, tmp
     interpreter it is one line before anything runs."""
     import json
 
-    from pipeline import priors, train, triton_loss
-    from pipeline.config import RunConfig, load_config
-    from pipeline.errors import TrainError
+    from pipeline.common.config import load_config
+    from pipeline.common.errors import TrainError
+    from pipeline.core import triton_loss
+    from pipeline.entry.config import RunConfig
+    from pipeline.priors import capture
+    from pipeline.training import train
     from tests.conftest import tiny_args
 
     monkeypatch.undo()  # the real tile sizes
@@ -140,7 +143,7 @@ def test_training_with_the_triton_backend_matches_the_torch_path(tiny_build, tmp
                          "train.target=target_sft", f"train.loss_backend={backend}")  # fmt: skip
         return load_config(RunConfig, None, sets)
 
-    priors.capture(cfg("torch", "t"), progress=False)
+    capture.capture(cfg("torch", "t"), progress=False)
     losses = {}
     for backend in ("torch", "triton"):
         final = train.train(cfg(backend, backend), progress=False)
@@ -156,7 +159,7 @@ def test_training_with_the_triton_backend_matches_the_torch_path(tiny_build, tmp
 
 def test_support_gathers_in_row_slices_give_the_same_result(monkeypatch):
     """The torch-side gathers go SUPPORT_ROWS rows at a time (memory); slices of 5 rows change nothing."""
-    from pipeline import triton_loss
+    from pipeline.core import triton_loss
 
     whole, whole_grads = _run("triton", torch.float32, "target_sft", "renormalize")
     monkeypatch.setattr(triton_loss, "SUPPORT_ROWS", 5)

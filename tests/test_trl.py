@@ -1,4 +1,4 @@
-"""Target-SFT through TRL's `SFTTrainer` (pipeline/trl_integration.py, the `trl` extra)."""
+"""Target-SFT through TRL's `SFTTrainer` (pipeline/training/trl_integration.py, the `trl` extra)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig
 
-from pipeline import batching, priors, train
-from pipeline.config import RunConfig, load_config
-from pipeline.errors import PriorError
-from pipeline.schedule import warmup_cosine
-from pipeline.targets import preset
-from pipeline.trl_integration import CachedPriors, TargetSFTTrainer, as_prompt_completion
+from pipeline.common.config import load_config
+from pipeline.common.errors import PriorError
+from pipeline.core.targets import preset
+from pipeline.entry.config import RunConfig
+from pipeline.priors import capture
+from pipeline.training import batching, train
+from pipeline.training.schedule import warmup_cosine
+from pipeline.training.trl_integration import CachedPriors, TargetSFTTrainer, as_prompt_completion
 from tests.conftest import REPO, tiny_args
 
 STEPS, BATCH, LR, WARMUP = 3, 4, 0.002, 1
@@ -81,10 +83,10 @@ def sft_config(out: Path, **more) -> SFTConfig:
 
 def test_target_sft_through_trl_equals_our_trainer_on_the_same_batches(tiny_build, tmp_path):
     cfg = load_config(RunConfig, None, overrides(tiny_build, tmp_path))
-    priors.capture(cfg, progress=False)
+    capture.capture(cfg, progress=False)
     final = train.train(cfg, progress=False)
     ours = [json.loads(line)["loss"] for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
-    plan = priors.plan(cfg, progress=False)
+    plan = capture.plan(cfg, progress=False)
     order = [e.index for batch in batching.step_batches(plan.prepared.examples, cfg.train) for e in batch]
 
     torch.manual_seed(0)
@@ -121,7 +123,7 @@ def test_a_batch_the_prior_set_was_not_captured_on_is_refused_naming_the_row(
     tiny_build, tmp_path, dataset, more, message
 ):
     cfg = load_config(RunConfig, None, overrides(tiny_build, tmp_path))
-    priors.capture(cfg, progress=False)
+    capture.capture(cfg, progress=False)
     lines = [json.loads(line) for line in Path(tiny_build.sft_train).read_text().splitlines()]
     data = (
         Dataset.from_list([{"messages": r["messages"]} for r in lines]) if dataset == "messages" else rows(tiny_build)
@@ -147,7 +149,7 @@ def test_the_readme_block_runs_as_written(tiny_build, tmp_path, monkeypatch):
     first, body = block.split("\n", 1)
     assert first.startswith("CONFIG, OVERRIDES = ")
     cfg_overrides = overrides(tiny_build, tmp_path)
-    priors.capture(load_config(RunConfig, None, cfg_overrides), progress=False)
+    capture.capture(load_config(RunConfig, None, cfg_overrides), progress=False)
     monkeypatch.chdir(tmp_path)
     namespace = {"CONFIG": None, "OVERRIDES": cfg_overrides}
     exec(compile(body, "README.md", "exec"), namespace)
@@ -159,10 +161,10 @@ def test_the_readme_block_runs_as_written(tiny_build, tmp_path, monkeypatch):
 def test_a_dataset_the_priors_cannot_be_matched_to_is_one_line(tiny_build, tmp_path, kind):
     """An IterableDataset has no row index; a `row` column of text is not one: each is refused when
     the trainer is built, in one line, not with a traceback from the collator."""
-    from pipeline.errors import ConfigError
+    from pipeline.common.errors import ConfigError
 
     cfg = load_config(RunConfig, None, overrides(tiny_build, tmp_path))
-    priors.capture(cfg, progress=False)
+    capture.capture(cfg, progress=False)
     data = rows(tiny_build)
     data = data.to_iterable_dataset() if kind == "iterable" else data.add_column("row", ["x"] * len(data))
     with pytest.raises(ConfigError) as refused:

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import cli
-from pipeline.prior_cache import PriorStore
+from pipeline.entry import cli
+from pipeline.priors.cache import PriorStore
 from tests.conftest import REPO, free_port, tiny_args
 
 DEMO = str(REPO / "configs" / "regimes" / "model-strong.yaml")
