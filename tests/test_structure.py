@@ -4,8 +4,12 @@ and a module imports only from its own layer or those beneath it, with no circle
 from __future__ import annotations
 
 import ast
+import json
+import os
+import subprocess
+import sys
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_args
 
 LAYERS = ["common", "core", "data", "priors", "training", "evaluation", "experiments", "world", "entry"]
 """Bottom to top: the shared low layer, the maths, then the stages in data-path order, the embedded
@@ -83,3 +87,27 @@ def test_the_import_graph_has_no_circle():
     for module in sorted(graph):
         if module not in state:
             assert (circle := visit(module, [])) is None, " -> ".join(circle)
+
+
+TRAIN_WITHOUT_A_KEY = """
+import importlib.util, json, sys
+from flows import cli
+from pipeline.priors.engines import vllm_available
+assert importlib.util.find_spec("vllm") is not None and vllm_available()  # installed: an import would show
+code = cli.main(["train", *sys.argv[1:]])
+print(json.dumps({"code": code, "vllm": sorted(m for m in sys.modules if m.split(".")[0] == "vllm")}))
+"""
+
+
+def test_training_without_a_prior_key_computes_it_without_importing_vllm(tiny_build, tmp_path):
+    """With train.prior_key unset, training computes the key of the set it needs from the config
+    (priors.engine=auto names vLLM, which is installed here). It never imports vLLM for that: the set
+    is missing here, so the run stops at one line, after the key was computed."""
+    argv = [f"--set={a}" for a in tiny_args(tiny_build, tmp_path, "priors.engine=auto", "train.target=target_sft")]
+    done = subprocess.run(
+        [sys.executable, "-c", TRAIN_WITHOUT_A_KEY, str(REPO / "configs" / "regimes" / "model-strong.yaml"), *argv],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"code": 2, "vllm": []}, done.stderr[-2000:]
+    assert "target-sft priors" in done.stderr, done.stderr[-2000:]  # the set it needs is named, not found

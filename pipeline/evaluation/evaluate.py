@@ -34,7 +34,7 @@ from pipeline.entry.resolve import eval_dir, resolve_device, resolve_dtype, reso
 from pipeline.evaluation.answers import LETTERS, check_answers
 from pipeline.evaluation.config import EvalConfig, EvalSetConfig
 from pipeline.evaluation.sampling import sample, sample_key
-from pipeline.priors.engines import set_vllm_cpu_environment, shutdown_vllm
+from pipeline.priors.engines import import_vllm, set_vllm_cpu_environment, shutdown_vllm
 from pipeline.training.diagnostics import loops
 from pipeline.training.tracking import Trackers
 from pipeline.world.base_model import BaseModelPaths
@@ -139,7 +139,7 @@ class VLLMGenerator:
     def __init__(self, model_path: Path, cfg: EvalConfig, progress: bool, trust_remote_code: bool) -> None:
         limit = getattr(load_model_config(model_path, trust_remote_code), "max_position_embeddings", cfg.max_model_len)
         set_vllm_cpu_environment()
-        from vllm import LLM
+        LLM = import_vllm().LLM
 
         self.llm = LLM(
             model=str(model_path),

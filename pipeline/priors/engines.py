@@ -224,7 +224,7 @@ class VLLMEngine:
     ) -> None:
         check_remote_code(Path(model_path), trust_remote_code)
         set_vllm_cpu_environment()
-        from vllm import LLM
+        LLM = import_vllm().LLM
 
         self.k = k
         self.flat_logprobs = True
@@ -561,11 +561,24 @@ def shutdown_vllm(llm: Any) -> None:
 
 
 def vllm_available() -> bool:
+    """Whether vLLM is installed, found without importing it (an import costs seconds and a lot of
+    memory, and choosing an engine or computing a cache key needs neither). An installed vLLM that
+    does not import is a one-line error where an engine starts (`import_vllm`)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def import_vllm() -> Any:
+    """The vllm module, or one line saying that the installed one does not import."""
     try:
-        import vllm  # noqa: F401
-    except Exception:
-        return False
-    return True
+        import vllm
+    except Exception as e:
+        raise PriorError(
+            f"vLLM is installed but does not import ({type(e).__name__}: {str(e)[:200]}); fix the install, "
+            "or use the transformers engine (priors.engine=hf, eval.engine=hf)"
+        ) from None
+    return vllm
 
 
 def set_vllm_cpu_environment() -> None:
