@@ -111,3 +111,13 @@ def test_training_without_a_prior_key_computes_it_without_importing_vllm(tiny_bu
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"code": 2, "vllm": []}, done.stderr[-2000:]
     assert "target-sft priors" in done.stderr, done.stderr[-2000:]  # the set it needs is named, not found
+
+
+def test_no_function_is_over_80_lines():
+    """A stage reads top to bottom; past 80 lines a function is several steps that want names."""
+    long = []
+    for path in sorted([*(REPO / "pipeline").rglob("*.py"), *(REPO / "flows").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert long == []

@@ -15,6 +15,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from pipeline.common import storage
 from pipeline.common.config import load_config
@@ -51,7 +52,14 @@ def _add_config_args(parser: argparse.ArgumentParser, required: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="target-sft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_base_model_commands(commands)
+    _add_stage_commands(commands)
+    _add_cache_commands(commands)
+    _add_flow_commands(commands)
+    return parser
 
+
+def _add_base_model_commands(commands: Any) -> None:
     base = commands.add_parser("base-model", help="build or evaluate the embedded base model")
     base_commands = base.add_subparsers(dest="action", required=True)
     build = base_commands.add_parser("build", help="build it (idempotent)")
@@ -69,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(evaluate, required=False)
     evaluate.add_argument("--format", choices=["plain", "chat", "both"], default="both")
 
+
+def _add_stage_commands(commands: Any) -> None:
+    """The stages one at a time: data, priors (stage 1), train (stage 2), eval."""
     data_cmd = commands.add_parser("data", help="dataset tools")
     data_commands = data_cmd.add_subparsers(dest="action", required=True)
     _add_config_args(data_commands.add_parser("inspect", help="counts, lengths, masks, fingerprint"), required=True)
@@ -91,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     priors_cmd = commands.add_parser("priors", help="stage 1: capture sparse top-k priors (cached)")
     _add_config_args(priors_cmd, required=True)
 
+
+def _add_cache_commands(commands: Any) -> None:
+    """The prior cache and the storage root: list, show, verify, remove, import, export, gc."""
     cache = commands.add_parser("cache", help="inspect the prior cache; prune the storage root")
     cache_commands = cache.add_subparsers(dest="action", required=True)
     _add_config_args(cache_commands.add_parser("ls", help="list prior sets"), required=False)
@@ -144,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("key")
         _add_config_args(sub, required=False)
 
+
+def _add_flow_commands(commands: Any) -> None:
+    """Whole experiments: check a config, select settings, run, serve on a schedule, the demo."""
     check = commands.add_parser("check", help="dry-run a config: grid, batch shapes, priors, eval (no model needed)")
     _add_config_args(check, required=True)
 
@@ -159,14 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default=None, help="deployment name (default: experiment.name)")
     demo = commands.add_parser("demo", help="the main job: the demo experiment on the embedded model (make demo)")
     _add_config_args(demo, required=False)
-    return parser
 
 
 FlowCommand = Callable[[argparse.Namespace, "str | Path | None", RunConfig], int]
 
 
 def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | None = None) -> int:
-    """Run one command; `flow_commands` handles `run`, `serve`, `demo` and `select` (see flows.cli)."""
+    """Run one command; `flow_commands` handles `run`, `serve`, `demo` and `select` (see flows.cli).
+    Returns the exit code: 2 and one line for an input error, 130 for Ctrl-C."""
     args = build_parser().parse_args(argv)
     try:
         config_path = getattr(args, "config", None)
@@ -177,78 +194,7 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
             if not flow_commands:
                 raise ConfigError(f"`{args.command}` runs a Prefect flow: use the `target-sft` command (flows.cli)")
             return flow_commands[args.command](args, config_path, cfg)
-        if args.command == "base-model" and args.action == "build" and args.teacher:
-            teacher = base_model.build_teacher(cfg.base_model, cfg.storage_root, from_scratch=args.from_scratch)
-            print(f"teacher: {teacher}\n{describe_weights(teacher, base_model.shipped_by_name(teacher.name))}")
-            if args.ship:
-                print(f"shipped: {base_model.ship_teacher(teacher)}")
-        elif args.command == "base-model" and args.action == "build":
-            out = base_model.build(cfg.base_model, cfg.storage_root, from_scratch=args.from_scratch)
-            print(f"base model: {out.model}\nembedded data: {out.datasets}")
-            print(compare_with_shipped(cfg, out))
-            if args.ship:
-                print(f"shipped: {base_model.ship(cfg.base_model, out)}")
-        elif args.command == "base-model":
-            formats = ["plain", "chat"] if args.format == "both" else [args.format]
-            print_base_eval(cfg, formats)
-        elif args.command == "data":
-            inspect_data(cfg)
-        elif args.command == "train":
-            if args.nproc is not None:
-                if args.nproc < 1:
-                    raise ConfigError(f"--nproc {args.nproc}: give the number of processes (GPUs), at least 1")
-                cfg.train.processes = args.nproc
-            final = launch.train_or_launch(cfg, config_path, args.overrides, args.resume, progress=True)
-            if os.environ.get("RANK", "0") == "0":  # once, not per torchrun process
-                print(f"final model: {final}")
-        elif args.command == "eval":
-            report_path = evaluate.evaluate_run(cfg, base=args.base, prior=args.prior_model)
-            report = json.loads(report_path.read_text())
-            print(evaluate.markdown_report(report) + f"\nreport: {report_path}")
-        elif args.command == "check":
-            plan = experiment.dry_run(cfg)
-            problems = experiment.check_inputs(cfg)
-            if problems:
-                raise ConfigError(f"{len(problems)} problem(s): " + "; ".join(problems))
-            print(json.dumps(plan, indent=2))
-        elif args.command == "priors":
-            if cfg.priors.num_workers > 1:
-                gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
-                print(f"prior worker {cfg.priors.worker_index} of {cfg.priors.num_workers}, CUDA_VISIBLE_DEVICES={gpu}")
-            result = launch.capture_priors(cfg, config_path, args.overrides, progress=True)
-            state = "complete" if result.complete else "this worker's shards done; others still missing"
-            print(f"prior set {result.key}: {state}")
-            print(f"manifest: {result.manifest_path}\nforward passes: {result.forward_passes}")
-            if result.complete:
-                profile = PriorStore(cfg.storage_root).gamma_profile(result.key)
-                print(regimes.describe(profile, capture.prior_role(cfg)))
-        elif args.command == "cache" and args.action == "import":
-            with on_storage(cfg.storage_root):
-                if args.format == "distillkit":
-                    imported = interop.import_distillkit(cfg, args.source)
-                else:
-                    imported = interop.import_axolotl(
-                        cfg,
-                        args.source,
-                        args.ids_field,
-                        args.logprobs_field,
-                        normalized=args.normalized,
-                        rows=args.rows,
-                    )
-            state = "reused (already imported)" if imported.reused else f"imported {imported.examples} examples"
-            if imported.clamped:
-                state += f"; {imported.clamped:,} log-probs above 0 stored as 0 (counted in the manifest)"
-            print(f"prior set {imported.key}: {state}\nmanifest: {imported.manifest_path}")
-            print(regimes.describe(PriorStore(cfg.storage_root).gamma_profile(imported.key), capture.prior_role(cfg)))
-            print(f"train on it with --set train.prior_key={imported.key}")
-        elif args.command == "cache" and args.action == "export":
-            with on_storage(cfg.storage_root):
-                print(f"wrote {interop.export_axolotl(cfg, args.key, Path(args.out))}")
-        elif args.command == "cache" and args.action == "gc":
-            return gc_command(cfg.storage_root, args.dry_run, args.min_age)
-        elif args.command == "cache":
-            with on_storage(cfg.storage_root):
-                return cache_command(args.action, getattr(args, "key", None), PriorStore(cfg.storage_root))
+        return _run_command(args, config_path, cfg)
     except TargetSFTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -263,7 +209,90 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
             file=sys.stderr,
         )
         return 1
+
+
+def _run_command(args: argparse.Namespace, config_path: str | Path | None, cfg: RunConfig) -> int:
+    """One command that is not a flow; returns its exit code."""
+    if args.command == "base-model":
+        _base_model_command(args, cfg)
+    elif args.command == "data":
+        inspect_data(cfg)
+    elif args.command == "train":
+        if args.nproc is not None:
+            if args.nproc < 1:
+                raise ConfigError(f"--nproc {args.nproc}: give the number of processes (GPUs), at least 1")
+            cfg.train.processes = args.nproc
+        final = launch.train_or_launch(cfg, config_path, args.overrides, args.resume, progress=True)
+        if os.environ.get("RANK", "0") == "0":  # once, not per torchrun process
+            print(f"final model: {final}")
+    elif args.command == "eval":
+        report_path = evaluate.evaluate_run(cfg, base=args.base, prior=args.prior_model)
+        report = json.loads(report_path.read_text())
+        print(evaluate.markdown_report(report) + f"\nreport: {report_path}")
+    elif args.command == "check":
+        plan = experiment.dry_run(cfg)
+        problems = experiment.check_inputs(cfg)
+        if problems:
+            raise ConfigError(f"{len(problems)} problem(s): " + "; ".join(problems))
+        print(json.dumps(plan, indent=2))
+    elif args.command == "priors":
+        _priors_command(args, config_path, cfg)
+    elif args.command == "cache" and args.action == "import":
+        _import_command(args, cfg)
+    elif args.command == "cache" and args.action == "export":
+        with on_storage(cfg.storage_root):
+            print(f"wrote {interop.export_axolotl(cfg, args.key, Path(args.out))}")
+    elif args.command == "cache" and args.action == "gc":
+        return gc_command(cfg.storage_root, args.dry_run, args.min_age)
+    elif args.command == "cache":
+        with on_storage(cfg.storage_root):
+            return cache_command(args.action, getattr(args, "key", None), PriorStore(cfg.storage_root))
     return 0
+
+
+def _base_model_command(args: argparse.Namespace, cfg: RunConfig) -> None:
+    if args.action == "build" and args.teacher:
+        teacher = base_model.build_teacher(cfg.base_model, cfg.storage_root, from_scratch=args.from_scratch)
+        print(f"teacher: {teacher}\n{describe_weights(teacher, base_model.shipped_by_name(teacher.name))}")
+        if args.ship:
+            print(f"shipped: {base_model.ship_teacher(teacher)}")
+    elif args.action == "build":
+        out = base_model.build(cfg.base_model, cfg.storage_root, from_scratch=args.from_scratch)
+        print(f"base model: {out.model}\nembedded data: {out.datasets}")
+        print(compare_with_shipped(cfg, out))
+        if args.ship:
+            print(f"shipped: {base_model.ship(cfg.base_model, out)}")
+    else:
+        print_base_eval(cfg, ["plain", "chat"] if args.format == "both" else [args.format])
+
+
+def _priors_command(args: argparse.Namespace, config_path: str | Path | None, cfg: RunConfig) -> None:
+    if cfg.priors.num_workers > 1:
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+        print(f"prior worker {cfg.priors.worker_index} of {cfg.priors.num_workers}, CUDA_VISIBLE_DEVICES={gpu}")
+    result = launch.capture_priors(cfg, config_path, args.overrides, progress=True)
+    state = "complete" if result.complete else "this worker's shards done; others still missing"
+    print(f"prior set {result.key}: {state}")
+    print(f"manifest: {result.manifest_path}\nforward passes: {result.forward_passes}")
+    if result.complete:
+        profile = PriorStore(cfg.storage_root).gamma_profile(result.key)
+        print(regimes.describe(profile, capture.prior_role(cfg)))
+
+
+def _import_command(args: argparse.Namespace, cfg: RunConfig) -> None:
+    with on_storage(cfg.storage_root):
+        if args.format == "distillkit":
+            imported = interop.import_distillkit(cfg, args.source)
+        else:
+            imported = interop.import_axolotl(
+                cfg, args.source, args.ids_field, args.logprobs_field, normalized=args.normalized, rows=args.rows
+            )
+    state = "reused (already imported)" if imported.reused else f"imported {imported.examples} examples"
+    if imported.clamped:
+        state += f"; {imported.clamped:,} log-probs above 0 stored as 0 (counted in the manifest)"
+    print(f"prior set {imported.key}: {state}\nmanifest: {imported.manifest_path}")
+    print(regimes.describe(PriorStore(cfg.storage_root).gamma_profile(imported.key), capture.prior_role(cfg)))
+    print(f"train on it with --set train.prior_key={imported.key}")
 
 
 @contextlib.contextmanager

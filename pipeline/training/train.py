@@ -118,9 +118,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     return final
 
 
-def _train_loop(cfg: RunConfig, resume: bool, progress: bool) -> Path:
-    """Setup, build, the loop and the save: everything one training process does."""
-    # --- setup: processes, seed, run folder ------------------------------------------------------
+def _setup_process(cfg: RunConfig) -> tuple[int, int, str, TargetSpec]:
+    """Join the process group, seed, and check what can be checked before anything is loaded:
+    (rank, world size, device, the target)."""
     tc = cfg.train
     rank, world, device = _init_distributed()
     torch.set_num_threads(tc.threads)
@@ -132,6 +132,25 @@ def _train_loop(cfg: RunConfig, resume: bool, progress: bool) -> Path:
         raise TrainError(f"train.loss_backend=triton needs a CUDA device (this run is on {device}); use torch or auto")
     if problem := batch_shape_problem(tc, world):
         raise TrainError(problem)
+    return rank, world, device, spec
+
+
+def _start_trackers(cfg: RunConfig, out: Path, rank: int, new_run: bool) -> Trackers:
+    """The experiment trackers (rank 0 only), started before run.json is written: a tracker that
+    cannot start leaves no half-made new run behind."""
+    try:
+        return Trackers(cfg.train.report_to if rank == 0 else [], out, cfg.train.name, to_dict(cfg))
+    except TrackingError:
+        if new_run and rank == 0:
+            shutil.rmtree(out, ignore_errors=True)  # nothing in it predates this process (its lock is held)
+        raise
+
+
+def _train_loop(cfg: RunConfig, resume: bool, progress: bool) -> Path:
+    """Setup, build, the loop and the save: everything one training process does."""
+    # --- setup: processes, seed, run folder ------------------------------------------------------
+    tc = cfg.train
+    rank, world, device, spec = _setup_process(cfg)
     out, final = run_dir(cfg), run_dir(cfg) / "final"
     previous = check_resume(out, cfg, resume)
 
@@ -155,12 +174,7 @@ def _train_loop(cfg: RunConfig, resume: bool, progress: bool) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, tc.warmup_steps, tc.max_steps))
     start_step = load_checkpoint(out, model, optimizer, scheduler, fsdp, rank) if resume else 0
     finished = start_step >= tc.max_steps and final.joinpath("config.json").exists()  # a rerun of a done run
-    try:  # before run.json: a tracker that cannot start must leave no half-made run behind
-        trackers = Trackers(tc.report_to if rank == 0 else [], out, tc.name, to_dict(cfg))
-    except TrackingError:
-        if previous is None and rank == 0:
-            shutil.rmtree(out, ignore_errors=True)  # a new run: nothing in it predates this process (lock held)
-        raise
+    trackers = _start_trackers(cfg, out, rank, new_run=previous is None)  # before run.json
     if rank == 0 and not finished:
         write_run_info(out, cfg, prior_key, prepared, start_step, device, world, prior_info)
 
