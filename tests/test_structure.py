@@ -1,4 +1,4 @@
-"""The tree shows the data path (docs/design.md §0): the subpackages of `pipeline/` form layers,
+"""The tree shows the data path (docs/design.md §5): the subpackages of `pipeline/` form layers,
 and a module imports only from its own layer or those beneath it, with no circle."""
 
 from __future__ import annotations
