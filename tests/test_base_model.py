@@ -156,7 +156,7 @@ def _tiny_build_weights(out: Path, env: dict[str, str], bf16: bool = True, emula
     script = (
         "import json, sys, torch\n"
         f"torch.cpu._is_avx512_bf16_supported = lambda: {bf16}\n"
-        "from pipeline import base_model\n"
+        "from pipeline.world import base_model\n"
         "from tests.conftest import TINY\n"
         "out = base_model.build(TINY, sys.argv[1], progress=False)\n"
         "print(json.loads((out.model / base_model.SUCCESS).read_text())['weights_sha256'])\n"
