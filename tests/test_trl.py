@@ -142,8 +142,8 @@ def test_a_batch_the_prior_set_was_not_captured_on_is_refused_naming_the_row(
 
 
 def test_the_readme_block_runs_as_written(tiny_build, tmp_path, monkeypatch):
-    """README "Target-SFT inside TRL's SFTTrainer": its code block, with CONFIG and OVERRIDES set here."""
-    readme = (REPO / "README.md").read_text()
+    """docs/training.md "Target-SFT inside TRL's SFTTrainer": its code block, with CONFIG and OVERRIDES set here."""
+    readme = (REPO / "docs" / "training.md").read_text()
     section = readme.split("### Target-SFT inside TRL's `SFTTrainer`", 1)[1]
     block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     first, body = block.split("\n", 1)
@@ -152,7 +152,7 @@ def test_the_readme_block_runs_as_written(tiny_build, tmp_path, monkeypatch):
     capture.capture(load_config(RunConfig, None, cfg_overrides), progress=False)
     monkeypatch.chdir(tmp_path)
     namespace = {"CONFIG": None, "OVERRIDES": cfg_overrides}
-    exec(compile(body, "README.md", "exec"), namespace)
+    exec(compile(body, "docs/training.md", "exec"), namespace)
     assert namespace["trainer"].state.global_step == 60 // 8 + 1  # one epoch of 60 rows, 8 per step
     assert (tmp_path / "trl-out").is_dir()
 
