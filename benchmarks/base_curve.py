@@ -1,5 +1,5 @@
 """The embedded base model's greedy chat accuracy along its pretraining, in the current CPU kernel
-mode (README "The same numbers across x86 CPUs"): how far the build has got when it stops, and so
+mode (docs/results.md "The same numbers across x86 CPUs"): how far the build has got when it stops, and so
 how much a rounding-level change of arithmetic can move the finished base.
 
     make install && export MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2   # or the portable mode's

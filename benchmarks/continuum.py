@@ -1,6 +1,6 @@
 """The capability continuum, measured: each world's mean γ against each target's difference from SFT.
 
-For every world in `configs/regimes/model-*.yaml` whose experiment has run (`target-sft run ...`),
+For every world in `configs/worlds/model-*.yaml` whose experiment has run (`target-sft run ...`),
 this reads its prior set's γ profile and its runs' per-problem scores, and plots, at x = the
 world's mean γ, the paired difference to plain SFT (with its 95% bootstrap interval over problems
 and seeds) of DFT and of Target-SFT, at the shared lr and at each objective's own lr. The sign the
@@ -42,7 +42,7 @@ def main() -> None:
     print("| world | mean γ | regime | target | predicted vs SFT | measured Δ vs SFT [95% CI] | seeds won | agrees |")
     print("|---|---:|---|---|:---:|---:|---:|:---:|")
     for name in WORLDS:
-        path = Path("configs/regimes") / f"{name}.yaml"
+        path = Path("configs/worlds") / f"{name}.yaml"
         cfg = load_config(RunConfig, path, args.overrides)
         summary_path = experiment_dir(cfg) / "summary.json"
         if not summary_path.exists():

@@ -1,4 +1,4 @@
-"""Checksums of the demo's pieces on this CPU, to compare across CPUs (README "The same numbers across
+"""Checksums of the demo's pieces on this CPU, to compare across CPUs (docs/results.md "The same numbers across
 x86 CPUs"): the demo base model's weights, a short Target-SFT run on the demo's settings (priors,
 fused loss, AdamW) and the demo evaluation's first 16 + 16 problems' samples; the same pieces
 `tests/test_demo_reproducible.py` records for the pinned mode.
@@ -54,12 +54,12 @@ def main() -> None:
             f"train.max_steps={args.steps}", "train.eval_every=0", f"train.checkpoint_every={args.steps}",
             "train.name=short",
         ]  # fmt: skip
-        cfg = load_config(RunConfig, REPO / "configs" / "regimes" / "model-strong.yaml", [*settings, *short])
+        cfg = load_config(RunConfig, REPO / "configs" / "worlds" / "model-strong.yaml", [*settings, *short])
         capture.capture(cfg, progress=False)
         final = train.train(cfg, progress=False)
         run = base_model.weights_checksum(AutoModelForCausalLM.from_pretrained(final))
         cfg = load_config(
-            RunConfig, REPO / "configs" / "regimes" / "model-strong.yaml", [*settings, f"eval.limit={args.problems}"]
+            RunConfig, REPO / "configs" / "worlds" / "model-strong.yaml", [*settings, f"eval.limit={args.problems}"]
         )
         out = Path(tmp) / "eval"
         evaluate.evaluate(cfg.eval, build.model, out, evaluate.embedded_sets(build), False)

@@ -6,7 +6,7 @@ config's prior set (capture it first: `target-sft priors CONFIG`, or any experim
 γ by kind of token and the most frequent tokens the base gives almost nothing.
 
     python benchmarks/gamma.py                          # the demo world, base as prior (model-strong.yaml)
-    python benchmarks/gamma.py --config configs/regimes/new-format.yaml
+    python benchmarks/gamma.py --config configs/worlds/new-format.yaml
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def kind(token: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/regimes/model-strong.yaml")
+    parser.add_argument("--config", default="configs/worlds/model-strong.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--top", type=int, default=12, help="rows of the low-γ token table")
     args = parser.parse_args()

@@ -3,7 +3,7 @@
 Reads finished experiments from the storage root (it trains nothing):
 
 - `model-strong-teacher`: SFT, DFT, Distill (kd, hybrid_kd 0.5) and Target-SFT at η 0..1, priors from
-  the registered teacher (configs/regimes/model-strong-teacher.yaml);
+  the registered teacher (configs/worlds/model-strong-teacher.yaml);
 - `model-strong`: Target-SFT (η 0.5) with the base itself as prior, the control (the earlier demo);
 - `model-strong-teacher-weak`: the chosen Target-SFT and Distill with the weaker teacher.
 
@@ -29,7 +29,7 @@ from pipeline.experiments import stats
 from pipeline.experiments.experiment import _score_matrix
 
 REPO = Path(__file__).resolve().parent.parent
-REGIMES = REPO / "configs" / "regimes"
+WORLDS = REPO / "configs" / "worlds"
 TEACHERS = {
     "base itself": "model-strong",
     "weaker teacher": "model-strong-teacher-weak",
@@ -39,7 +39,7 @@ TEACHERS = {
 
 def runs_of(config: str, rename: dict[str, str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The runs of an experiment's summary.json, relabelled, and its base model's report."""
-    cfg = load_config(RunConfig, REGIMES / f"{config}.yaml")
+    cfg = load_config(RunConfig, WORLDS / f"{config}.yaml")
     summary = json.loads((experiment_dir(cfg) / "summary.json").read_text())
     runs = [{**r, "label": rename[r["label"]]} for r in summary["runs"] if r["label"] in rename]
     return runs, summary
@@ -47,7 +47,7 @@ def runs_of(config: str, rename: dict[str, str]) -> tuple[list[dict[str, Any]], 
 
 def teacher_accuracy(config: str) -> float:
     """The prior model's held-out Average@n, as `target-sft eval CONFIG --prior-model` reported it."""
-    cfg = load_config(RunConfig, REGIMES / f"{config}.yaml")
+    cfg = load_config(RunConfig, WORLDS / f"{config}.yaml")
     report = json.loads(evaluate.evaluate_run(cfg, prior=True, progress=False).read_text())
     return report["sets"][evaluate.EMBEDDED_SET]["average_at_n"]
 

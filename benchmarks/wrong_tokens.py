@@ -6,7 +6,7 @@ known, so the prior set of a teacher and of the base can be asked: how much mass
 (wrong) token, how much on the correct one, and which one the top-k ranks first. That is the signal
 the paper credits Target-SFT with ("strengthens signals when a desired token is under-supported").
 
-    python benchmarks/wrong_tokens.py configs/regimes/model-strong-teacher.yaml   # both sets captured first
+    python benchmarks/wrong_tokens.py configs/worlds/model-strong-teacher.yaml   # both sets captured first
 
 It reads the teacher's prior set and the base's own (the same config with priors.embedded_teacher
 false) from the cache; it captures nothing.

@@ -68,7 +68,7 @@ def check_api_reachable() -> None:
     except httpx.HTTPError as e:
         raise ConfigError(
             f"the Prefect server at PREFECT_API_URL={url} does not answer ({type(e).__name__}: {e}); start it "
-            '(`prefect server start`, README "Schedules") or point PREFECT_API_URL at the one you run'
+            '(`prefect server start`, docs/experiments.md "Schedules") or point PREFECT_API_URL at the one you run'
         ) from None
 
 
@@ -86,7 +86,7 @@ def arithmetic_note() -> str | None:
     return (
         f"note: this run's arithmetic ({kind}, {mode} kernels) is not the one that printed the README's tables "
         f"({' or '.join(README_CPU_KINDS)}, pinned kernels): expect the same experiment with other rounding, so "
-        'the last digits of its table may differ (README "The same numbers across x86 CPUs")'
+        'the last digits of its table may differ (docs/results.md "The same numbers across x86 CPUs")'
     )
 
 

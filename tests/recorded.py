@@ -1,5 +1,5 @@
 """Recorded arithmetic: the checksums the suite re-derives on every CI machine, by the arithmetic that
-made them (docs/design.md §7; README "The same numbers across x86 CPUs").
+made them (docs/design.md §7; docs/results.md "The same numbers across x86 CPUs").
 
 - **Portable** values (`TARGET_SFT_CPU_KERNELS=portable`: MKL's COMPATIBLE branch and fused AdamW)
   hold on every x86 CPU measured, Intel and AMD, so every machine checks them.
@@ -102,7 +102,7 @@ def _config(build: base_model.BaseModelPaths, storage: Path, *extra: str):
     from pipeline.entry.config import RunConfig
 
     settings = [f"storage_root={storage}", f"model.path={build.model}", f"data.path={build.sft_train}"]
-    world = REPO / "configs" / "regimes" / "model-weak.yaml"
+    world = REPO / "configs" / "worlds" / "model-weak.yaml"
     return load_config(RunConfig, world, [*settings, "eval.temperature=0.7", *extra])
 
 

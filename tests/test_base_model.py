@@ -28,7 +28,7 @@ from . import recorded
 from .conftest import REPO, TINY
 
 # The floor the default build must clear on greedy held-out accuracy in the pretraining format
-# (README: "Embedded base model"). The trivial baseline, always answering the most common
+# (docs/benchmarks.md: "Embedded base model"). The trivial baseline, always answering the most common
 # held-out answer, scores about 5%.
 ACCURACY_FLOOR = 0.40
 
@@ -105,7 +105,7 @@ def test_the_world_is_the_papers_regime():
 
 
 def test_a_rare_phrasing_world_rewrites_two_percent_of_the_pretraining_solutions():
-    """configs/regimes/rare-phrasing.yaml: 2% of pretraining solutions in the SFT set's phrasing. The
+    """configs/worlds/rare-phrasing.yaml: 2% of pretraining solutions in the SFT set's phrasing. The
     evaluation splits, drawn first, are the demo world's exactly; the rest is drawn the same way."""
     demo = synthetic.make_splits(base_model.world(BaseModelConfig(seed=1, pretrain_problems=4000)))
     rare = synthetic.make_splits(

@@ -32,9 +32,7 @@ def tiny_overrides(storage: Path) -> list[str]:
 
 def test_data_inspect_prints_counts_example_and_fingerprint(tmp_path, capsys):
     assert (
-        cli.main(
-            ["data", "inspect", str(REPO / "configs" / "regimes" / "model-strong.yaml"), *tiny_overrides(tmp_path)]
-        )
+        cli.main(["data", "inspect", str(REPO / "configs" / "worlds" / "model-strong.yaml"), *tiny_overrides(tmp_path)])
         == 0
     )
     out = capsys.readouterr().out
@@ -52,7 +50,7 @@ def test_base_model_eval_reports_accuracy_and_baseline(tmp_path, capsys):
 def test_bad_config_is_an_error_not_a_traceback(tiny_build, tmp_path, capsys):
     assert (
         cli.main(
-            ["data", "inspect", str(REPO / "configs" / "regimes" / "model-strong.yaml"), "--set", "data.max_lenght=3"]
+            ["data", "inspect", str(REPO / "configs" / "worlds" / "model-strong.yaml"), "--set", "data.max_lenght=3"]
         )
         == 2
     )
@@ -63,7 +61,7 @@ def test_bad_config_is_an_error_not_a_traceback(tiny_build, tmp_path, capsys):
         [
             "data",
             "inspect",
-            str(REPO / "configs" / "regimes" / "model-strong.yaml"),
+            str(REPO / "configs" / "worlds" / "model-strong.yaml"),
             f"--set=data.path={bad}",
             *tiny_overrides(tmp_path),
             f"--set=model.path={tiny_build.model}",
@@ -88,7 +86,7 @@ def test_pipeline_never_imports_prefect():
 def test_a_model_path_without_a_data_path_is_one_line_not_the_embedded_data(tiny_build, tmp_path, capsys):
     """The embedded world is used only when both paths are unset: a user's model must never train on
     the embedded arithmetic set because data.path was forgotten (and the same the other way round)."""
-    config = str(REPO / "configs" / "regimes" / "model-strong.yaml")
+    config = str(REPO / "configs" / "worlds" / "model-strong.yaml")
     for given, missing in (
         (f"model.path={tiny_build.model}", "data.path"),
         (f"data.path={tiny_build.sft_train}", "model.path"),

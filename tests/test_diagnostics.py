@@ -44,7 +44,7 @@ def test_loops_flags_repetition_not_ordinary_solutions():
 def test_a_finished_run_records_its_diagnostics(tiny_build, tmp_path, capsys):
     small = ("train.max_steps=2", "train.batch_size=4", "train.micro_batch_size=2", "data.limit=16")
     args = [f"--set={a}" for a in tiny_args(tiny_build, tmp_path, *small, "train.target=target_sft")]
-    config = str(REPO / "configs" / "regimes" / "model-strong.yaml")
+    config = str(REPO / "configs" / "worlds" / "model-strong.yaml")
     assert cli.main(["priors", config, *args]) == 0
     capsys.readouterr()
     assert cli.main(["train", config, *args]) == 0

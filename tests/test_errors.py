@@ -9,7 +9,7 @@ from pipeline.common import errors
 from pipeline.entry import cli
 from pipeline.experiments import experiment
 
-REPO_CONFIG = "configs/regimes/model-strong.yaml"
+REPO_CONFIG = "configs/worlds/model-strong.yaml"
 
 FAMILY = [
     errors.ConfigError,

@@ -49,7 +49,7 @@ def test_train_flow_captures_priors_once_then_trains(prefect_server, tiny_build,
 
 @pytest.mark.slow  # 47 s of process start-up; the in-process two-worker flow test stays in the default suite
 def test_priors_flow_on_workers_attached_to_an_external_dask_scheduler(prefect_server, tiny_build, tmp_path):
-    """Several nodes, as README "Several nodes" launches them: a `dask scheduler` process, and a
+    """Several nodes, as docs/bring-your-own.md "Several nodes" launches them: a `dask scheduler` process, and a
     `dask worker SCHEDULER` per node (two here, each its own process); `flows.priors --address`."""
     import os
     import signal

@@ -13,7 +13,7 @@ from pipeline.entry.prune import _lock
 from pipeline.training.checkpoints import run_lock
 from tests.conftest import REPO, tiny_args
 
-DEMO = str(REPO / "configs" / "regimes" / "model-strong.yaml")
+DEMO = str(REPO / "configs" / "worlds" / "model-strong.yaml")
 DAY = 86400
 
 

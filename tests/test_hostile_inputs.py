@@ -24,7 +24,7 @@ from flows import cli
 from pipeline.data import tokens
 from tests.conftest import REPO, free_port
 
-DEMO = str(REPO / "configs" / "regimes" / "model-strong.yaml")
+DEMO = str(REPO / "configs" / "worlds" / "model-strong.yaml")
 FAKE_KEY = "0123456789abcdef0123"
 PROGRESS = re.compile(r"(examples|it)/s\]\s*$")
 

@@ -119,7 +119,7 @@ def test_an_axolotl_kd_dataset_imports_as_a_prior_set_and_trains(tiny_build, tmp
         "--set=train.eval_every=0",
         "--set=train.name=imp",
     ]
-    code, out, err = run(["train", str(REPO / "configs/regimes/model-strong.yaml"), *train], capsys)
+    code, out, err = run(["train", str(REPO / "configs/worlds/model-strong.yaml"), *train], capsys)
     assert code == 0, err
     losses = [json.loads(line)["loss"] for line in (tmp_path / "runs/imp/metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(np.isfinite(losses))
@@ -451,7 +451,7 @@ def test_a_distillkit_capture_imports_what_its_decoder_gives(tiny_build, tmp_pat
     train = [*[f"--set={a}" for a in args(tiny_build, tmp_path)], "--set=train.target={preset: target_sft, eta: 0.5}"]
     train += [f"--set=train.prior_key={key}", "--set=train.max_steps=2", "--set=train.batch_size=4"]
     train += ["--set=train.micro_batch_size=4", "--set=train.eval_every=0", "--set=train.name=dk"]
-    code, _, err = run(["train", str(REPO / "configs/regimes/model-strong.yaml"), *train], capsys)
+    code, _, err = run(["train", str(REPO / "configs/worlds/model-strong.yaml"), *train], capsys)
     assert code == 0, err
 
 

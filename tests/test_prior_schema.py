@@ -255,7 +255,7 @@ def test_an_edited_gamma_profile_is_one_line_never_printed(tiny_build, tmp_path,
     path.write_text(json.dumps(manifest))
     cfg = [f"--set={a}" for a in args(tiny_build, tmp_path)]
     capsys.readouterr()
-    for command in (["cache", "show", captured.key], ["priors", str(REPO / "configs/regimes/model-strong.yaml")]):
+    for command in (["cache", "show", captured.key], ["priors", str(REPO / "configs/worlds/model-strong.yaml")]):
         code = cli.main([*command, *cfg])
         out, err = capsys.readouterr()
         assert code == 2 and phrase in err and err.count("\n") == 1, (command, err)

@@ -385,7 +385,7 @@ def test_priors_cli_runs_and_reuses(tiny_build, tmp_path, capsys):
 
     args = [
         "priors",
-        str(REPO / "configs" / "regimes" / "model-strong.yaml"),
+        str(REPO / "configs" / "worlds" / "model-strong.yaml"),
         *[f"--set={a}" for a in cfg_args(tiny_build, tmp_path)],
     ]
     assert cli.main(args) == 0
@@ -522,7 +522,7 @@ def test_gamma_report_groups_the_observed_tokens_by_kind(tiny_build, tmp_path):
         sys.executable,
         str(REPO / "benchmarks" / "gamma.py"),
         "--config",
-        str(REPO / "configs/regimes/model-strong.yaml"),
+        str(REPO / "configs/worlds/model-strong.yaml"),
     ]
     missing = subprocess.run([*command, *args], capture_output=True, text=True, cwd=tmp_path)
     assert missing.returncode == 1 and "is not captured; run `target-sft priors" in missing.stderr

@@ -309,7 +309,7 @@ def test_a_qwen3_tokenizer_keeps_its_think_block_out_of_the_loss(qwen3_style, tm
     args = [
         "data",
         "inspect",
-        str(REPO / "configs" / "regimes" / "model-strong.yaml"),
+        str(REPO / "configs" / "worlds" / "model-strong.yaml"),
         f"--set=model.path={qwen3_style}",
         f"--set=data.path={path}",
     ]

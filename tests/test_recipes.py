@@ -43,15 +43,15 @@ def test_recipe_dry_run(setting):
     assert cfg.eval.max_new_tokens < cfg.eval.max_model_len
 
 
-REGIMES = Path(__file__).resolve().parent.parent / "configs" / "regimes"
+WORLDS = Path(__file__).resolve().parent.parent / "configs" / "worlds"
 
 
 @pytest.mark.parametrize("regime", ["new-format", "clean-data", "teacher", "rare-phrasing"])
 def test_regime_dry_run(regime):
-    """configs/regimes/: each earlier world differs from the model-weak world (the demo it was written
+    """configs/worlds/: each earlier world differs from the model-weak world (the demo it was written
     beside) only where its comment says."""
-    cfg = load_config(RunConfig, REGIMES / f"{regime}.yaml")
-    demo = load_config(RunConfig, REGIMES / "model-weak.yaml")
+    cfg = load_config(RunConfig, WORLDS / f"{regime}.yaml")
+    demo = load_config(RunConfig, WORLDS / "model-weak.yaml")
     assert experiment.dry_run(cfg)["runs"] and cfg.experiment.name == f"regime-{regime}"
     assert (cfg.eval.n, cfg.eval.max_new_tokens, cfg.train.batch_size) == (demo.eval.n, 128, 16) == (2, 128, 16)
     if regime == "new-format":
@@ -224,13 +224,13 @@ def test_check_passes_on_the_fixture_families(family, llama3_style, qwen3_style,
 @pytest.mark.parametrize("world", ["model-weak", "model-intermediate", "model-strong"])
 def test_the_continuum_worlds_share_one_protocol_and_the_demo_is_the_strong_one(world):
     """The three registered worlds: the same grid, seeds, sets and sampling (the papers' harness)."""
-    cfg = load_config(RunConfig, REGIMES / f"{world}.yaml")
+    cfg = load_config(RunConfig, WORLDS / f"{world}.yaml")
     assert experiment.dry_run(cfg)["runs"] and cfg.experiment.name == world
     assert (cfg.eval.n, cfg.eval.temperature, cfg.eval.top_p, cfg.experiment.seeds) == (2, 1.0, 1.0, [0, 1, 2])
     assert cfg.experiment.targets[:3] == ["sft", "dft", {"preset": "target_sft", "eta": 0.5}]
     demo = load_config(RunConfig, PAPER.parent / "demo.yaml")
     if world == "model-strong":  # `make demo` runs this world with its registered teacher: the same base
-        teacher = load_config(RunConfig, REGIMES / "model-strong-teacher.yaml")
+        teacher = load_config(RunConfig, WORLDS / "model-strong-teacher.yaml")
         assert base_model.build_hash(demo.base_model) == base_model.build_hash(cfg.base_model)
         assert to_dict(demo.base_model) == to_dict(teacher.base_model)
         assert demo.eval.forgetting is False  # the old skill's 300 problems: in the full comparison only

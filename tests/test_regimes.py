@@ -73,7 +73,7 @@ def test_stored_profile_agrees_with_a_fresh_full_vocabulary_forward(tiny_build, 
 def test_priors_prints_the_profile_and_records_it(tiny_build, tmp_path, capsys):
     args = [
         "priors",
-        str(REPO / "configs" / "regimes" / "model-strong.yaml"),
+        str(REPO / "configs" / "worlds" / "model-strong.yaml"),
         *[f"--set={a}" for a in cfg_args(tiny_build, tmp_path)],
     ]
     assert cli.main(args) == 0
@@ -89,7 +89,7 @@ def test_a_teacher_prior_is_labelled_as_the_teachers(tiny_build, tmp_path, capsy
     """The profile describes the model that captured it: with a teacher, training's γ is the student's."""
     args = [
         "priors",
-        str(REPO / "configs" / "regimes" / "model-strong.yaml"),
+        str(REPO / "configs" / "worlds" / "model-strong.yaml"),
         *[f"--set={a}" for a in cfg_args(tiny_build, tmp_path)],
     ]
     teacher = tmp_path / "teacher"  # a copy of the model, in its own folder: another model to the pipeline

@@ -194,7 +194,7 @@ def clean(fake_server, tiny_build, tmp_path_factory) -> dict[int, Any]:
     root = tmp_path_factory.mktemp("clean")
     fake_server.mutate = None
     code = __import__("pipeline.entry.cli", fromlist=["main"]).main(
-        ["priors", str(Path(__file__).parent.parent / "configs/regimes/model-strong.yaml")]
+        ["priors", str(Path(__file__).parent.parent / "configs/worlds/model-strong.yaml")]
         + [f"--set={a}" for a in server_args(tiny_build, root, fake_server.url, f"priors.k={K}", "data.limit=6")]
     )
     assert code == 0

@@ -105,7 +105,7 @@ def test_training_without_a_prior_key_computes_it_without_importing_vllm(tiny_bu
     is missing here, so the run stops at one line, after the key was computed."""
     argv = [f"--set={a}" for a in tiny_args(tiny_build, tmp_path, "priors.engine=auto", "train.target=target_sft")]
     done = subprocess.run(
-        [sys.executable, "-c", TRAIN_WITHOUT_A_KEY, str(REPO / "configs" / "regimes" / "model-strong.yaml"), *argv],
+        [sys.executable, "-c", TRAIN_WITHOUT_A_KEY, str(REPO / "configs" / "worlds" / "model-strong.yaml"), *argv],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -121,3 +121,9 @@ def test_no_function_is_over_80_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
                 long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
     assert long == []
+
+
+def test_no_module_shadows_the_standard_library():
+    """`pipeline/gc.py` once shadowed `gc` for readers of `train.py`: one name per thing."""
+    names = {p.stem for p in (REPO / "pipeline").rglob("*.py")} | {p.name for p in (REPO / "pipeline").iterdir()}
+    assert sorted(names & set(sys.stdlib_module_names)) == []

@@ -176,7 +176,7 @@ def test_a_tracker_that_cannot_start_is_one_line_and_leaves_no_run_folder(
         wandb.teardown()
     sets = [f"--set={s}" for s in tiny_args(tiny_build, tmp_path / "root", "train.name=r", "train.max_steps=1",
             "train.batch_size=4", "train.micro_batch_size=4", "train.target=sft", "data.limit=8")]  # fmt: skip
-    demo = str(REPO / "configs" / "regimes" / "model-strong.yaml")
+    demo = str(REPO / "configs" / "worlds" / "model-strong.yaml")
     code = cli.main(["train", demo, *sets, f"--set=train.report_to=[{tracker}]"])
     err = capsys.readouterr().err
     assert (code, phrase in err, err.count("error:"), "Traceback" in err) == (2, True, 1, False), err

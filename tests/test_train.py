@@ -176,7 +176,7 @@ def test_resume_after_sigkill_gives_identical_losses(tiny_build, tmp_path):
     )
     cli_args = [f"--set={a}" for a in args_for(tiny_build, tmp_path / "killed", *extra)]
     proc = subprocess.Popen(
-        [sys.executable, "-c", TRAIN_SCRIPT, "train", str(REPO / "configs/regimes/model-strong.yaml"), *cli_args],
+        [sys.executable, "-c", TRAIN_SCRIPT, "train", str(REPO / "configs/worlds/model-strong.yaml"), *cli_args],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -194,7 +194,7 @@ def test_resume_after_sigkill_gives_identical_losses(tiny_build, tmp_path):
             "-c",
             TRAIN_SCRIPT,
             "train",
-            str(REPO / "configs/regimes/model-strong.yaml"),
+            str(REPO / "configs/worlds/model-strong.yaml"),
             *cli_args,
             "--resume",
         ],
@@ -223,7 +223,7 @@ def run_torchrun(cli_args: list[str], timeout: float = 300) -> subprocess.Comple
         "-m",
         "pipeline.entry.cli",
         "train",
-        str(REPO / "configs/regimes/model-strong.yaml"),
+        str(REPO / "configs/worlds/model-strong.yaml"),
         *cli_args,
     ]
     proc = subprocess.Popen(
@@ -244,7 +244,7 @@ def test_two_process_gloo_matches_single_process(tiny_build, captured):
 
     extra = ("train.target={preset: target_sft, eta: 0.5}", "train.batch_size=8", "train.micro_batch_size=2")
     cli_args = [f"--set={a}" for a in args_for(tiny_build, captured, *extra, "train.epochs=0.4", "train.name=ddp")]
-    assert cli.main(["train", str(REPO / "configs/regimes/model-strong.yaml"), *cli_args, "--nproc", "2"]) == 0
+    assert cli.main(["train", str(REPO / "configs/worlds/model-strong.yaml"), *cli_args, "--nproc", "2"]) == 0
     single = train.train(
         cfg_for(tiny_build, captured, *extra, "train.max_steps=3", "train.name=single"), progress=False
     )
@@ -255,7 +255,7 @@ def test_two_process_gloo_matches_single_process(tiny_build, captured):
 
 def test_two_nodes_through_c10d_rendezvous_match_single_process(tiny_build, captured):
     """Two torchrun launchers ("nodes") meet at one c10d rendezvous endpoint, as `srun torchrun
-    --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HEAD:PORT` starts them (README "Several nodes"):
+    --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HEAD:PORT` starts them (docs/bring-your-own.md "Several nodes"):
     2 nodes x 1 process on gloo train exactly as one process does."""
     extra = ("train.target={preset: target_sft, eta: 0.5}", "train.batch_size=8", "train.micro_batch_size=2")
     cli_args = [f"--set={a}" for a in args_for(tiny_build, captured, *extra, "train.max_steps=3", "train.name=nodes")]
@@ -265,7 +265,7 @@ def test_two_nodes_through_c10d_rendezvous_match_single_process(tiny_build, capt
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
         command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=test-job"]
         command += [f"--rdzv-conf=is_host={'true' if node == 0 else 'false'}"]  # node 0 hosts the store
-        command += ["-m", "pipeline.entry.cli", "train", str(REPO / "configs/regimes/model-strong.yaml"), *cli_args]
+        command += ["-m", "pipeline.entry.cli", "train", str(REPO / "configs/worlds/model-strong.yaml"), *cli_args]
         launchers.append(
             subprocess.Popen(
                 command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True

@@ -32,7 +32,7 @@ from pipeline.entry import cli
 from pipeline.priors.cache import PriorStore
 from tests.conftest import REPO, free_port, tiny_args
 
-DEMO = str(REPO / "configs" / "regimes" / "model-strong.yaml")
+DEMO = str(REPO / "configs" / "worlds" / "model-strong.yaml")
 PROGRESS_BAR = re.compile(r"\d+%\|")
 K = 64  # above vLLM's default cap of 20 (max_logprobs)
 

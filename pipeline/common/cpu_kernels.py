@@ -4,7 +4,7 @@ every machine of one CPU kind, or, in the portable mode, on every x86 CPU (docs/
 fp32 alone is not enough: PyTorch's ATen picks AVX-512 or AVX2 loops by CPU, and MKL and oneDNN pick
 their own code paths by vendor and ISA, each summing in its own order. The default pins all three to
 their AVX2 paths. It is not vendor-proof: MKL honours MKL_CBWR=AVX2 on Intel processors only and
-uses its AUTO branch on others (README "The same numbers across x86 CPUs"). The portable mode
+uses its AUTO branch on others (docs/results.md "The same numbers across x86 CPUs"). The portable mode
 (TARGET_SFT_CPU_KERNELS=portable) asks MKL for its vendor-neutral COMPATIBLE branch and AdamW for
 its fused kernel (whose square root is exact, where ATen's `torch.sqrt` goes through MKL's vector
 math, an ulp and CPU-dependent): the same bits on every x86 CPU measured, at about twice the matmul

@@ -144,7 +144,7 @@ def _only(rows: list[dict[str, Any]], columns: list[str] | None) -> list[dict[st
 
 def _jsonl_source(path: Path) -> Source:
     """A JSONL file read a line at a time: tokenising takes the rows a batch at a time, so the file
-    is never held whole, as text or as Python objects (README "Data preparation"). Our own reader,
+    is never held whole, as text or as Python objects (docs/benchmarks.md "Data preparation"). Our own reader,
     not Arrow's: its errors name the line, and pyarrow's JSON parser crashes the process on a row
     nested 100,000 deep."""
     _check_utf8(path)

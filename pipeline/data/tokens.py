@@ -172,7 +172,7 @@ def _entry_lock(folder: Path) -> IO[str]:
 def _give_back_freed_heap() -> None:
     """Return the heap the tokeniser's batches freed to the OS before the arrays are mapped. glibc
     keeps freed memory of other threads' arenas (the Rust tokenizer's); at 414 tokens per example
-    that is about 4 bytes per token the process would hold for its whole life (README "Data
+    that is about 4 bytes per token the process would hold for its whole life (docs/benchmarks.md "Data
     preparation"). Best effort: only glibc has `malloc_trim`."""
     import ctypes
     import ctypes.util

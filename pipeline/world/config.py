@@ -38,7 +38,7 @@ class BaseModelConfig:
     own_style_share: Fraction = 0.0
     """Share of pretraining solutions written in the `own` phrasing: 0 leaves it unseen by the base (the
     demo), a small share makes it rare but seen, as other models' writing is for a real base model
-    (configs/regimes/rare-phrasing.yaml)."""
+    (configs/worlds/rare-phrasing.yaml)."""
     sft_train_problems: PositiveInt = 4000
     """Chat-format SFT demonstrations."""
     sft_noise_fraction: Fraction = 0.3
