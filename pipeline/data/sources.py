@@ -21,6 +21,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -452,7 +453,7 @@ def render_chat(
         if message["role"] != "assistant":
             continue
         before = _render(tokenizer, messages[:i], True, kwargs)
-        through = _render(tokenizer, messages[: i + 1], False, kwargs)
+        through = text if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1], False, kwargs)
         if not (text.startswith(before) and through.startswith(before)):
             raise DataError(
                 "the chat template is not prefix-stable (rendering a conversation's first turns "
@@ -479,6 +480,49 @@ def _turn_inside(text: str, before: str, through: str, content: str, mask_templa
             "and its message text or end-of-turn marker cannot be found in the full rendering"
         )
     return (in_text if mask_template_text else len(before)), in_text + len(content) + len(marker)
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], spans: list[list[tuple[int, int]]]) -> Iterator[
+    tuple[np.ndarray, np.ndarray]
+]:  # fmt: skip
+    """(input ids, completion mask) per text, tokenised as one batch by the Rust tokenizer.
+
+    A fast tokenizer's backend is called directly: transformers' wrapper turns every token's ids and
+    character offsets into Python lists and dicts, which cost as much as tokenising, while the mask
+    needs only where each span's first and last tokens are (`_span_mask`, a binary search). A
+    tokenizer without a Rust backend, or one whose backend pads or truncates, takes the wrapper."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        for ids, offsets, where in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True):
+            yield np.asarray(ids, dtype=np.int32), _completion_mask(offsets, where)
+        return
+    for encoding, where in zip(backend.encode_batch(texts, add_special_tokens=False), spans, strict=True):
+        ids = np.array(encoding.ids, dtype=np.int32)
+        yield ids, _span_mask(encoding, len(ids), where)
+
+
+def _span_mask(encoding: Any, n: int, spans: list[tuple[int, int]]) -> np.ndarray:
+    """`_completion_mask` from a Rust `Encoding`: tokens start at non-decreasing characters, so the
+    tokens whose first character lies in [lo, hi) are one run, found by two binary searches."""
+
+    def first_at_or_after(char: int) -> int:
+        lo, hi = 0, n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if encoding.token_to_chars(mid)[0] < char:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    mask = np.zeros(n, dtype=bool)
+    try:
+        for lo, hi in spans:
+            mask[first_at_or_after(lo) : first_at_or_after(hi)] = True
+    except TypeError:  # a token without characters (token_to_chars gives None): test every token
+        return _completion_mask(encoding.offsets, spans)
+    return mask
 
 
 def _completion_mask(offsets: Any, spans: list[tuple[int, int]]) -> np.ndarray:
@@ -656,18 +700,24 @@ def _tokenize(
         kept += 1
         (keep or out.examples.append)(example)
 
-    while batch := list(itertools.islice(rows, TOKENIZE_BATCH)):  # a batch at a time: few rows and texts held
-        out.rows += len(batch)
-        if out.rows == len(batch):  # the first batch: one row under a timer, before the template runs on all
-            probe = PreparedData(examples=[], fingerprint="", tokenizer_hash=tok_hash, format=fmt, rows=0)
-            first = batch[:1]
-            check_template_time(lambda: _render_rows(first, fmt, cfg, tokenizer, probe))  # noqa: B023 (called at once)
-        rendered = _render_rows(batch, fmt, cfg, tokenizer, out)
-        if not rendered:
-            continue
-        enc = tokenizer([text for _, text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-        for (index, _, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
-            _keep(out, cfg, digest, index, np.asarray(ids, dtype=np.int32), _completion_mask(offsets, spans), counted)
+    def encode(rendered: list[tuple[int, str, list[tuple[int, int]]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        return list(_encode(tokenizer, [text for _, text, _ in rendered], [spans for _, _, spans in rendered]))
+
+    # The Rust tokenizer lets go of the GIL: a batch is tokenised in a thread while the next is rendered.
+    with ThreadPoolExecutor(max_workers=1) as tokenizing:
+        pending: list[tuple[list[Any], Future[list[tuple[np.ndarray, np.ndarray]]]]] = []
+        while batch := list(itertools.islice(rows, TOKENIZE_BATCH)):  # a batch at a time: few rows held
+            out.rows += len(batch)
+            if out.rows == len(batch):  # the first batch: one row under a timer, before the template runs on all
+                probe = PreparedData(examples=[], fingerprint="", tokenizer_hash=tok_hash, format=fmt, rows=0)
+                first = batch[:1]
+                check_template_time(lambda: _render_rows(first, fmt, cfg, tokenizer, probe))  # noqa: B023 (called at once)
+            rendered = _render_rows(batch, fmt, cfg, tokenizer, out)
+            pending.append((rendered, tokenizing.submit(encode, rendered)))
+            if len(pending) > 1:
+                _keep_batch(out, cfg, digest, *pending.pop(0), counted)
+        for done in pending:
+            _keep_batch(out, cfg, digest, *done, counted)
     if not kept:
         raise DataError(
             f"no examples left in {data_path} ({out.rows} rows: {out.dropped_too_long} too long, "
@@ -677,6 +727,19 @@ def _tokenize(
     out.fingerprint = digest.hexdigest()
     log.info("data %s: tokenised %s", data_path, out.counts())
     return out
+
+
+def _keep_batch(
+    out: PreparedData,
+    cfg: DataConfig,
+    digest: Any,
+    rendered: list[tuple[int, str, list[tuple[int, int]]]],
+    encoded: Future[list[tuple[np.ndarray, np.ndarray]]],
+    keep: Callable[[tokens.Example], None],
+) -> None:
+    """One batch's examples, in row order, once its tokenisation is done."""
+    for (index, _, _), (ids, completion) in zip(rendered, encoded.result(), strict=True):
+        _keep(out, cfg, digest, index, ids, completion, keep)
 
 
 def _render_rows(
