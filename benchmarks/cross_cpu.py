@@ -62,7 +62,7 @@ def main() -> None:
             RunConfig, REPO / "configs" / "worlds" / "model-strong.yaml", [*settings, f"eval.limit={args.problems}"]
         )
         out = Path(tmp) / "eval"
-        evaluate.evaluate(cfg.eval, build.model, out, evaluate.embedded_sets(build), False)
+        evaluate.evaluate(cfg.eval, build.model, out, base_model.embedded_sets(build), False)
         samples = hashlib.sha256((out / "samples.jsonl").read_bytes()).hexdigest()
     result = {
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -97,10 +97,11 @@ def main() -> None:
 
     import torch
 
+    from pipeline.common.devices import vllm_available
     from pipeline.data import sources
     from pipeline.data.config import DataConfig
     from pipeline.priors import cache
-    from pipeline.priors.engines import HFEngine, VLLMEngine, vllm_available
+    from pipeline.priors.engines import HFEngine, VLLMEngine
     from pipeline.world import base_model
     from pipeline.world.config import BaseModelConfig
 

@@ -15,7 +15,6 @@ from pipeline.common.storage import atomic_write_text
 from pipeline.entry import cli
 from pipeline.entry.config import RunConfig
 from pipeline.entry.resolve import resolve_inputs
-from pipeline.evaluation import evaluate
 from pipeline.experiments import experiment
 from pipeline.priors.cache import PriorStore
 from pipeline.world import base_model
@@ -137,7 +136,7 @@ def select(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) 
                 "select.validation is not set and there is no embedded validation split: give one "
                 "({name, path, answer_type}), disjoint from the eval.sets problems"
             )
-        validation = evaluate.validation_set(embedded)
+        validation = base_model.validation_set(embedded)
     overrides = [*args.overrides, *experiment.selection_overrides(cfg, validation)]
     result = experiment_flow(str(config) if config else None, overrides, progress=True)
     out = Path(result["dir"])

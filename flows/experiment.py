@@ -23,10 +23,9 @@ from flows import retry_unexpected
 from flows.train import capture_priors
 from pipeline.common.config import load_config
 from pipeline.core.targets import from_config
-from pipeline.entry import launch
+from pipeline.entry import launch, stages
 from pipeline.entry.config import RunConfig
 from pipeline.entry.resolve import experiment_dir, resolve_inputs, run_dir
-from pipeline.evaluation import evaluate
 from pipeline.experiments import experiment
 
 
@@ -48,7 +47,7 @@ def train_run(config: str | None, overrides: list[str], progress: bool = False) 
 def evaluate_model(config: str | None, overrides: list[str], base: bool, out_dir: str | None = None) -> str:
     """Evaluate the run's final model (or the base model); returns the report.json path."""
     cfg = load_config(RunConfig, config, overrides)
-    return str(evaluate.evaluate_run(cfg, base, Path(out_dir) if out_dir else None, progress=False))
+    return str(stages.evaluate_run(cfg, base, Path(out_dir) if out_dir else None, progress=False))
 
 
 @task

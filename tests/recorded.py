@@ -91,7 +91,7 @@ def samples(build: base_model.BaseModelPaths, storage: Path) -> str:
     from pipeline.evaluation import evaluate
 
     cfg = _config(build, storage, "eval.limit=16")
-    evaluate.evaluate(cfg.eval, build.model, storage / "eval", evaluate.embedded_sets(build), False)
+    evaluate.evaluate(cfg.eval, build.model, storage / "eval", base_model.embedded_sets(build), False)
     records = [json.loads(line) for line in (storage / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 32 and all(len(r.pop("collapsed")) == 2 for r in records)
     return hashlib.sha256("".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()).hexdigest()

@@ -16,6 +16,7 @@ from pipeline.common.errors import DataError, EvalError
 from pipeline.core.targets import IGNORE
 from pipeline.data import sources
 from pipeline.data.config import DataConfig
+from pipeline.entry import stages
 from pipeline.entry.config import RunConfig
 from pipeline.evaluation import evaluate
 from pipeline.evaluation.config import EvalSetConfig
@@ -170,7 +171,7 @@ def test_a_tokenizer_without_pad_token_trains_and_evaluates(llama3_style, tiny_b
     example = sources.prepare(cfg.data, data_path, tok).examples[0]
     assert example.labels[-1] == tok.convert_tokens_to_ids("<|eot_id|>")  # eos is scored
     final = train.train(cfg, progress=False)
-    report = json.loads(evaluate.evaluate_run(cfg, progress=False).read_text())
+    report = json.loads(stages.evaluate_run(cfg, progress=False).read_text())
     assert (final / "model.safetensors").exists() and report["overall"]["problems"] == 3
 
 

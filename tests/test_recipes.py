@@ -120,7 +120,7 @@ def test_recipe_runs_shrunk_through_priors_train_and_eval(setting, tiny_build, l
     sizes overridden."""
     import json
 
-    from pipeline.evaluation import evaluate
+    from pipeline.entry import stages
     from pipeline.priors import capture
     from pipeline.training import train
     from tests.conftest import hub_snapshot, write_jsonl
@@ -166,7 +166,7 @@ def test_recipe_runs_shrunk_through_priors_train_and_eval(setting, tiny_build, l
     )
     captured = capture.capture(cfg, progress=False)
     final = train.train(cfg, progress=False)
-    report = json.loads(evaluate.evaluate_run(cfg, progress=False).read_text())
+    report = json.loads(stages.evaluate_run(cfg, progress=False).read_text())
     assert captured.complete and (final / "config.json").exists()
     assert report["overall"]["problems"] == 4 * len(shipped.eval.sets)
 

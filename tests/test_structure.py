@@ -18,9 +18,6 @@ world, and the entry layer (CLI, launcher, run config, input resolution)."""
 KNOWN_UPWARD = {
     # Debt, to be paid by handing each stage its own section (issue 34, step 2): these stages still take
     # the whole RunConfig and resolve their inputs themselves. The list may only shrink.
-    "pipeline.evaluation.evaluate -> pipeline.entry.config",
-    "pipeline.evaluation.evaluate -> pipeline.entry.resolve",
-    "pipeline.evaluation.evaluate -> pipeline.world.base_model",
     "pipeline.experiments.experiment -> pipeline.entry.config",
     "pipeline.experiments.experiment -> pipeline.entry.resolve",
     "pipeline.priors.capture -> pipeline.entry.config",
@@ -92,7 +89,7 @@ def test_the_import_graph_has_no_circle():
 TRAIN_WITHOUT_A_KEY = """
 import importlib.util, json, sys
 from flows import cli
-from pipeline.priors.engines import vllm_available
+from pipeline.common.devices import vllm_available
 assert importlib.util.find_spec("vllm") is not None and vllm_available()  # installed: an import would show
 code = cli.main(["train", *sys.argv[1:]])
 print(json.dumps({"code": code, "vllm": sorted(m for m in sys.modules if m.split(".")[0] == "vllm")}))

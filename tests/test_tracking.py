@@ -10,8 +10,8 @@ import pytest
 
 from pipeline.common.config import load_config
 from pipeline.common.errors import TrackingError
+from pipeline.entry import stages
 from pipeline.entry.config import RunConfig
-from pipeline.evaluation import evaluate
 from pipeline.training import train
 from tests.conftest import REPO, tiny_args
 
@@ -53,7 +53,7 @@ def test_tensorboard_and_mlflow_get_every_metric_config_and_eval_report(tiny_bui
 
     cfg = _cfg(tiny_build, tmp_path, "train.report_to=[tensorboard, mlflow]")
     final = train.train(cfg, progress=False)
-    report = json.loads(evaluate.evaluate_run(cfg, progress=False).read_text())
+    report = json.loads(stages.evaluate_run(cfg, progress=False).read_text())
     metrics = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
 
@@ -65,7 +65,7 @@ def test_tensorboard_and_mlflow_get_every_metric_config_and_eval_report(tiny_bui
     assert [(e.step, e.value) for e in greedy] == [(3, pytest.approx(report["overall"]["greedy"]))]
     assert "config" in events.Tags()["tensors"] or "config/text_summary" in events.Tags()["tensors"]
 
-    assert evaluate.evaluate_run(cfg, progress=False).exists()  # reused: logged once, not again
+    assert stages.evaluate_run(cfg, progress=False).exists()  # reused: logged once, not again
     run_id = json.loads((final.parent / "tracking.json").read_text())["mlflow"]
     client = MlflowClient(mlflow_store)
     assert len(client.get_metric_history(run_id, "eval/overall/greedy")) == 1
@@ -140,13 +140,13 @@ def _wandb_history(path) -> list[tuple[int, float]]:
 def test_rerun_reuses_an_unchanged_evaluation_and_redoes_a_changed_one(tiny_build, tmp_path):
     cfg = _cfg(tiny_build, tmp_path)
     train.train(cfg, progress=False)
-    first = evaluate.evaluate_run(cfg, progress=False)
+    first = stages.evaluate_run(cfg, progress=False)
     samples = first.parent / "samples.jsonl"
     stamp = samples.stat().st_mtime_ns
-    again = evaluate.evaluate_run(cfg, progress=False)
+    again = stages.evaluate_run(cfg, progress=False)
     assert again == first and samples.stat().st_mtime_ns == stamp  # nothing generated again
     changed = _cfg(tiny_build, tmp_path, "eval.n=3")
-    report = json.loads(evaluate.evaluate_run(changed, progress=False).read_text())
+    report = json.loads(stages.evaluate_run(changed, progress=False).read_text())
     assert report["n"] == 3 and samples.stat().st_mtime_ns != stamp
 
 

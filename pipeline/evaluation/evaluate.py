@@ -24,26 +24,26 @@ import torch
 from tqdm import tqdm
 
 from pipeline.common.config import to_dict
+from pipeline.common.devices import (
+    import_vllm,
+    resolve_device,
+    resolve_dtype,
+    resolve_engine,
+    set_vllm_cpu_environment,
+    shutdown_vllm,
+)
 from pipeline.common.errors import DataError, EvalError
 from pipeline.common.models import load_model, load_model_config, load_tokenizer, pad_id
-from pipeline.common.storage import atomic_write_text, fast_hash_file, sha256_json, sums_problem, write_jsonl
+from pipeline.common.storage import atomic_write_text, fast_hash_file, sha256_json, write_jsonl
 from pipeline.data import sources
 from pipeline.data.config import DataConfig
-from pipeline.entry.config import RunConfig
-from pipeline.entry.resolve import eval_dir, resolve_device, resolve_dtype, resolve_engine, resolve_inputs, run_dir
 from pipeline.evaluation.answers import LETTERS, check_answers
 from pipeline.evaluation.config import EvalConfig, EvalSetConfig
 from pipeline.evaluation.sampling import sample, sample_key
-from pipeline.priors.engines import import_vllm, set_vllm_cpu_environment, shutdown_vllm
 from pipeline.training.diagnostics import loops
-from pipeline.training.tracking import Trackers
-from pipeline.world.base_model import BaseModelPaths
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_SET = "arith-heldout"
-FORGETTING_SET = "arith-forgetting"
-VALIDATION_SET = "arith-validation"
 SAMPLER_VERSION = 2
 """2: `pipeline.evaluation.sampling` (per-sample random streams); 1: transformers `generate` (one stream per batch)."""
 
@@ -413,68 +413,3 @@ def markdown_report(report: dict[str, Any]) -> str:
         greedy = f"{s['greedy']:.1%}" if "greedy" in s else "-"
         lines.append(f"| {name} | {s['problems']} | {s['average_at_n']:.1%} | {s['pass_at_n']:.1%} | {greedy} |")
     return "\n".join(lines) + "\n"
-
-
-def embedded_sets(build: BaseModelPaths, forgetting: bool = True) -> list[EvalSetConfig]:
-    """The embedded build's held-out problems of the SFT skill and, where it has them and `forgetting`
-    is on, of the old skill. The first set is the one comparisons are made on."""
-    sets = [EvalSetConfig(name=EMBEDDED_SET, path=str(build.sft_heldout), answer_type="numeric")]
-    if forgetting and build.forgetting.exists() and build.forgetting.stat().st_size > 0:
-        sets.append(EvalSetConfig(name=FORGETTING_SET, path=str(build.forgetting), answer_type="numeric"))
-    return sets
-
-
-def validation_set(build: BaseModelPaths) -> EvalSetConfig:
-    """The embedded validation split (where `target-sft select` chooses settings)."""
-    return EvalSetConfig(name=VALIDATION_SET, path=str(build.validation), answer_type="numeric")
-
-
-def eval_target(cfg: RunConfig, base: bool = False, prior: bool = False) -> tuple[Path, Path, list[EvalSetConfig]]:
-    """Which model `target-sft eval` evaluates, where its report goes, and the default sets.
-
-    Default: the trained run `<storage>/runs/<train.name>/final`, reported into that run's `eval/`.
-    `base=True`: the untrained base model, reported into `<storage>/evals/base-<model folder>/`.
-    `prior=True`: the model the priors come from (a teacher), into `<storage>/evals/prior-<folder>/`.
-    """
-    run = run_dir(cfg)
-    if prior:
-        resolved = resolve_inputs(cfg, progress=True)
-        sets = embedded_sets(resolved.embedded, cfg.eval.forgetting) if resolved.embedded else []
-        return resolved.prior_model_path, eval_dir(cfg, f"prior-{resolved.prior_model_path.name}"), sets
-    if not base and not cfg.eval.model_path and not (run / "final" / "config.json").exists():
-        raise EvalError(
-            f"run {cfg.train.name!r} has no final model at {run / 'final'}; train it first "
-            "(`target-sft train`), or set eval.model_path, or pass --base"
-        )
-    inputs = resolve_inputs(cfg, progress=False) if (base or not cfg.eval.sets) else None
-    default = embedded_sets(inputs.embedded, cfg.eval.forgetting) if inputs and inputs.embedded else []
-    if base:
-        assert inputs is not None
-        return inputs.model_path, eval_dir(cfg, f"base-{inputs.model_path.name}"), default
-    model, out = run / "final", run / "eval"
-    if cfg.eval.model_path:
-        model = Path(cfg.eval.model_path)
-        out = eval_dir(cfg, model.name)
-    if model.is_dir() and (problem := sums_problem(model)) is not None:
-        raise EvalError(f"the model in {model} is damaged: {problem}; train the run again, or restore the folder")
-    return model, out, default
-
-
-def evaluate_run(
-    cfg: RunConfig, base: bool = False, out_dir: Path | None = None, progress: bool = True, prior: bool = False
-) -> Path:
-    """`target-sft eval` and the flows: evaluate the run (or the base model, or the prior model),
-    report it to the run's trackers, and return the report.json path. An unchanged model and settings
-    reuse the report."""
-    model, default_out, default_sets = eval_target(cfg, base=base, prior=prior)
-    base = base or prior
-    out = out_dir or default_out
-    report = evaluate(cfg.eval, model, out, default_sets, progress, cfg.model.trust_remote_code, cfg.data)
-    run = run_dir(cfg)
-    if not base and not cfg.eval.model_path and cfg.train.report_to and not report.get("reused"):
-        metrics = run / "metrics.jsonl"
-        steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
-        trackers = Trackers(cfg.train.report_to, run, cfg.train.name, to_dict(cfg))
-        trackers.log_report(report, steps[-1] if steps else 0)
-        trackers.close()
-    return out / "report.json"

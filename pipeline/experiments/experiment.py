@@ -496,8 +496,9 @@ def dry_run(cfg: RunConfig) -> dict[str, Any]:
     Raises:
         TargetError: a bad target grid. ConfigError: impossible shapes or settings.
     """
+    from pipeline.common.devices import check_attention
     from pipeline.common.errors import ConfigError
-    from pipeline.entry.resolve import check_attention, half_set_paths
+    from pipeline.entry.resolve import half_set_paths
 
     tc, runs = cfg.train, expand_grid(cfg.experiment)
     check_attention(cfg.model.attn_implementation)
@@ -548,10 +549,10 @@ def check_inputs(cfg: RunConfig) -> list[str]:
 
     import torch
 
+    from pipeline.common.devices import vllm_available
     from pipeline.common.errors import TargetSFTError
     from pipeline.common.models import load_tokenizer
     from pipeline.data import sources
-    from pipeline.priors.engines import vllm_available
 
     problems = []
     models = {"model.path": cfg.model.path, "priors.model_path": cfg.priors.model_path}

@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pipeline.common.devices import resolve_device, resolve_dtype, resolve_engine
 from pipeline.common.models import load_model_config, load_tokenizer
 from pipeline.common.storage import atomic_write_text, sha256_file
 from pipeline.data import sources
 from pipeline.data.tokens import Example
 from pipeline.entry.config import RunConfig
-from pipeline.entry.resolve import resolve_device, resolve_dtype, resolve_engine, resolve_inputs, tokens_dir
+from pipeline.entry.resolve import resolve_inputs, tokens_dir
 from pipeline.priors.cache import PriorStore, cache_key, is_object_store, storage_error
 from pipeline.priors.engines import HFEngine, PriorError, VLLMEngine, VLLMServerEngine
 

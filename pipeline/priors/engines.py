@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import http.client
 import json
-import os
 import threading
 import time
 import urllib.error
@@ -37,6 +36,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from pipeline.common.devices import import_vllm, set_vllm_cpu_environment, shutdown_vllm
 from pipeline.common.errors import PriorError
 from pipeline.common.models import check_remote_code, load_model
 from pipeline.common.prior_schema import Prior, PriorRecord
@@ -547,47 +547,3 @@ def _error_message(error: urllib.error.HTTPError) -> str:
         return " ".join(str(message or body).split())[:300]
     except Exception:
         return str(error.reason)
-
-
-def shutdown_vllm(llm: Any) -> None:
-    """Shut an offline `LLM` down explicitly: vLLM can abort at interpreter exit otherwise, and a
-    flow that trains next in the same process needs the GPU memory back."""
-    engine = getattr(llm, "llm_engine", None)
-    shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
-    if shutdown is not None:
-        shutdown()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def vllm_available() -> bool:
-    """Whether vLLM is installed, found without importing it (an import costs seconds and a lot of
-    memory, and choosing an engine or computing a cache key needs neither). An installed vLLM that
-    does not import is a one-line error where an engine starts (`import_vllm`)."""
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
-def import_vllm() -> Any:
-    """The vllm module, or one line saying that the installed one does not import."""
-    try:
-        import vllm
-    except Exception as e:
-        raise PriorError(
-            f"vLLM is installed but does not import ({type(e).__name__}: {str(e)[:200]}); fix the install, "
-            "or use the transformers engine (priors.engine=hf, eval.engine=hf)"
-        ) from None
-    return vllm
-
-
-def set_vllm_cpu_environment() -> None:
-    """Settings verified for vllm-cpu here (issue 4); harmless on GPU builds."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    scratch = Path(os.environ.get("TARGET_SFT_TMP", Path.cwd() / ".tmp"))
-    for var, sub in (("VLLM_RPC_BASE_PATH", "vllm-rpc"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
-        if var not in os.environ:
-            (scratch / sub).mkdir(parents=True, exist_ok=True)
-            os.environ[var] = str(scratch / sub)

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from pipeline.common import cpu_kernels
 from pipeline.common.config import to_dict
+from pipeline.common.devices import check_attention
 from pipeline.common.errors import CacheError, DivergedError, TrackingError, TrainError
 from pipeline.common.models import load_model, load_model_config, load_tokenizer, pad_id
 from pipeline.common.prior_schema import PriorRecord
@@ -47,7 +48,7 @@ from pipeline.data import sources
 from pipeline.data.config import DataConfig
 from pipeline.data.tokens import Example
 from pipeline.entry.config import RunConfig
-from pipeline.entry.resolve import check_attention, resolve_inputs, run_dir, tokens_dir
+from pipeline.entry.resolve import resolve_inputs, run_dir, tokens_dir
 from pipeline.priors.cache import PriorStore
 from pipeline.priors.engines import drop_ids_beyond
 from pipeline.training import diagnostics

@@ -34,6 +34,7 @@ from pipeline.common import cpu_kernels
 from pipeline.common.config import to_dict
 from pipeline.common.errors import ModelError
 from pipeline.common.storage import atomic_dir, inside, sha256_json, write_jsonl
+from pipeline.evaluation.config import EvalSetConfig
 from pipeline.training.schedule import warmup_cosine
 from pipeline.world import synthetic
 from pipeline.world.config import BaseModelConfig
@@ -462,3 +463,26 @@ def evaluate(model_path: str | Path, heldout: list[dict], fmt: str = "plain") ->
         "majority_baseline": majority,
         "example": {"prompt": prompts[0], "completion": completions[0], "answer": answers[0]},
     }
+
+
+def embedded_sets(build: BaseModelPaths, forgetting: bool = True) -> list[EvalSetConfig]:
+    """The embedded build's held-out problems of the SFT skill and, where it has them and `forgetting`
+    is on, of the old skill. The first set is the one comparisons are made on."""
+    sets = [EvalSetConfig(name=EMBEDDED_SET, path=str(build.sft_heldout), answer_type="numeric")]
+    if forgetting and build.forgetting.exists() and build.forgetting.stat().st_size > 0:
+        sets.append(EvalSetConfig(name=FORGETTING_SET, path=str(build.forgetting), answer_type="numeric"))
+    return sets
+
+
+def validation_set(build: BaseModelPaths) -> EvalSetConfig:
+    """The embedded validation split (where `target-sft select` chooses settings)."""
+    return EvalSetConfig(name=VALIDATION_SET, path=str(build.validation), answer_type="numeric")
+
+
+EMBEDDED_SET = "arith-heldout"
+
+
+FORGETTING_SET = "arith-forgetting"
+
+
+VALIDATION_SET = "arith-validation"
