@@ -241,3 +241,15 @@ def wide_teacher(student: Path, out: Path, extra: int = 16) -> Path:
     model.save_pretrained(out)
     transformers.AutoTokenizer.from_pretrained(student).save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def captured(tiny_build, tmp_path):
+    """Priors of the tiny model over its SFT set, in tmp_path (training tests' settings)."""
+    from pipeline.common.config import load_config
+    from pipeline.entry.config import RunConfig
+    from pipeline.priors import capture
+
+    overrides = tiny_args(tiny_build, tmp_path, "train.lr=0.002", "train.eval_every=0", "train.threads=1")
+    capture.capture(load_config(RunConfig, None, overrides), progress=False)
+    return tmp_path
