@@ -55,8 +55,7 @@ def default_of(f: dataclasses.Field) -> str:  # type: ignore[type-arg]
     return "required"
 
 
-def section(cls: type, prefix: str, seen: set[type]) -> list[str]:
-    seen.add(cls)
+def section(cls: type, prefix: str) -> list[str]:
     hints = typing.get_type_hints(cls, include_extras=True)
     docs = field_docs(cls)
     title = prefix.rstrip(".") or "run file"
@@ -72,14 +71,14 @@ def section(cls: type, prefix: str, seen: set[type]) -> list[str]:
         out.append(f"| `{prefix}{f.name}` | {type_name(base)} | {default_of(f)} | {doc} |")
     out.append("")
     for kind, sub in nested:
-        out += section(kind, sub, seen)
+        out += section(kind, sub)
     return out
 
 
 def reference() -> str:
     from pipeline.entry.config import RunConfig
 
-    return HEADER + "\n" + "\n".join(section(RunConfig, "", set())) + "\n"
+    return HEADER + "\n" + "\n".join(section(RunConfig, "")) + "\n"
 
 
 def on_pre_build(config: Any) -> None:

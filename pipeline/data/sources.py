@@ -41,8 +41,9 @@ from pipeline.data.tokens import (
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
-TOKENIZE_BATCH = 64  # rows per tokenizer call: its offsets are Python tuples, ~200 B/token while held
-"""Rows read, rendered and tokenised together (one call of the Rust tokenizer)."""
+TOKENIZE_BATCH = 64
+"""Rows read, rendered and tokenised together (one call of the Rust tokenizer); two batches are held
+at a time (one tokenising while the next renders), so a batch stays small."""
 CANONICAL_COLUMNS = ("messages", "prompt", "completion", "question", "answer", "conversations")
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from pipeline.common.config import to_dict
 from pipeline.common.errors import EvalError
-from pipeline.common.storage import sums_problem
 from pipeline.entry.config import RunConfig
 from pipeline.entry.resolve import eval_dir, resolve_inputs, run_dir
 from pipeline.evaluation import evaluate
@@ -44,8 +43,6 @@ def eval_target(cfg: RunConfig, base: bool = False, prior: bool = False) -> tupl
     if cfg.eval.model_path:
         model = Path(cfg.eval.model_path)
         out = eval_dir(cfg, model.name)
-    if model.is_dir() and (problem := sums_problem(model)) is not None:
-        raise EvalError(f"the model in {model} is damaged: {problem}; train the run again, or restore the folder")
     return model, out, default
 
 

@@ -34,7 +34,7 @@ from pipeline.common.devices import (
 )
 from pipeline.common.errors import DataError, EvalError
 from pipeline.common.models import load_model, load_model_config, load_tokenizer, pad_id
-from pipeline.common.storage import atomic_write_text, fast_hash_file, sha256_json, write_jsonl
+from pipeline.common.storage import atomic_write_text, fast_hash_file, sha256_json, sums_problem, write_jsonl
 from pipeline.data import sources
 from pipeline.data.config import DataConfig
 from pipeline.evaluation.answers import LETTERS, check_answers
@@ -215,6 +215,8 @@ def evaluate(
     if previous is not None and previous.get("fingerprint") == fingerprint:
         log.info("reusing %s: same model files, eval settings and sets", out_dir / "report.json")
         return {**previous, "reused": True}
+    if (damage := sums_problem(Path(model_path))) is not None:  # read only when the model is about to load
+        raise EvalError(f"the model in {model_path} is damaged: {damage}; train the run again, or restore the folder")
     problems = {s.name: load_problems(s, cfg.limit) for s in sets}
     tokenizer = load_tokenizer(Path(model_path), trust_remote_code)
     chat = chat or DataConfig()

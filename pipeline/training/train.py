@@ -316,7 +316,7 @@ def _save_final(model: Any, tokenizer: Any, state: dict[str, Any] | None, final:
     try:
         model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
-        write_sums(tmp)  # checked before evaluation (evaluate.eval_target)
+        write_sums(tmp)  # checked before evaluation (evaluate.evaluate, before loading)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
     finally:
