@@ -204,12 +204,7 @@ def evaluate(
     """
     # --- setup: sets, tokenizer, engine ---------------------------------------------------------------
     sets = cfg.sets or list(default_sets)
-    if not sets:
-        raise EvalError("no evaluation sets: list them under eval.sets (name, path, answer_type)")
-    if cfg.n < 1 or cfg.max_new_tokens < 1:
-        raise EvalError(f"eval.n={cfg.n} and eval.max_new_tokens={cfg.max_new_tokens} must both be >= 1")
-    if not (Path(model_path) / "config.json").exists():
-        raise EvalError(f"no model at {model_path} (config.json missing); train it first or fix eval.model_path")
+    _refuse_what_cannot_run(cfg, sets, Path(model_path))
     fingerprint = report_fingerprint(cfg, Path(model_path), sets, chat)
     previous = _read_report(out_dir / "report.json")
     if previous is not None and previous.get("fingerprint") == fingerprint:
@@ -259,6 +254,16 @@ def evaluate(
     atomic_write_text(out_dir / "report.md", markdown_report(report))
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))  # last: its presence means done
     return report
+
+
+def _refuse_what_cannot_run(cfg: EvalConfig, sets: list[EvalSetConfig], model_path: Path) -> None:
+    """One line, before anything loads, for an evaluation that cannot run."""
+    if not sets:
+        raise EvalError("no evaluation sets: list them under eval.sets (name, path, answer_type)")
+    if cfg.n < 1 or cfg.max_new_tokens < 1:
+        raise EvalError(f"eval.n={cfg.n} and eval.max_new_tokens={cfg.max_new_tokens} must both be >= 1")
+    if not (model_path / "config.json").exists():
+        raise EvalError(f"no model at {model_path} (config.json missing); train it first or fix eval.model_path")
 
 
 def report_fingerprint(cfg: EvalConfig, model_path: Path, sets: list[EvalSetConfig], chat: DataConfig | None) -> str:
