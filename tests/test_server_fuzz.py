@@ -44,6 +44,7 @@ class FakeVLLM:
         self.mutate_at = 0  # which scoring request (0-based, vocabulary probes excluded) gets mutated
         self.requests = 0
         self.trickle = False
+        self.in_flight = 0  # requests being answered (an earlier test's may still be)
         self.lock = threading.Lock()
         fake = self
 
@@ -61,6 +62,15 @@ class FakeVLLM:
                     self.answer(404, {"detail": "Not Found"})
 
             def do_POST(self) -> None:
+                with fake.lock:
+                    fake.in_flight += 1
+                try:
+                    self.answer_post()
+                finally:
+                    with fake.lock:
+                        fake.in_flight -= 1
+
+            def answer_post(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if self.path == "/tokenize":
                     ids = fake.tokenizer.encode(body["prompt"], add_special_tokens=False)
@@ -117,6 +127,15 @@ class FakeVLLM:
             if self.mutate is not None and n == self.mutate_at:
                 return 200, self.mutate(copy.deepcopy(answer))
         return 200, answer
+
+    def start_trial(self, mutate: Mutation | None, mutate_at: int) -> None:
+        """Count requests afresh for one test, once the requests an earlier test left in flight (its
+        client gave up on them) are answered: counted here, they would shift `mutate_at`."""
+        deadline = time.monotonic() + 60
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with self.lock:
+            self.mutate, self.mutate_at, self.requests = mutate, mutate_at, 0
 
     def close(self) -> None:
         self.server.shutdown()
@@ -206,7 +225,7 @@ def clean(fake_server, tiny_build, tmp_path_factory) -> dict[int, Any]:
 def test_a_mutated_server_answer_is_one_line_and_never_a_complete_set(
     fake_server, clean, tiny_build, tmp_path, capsys, name
 ):
-    fake_server.mutate, fake_server.mutate_at, fake_server.requests = MUTATIONS[name], 2, 0
+    fake_server.start_trial(MUTATIONS[name], 2)
     try:
         argv = server_args(tiny_build, tmp_path, fake_server.url, f"priors.k={K}", "data.limit=6")
         code, _, err = capture([*argv, "priors.server_retries=0", "priors.server_concurrency=1"], capsys)
