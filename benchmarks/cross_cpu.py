@@ -28,10 +28,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.common.config import load_config
+from pipeline.entry import stages
 from pipeline.entry.config import RunConfig
 from pipeline.evaluation import evaluate
-from pipeline.priors import capture
-from pipeline.training import train
 from pipeline.world import base_model
 from pipeline.world.config import BaseModelConfig
 
@@ -55,8 +54,8 @@ def main() -> None:
             "train.name=short",
         ]  # fmt: skip
         cfg = load_config(RunConfig, REPO / "configs" / "worlds" / "model-strong.yaml", [*settings, *short])
-        capture.capture(cfg, progress=False)
-        final = train.train(cfg, progress=False)
+        stages.capture_priors(cfg, progress=False)
+        final = stages.train(cfg, progress=False)
         run = base_model.weights_checksum(AutoModelForCausalLM.from_pretrained(final))
         cfg = load_config(
             RunConfig, REPO / "configs" / "worlds" / "model-strong.yaml", [*settings, f"eval.limit={args.problems}"]

@@ -42,12 +42,12 @@ def main() -> None:
 
     from pipeline.common.config import load_config
     from pipeline.common.models import load_tokenizer
+    from pipeline.entry import stages
     from pipeline.entry.config import RunConfig
-    from pipeline.priors import capture
     from pipeline.priors.cache import PriorStore
 
     cfg = load_config(RunConfig, args.config, args.overrides)
-    plan = capture.plan(cfg, progress=False)
+    plan = stages.plan_priors(cfg, progress=False)
     store = PriorStore(cfg.storage_root)
     if not store.complete(plan.key):
         raise SystemExit(f"error: prior set {plan.key} is not captured; run `target-sft priors {args.config}` first")

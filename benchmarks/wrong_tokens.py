@@ -24,9 +24,9 @@ import numpy as np
 
 from pipeline.common.config import load_config
 from pipeline.common.models import load_tokenizer
+from pipeline.entry import stages
 from pipeline.entry.config import RunConfig
 from pipeline.entry.resolve import resolve_inputs
-from pipeline.priors import capture
 from pipeline.priors.cache import PriorStore
 from pipeline.world import synthetic
 
@@ -58,7 +58,7 @@ def main() -> None:
     store = PriorStore(teacher_cfg.storage_root)
     sets = {}
     for role, cfg in (("teacher", teacher_cfg), ("base", base_cfg)):
-        plan = capture.plan(cfg, progress=False)
+        plan = stages.plan_priors(cfg, progress=False)
         if not store.complete(plan.key):
             sys.exit(f"the {role}'s prior set {plan.key} is not captured: run `target-sft priors` on its config first")
         sets[role] = store.open(plan.key).load_all()

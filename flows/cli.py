@@ -12,7 +12,7 @@ from pipeline.common import cpu_kernels
 from pipeline.common.config import SafeName
 from pipeline.common.errors import ConfigError
 from pipeline.common.storage import atomic_write_text
-from pipeline.entry import cli
+from pipeline.entry import cli, stages
 from pipeline.entry.config import RunConfig
 from pipeline.entry.resolve import resolve_inputs
 from pipeline.experiments import experiment
@@ -137,7 +137,7 @@ def select(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) 
                 "({name, path, answer_type}), disjoint from the eval.sets problems"
             )
         validation = base_model.validation_set(embedded)
-    overrides = [*args.overrides, *experiment.selection_overrides(cfg, validation)]
+    overrides = [*args.overrides, *stages.selection_overrides(cfg, validation)]
     result = experiment_flow(str(config) if config else None, overrides, progress=True)
     out = Path(result["dir"])
     runs = json.loads((out / "summary.json").read_text())["runs"]

@@ -20,8 +20,8 @@ from prefect_dask import DaskTaskRunner
 
 from flows import retry_unexpected
 from pipeline.common.config import load_config
+from pipeline.entry import stages
 from pipeline.entry.config import RunConfig
-from pipeline.priors import capture
 
 
 @task(
@@ -32,14 +32,14 @@ def capture_worker(config: str | None, overrides: list[str], worker_index: int, 
     cfg = load_config(
         RunConfig, config, [*overrides, f"priors.worker_index={worker_index}", f"priors.num_workers={num_workers}"]
     )
-    result = capture.capture(cfg, progress=False)
+    result = stages.capture_priors(cfg, progress=False)
     return {"key": result.key, "manifest": result.manifest_path, "forward_passes": result.forward_passes}
 
 
 @task
 def finalize(config: str | None, overrides: list[str]) -> dict:
     """Write manifest.json and _SUCCESS (every shard exists now; no forward pass runs)."""
-    result = capture.capture(load_config(RunConfig, config, overrides), progress=False)
+    result = stages.capture_priors(load_config(RunConfig, config, overrides), progress=False)
     if not result.complete:
         raise RuntimeError(f"prior set {result.key} still misses shards after all workers finished")
     return {"key": result.key, "manifest": result.manifest_path, "forward_passes": result.forward_passes}

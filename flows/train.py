@@ -12,10 +12,9 @@ from prefect import flow, task
 from flows import retry_unexpected
 from pipeline.common.config import load_config
 from pipeline.core.targets import from_config
-from pipeline.entry import launch
+from pipeline.entry import launch, stages
 from pipeline.entry.config import RunConfig
 from pipeline.entry.resolve import run_dir
-from pipeline.priors import capture
 from pipeline.priors.cache import PriorStore
 
 
@@ -30,7 +29,7 @@ def capture_priors(config: str | None, overrides: list[str]) -> dict:
         "manifest": result.manifest_path,
         "forward_passes": result.forward_passes,
         "gamma_profile": profile,
-        "prior_role": capture.prior_role(cfg),
+        "prior_role": stages.prior_role(cfg),
     }
 
 

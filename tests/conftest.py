@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.entry import stages
 from pipeline.world import base_model
 from pipeline.world.config import BaseModelConfig
 
@@ -248,8 +249,7 @@ def captured(tiny_build, tmp_path):
     """Priors of the tiny model over its SFT set, in tmp_path (training tests' settings)."""
     from pipeline.common.config import load_config
     from pipeline.entry.config import RunConfig
-    from pipeline.priors import capture
 
     overrides = tiny_args(tiny_build, tmp_path, "train.lr=0.002", "train.eval_every=0", "train.threads=1")
-    capture.capture(load_config(RunConfig, None, overrides), progress=False)
+    stages.capture_priors(load_config(RunConfig, None, overrides), progress=False)
     return tmp_path

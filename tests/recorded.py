@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.common import cpu_kernels
+from pipeline.entry import stages
 from pipeline.world import base_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,15 +74,12 @@ def short_run(build: base_model.BaseModelPaths, storage: Path) -> str:
     """Weights checksum of an 8-step Target-SFT run (η 0.5) on 64 SFT examples of the model-weak world."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.priors import capture
-    from pipeline.training import train
-
     cfg = _config(
         build, storage, "data.limit=64", "train.target={preset: target_sft, eta: 0.5}",
         "train.max_steps=8", "train.eval_every=0", "train.checkpoint_every=8", "train.name=short",
     )  # fmt: skip
-    capture.capture(cfg, progress=False)
-    final = train.train(cfg, progress=False)
+    stages.capture_priors(cfg, progress=False)
+    final = stages.train(cfg, progress=False)
     return base_model.weights_checksum(AutoModelForCausalLM.from_pretrained(final))
 
 

@@ -12,6 +12,7 @@ from pipeline.common import cpu_kernels
 from pipeline.common.config import load_config
 from pipeline.common.errors import ConfigError
 from pipeline.core.targets import TargetError
+from pipeline.entry import stages
 from pipeline.entry.config import RunConfig
 from pipeline.evaluation.config import EvalSetConfig
 from pipeline.experiments import experiment
@@ -219,7 +220,7 @@ def test_selection_of_an_objectives_own_lr_trains_that_objective_under_its_own_n
     own = load_config(RunConfig, None, ["experiment.name=w", "select.target={preset: target_sft, eta: 0.5}"])
     validation = EvalSetConfig(name="val", path="val.jsonl")
     for cfg, name, preset in ((shared, "w-select", "sft"), (own, "w-select-target_sft-eta0.5", "target_sft")):
-        overrides = experiment.selection_overrides(cfg, validation)
+        overrides = stages.selection_overrides(cfg, validation)
         assert f"experiment.name={name}" in overrides
         grid = load_config(RunConfig, None, overrides).experiment
         runs = experiment.expand_grid(grid)

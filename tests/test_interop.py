@@ -20,9 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.common.config import load_config
-from pipeline.entry import cli
+from pipeline.entry import cli, stages
 from pipeline.entry.config import RunConfig
-from pipeline.priors import capture
 from pipeline.priors.cache import PriorStore
 from pipeline.priors.interop import unpack_bits
 from tests.conftest import REPO, tiny_args
@@ -60,7 +59,7 @@ def write_axolotl_kd(build, root: Path, path: Path, k: int = K, extra: tuple[str
     """An Axolotl KD dataset of the tiny SFT set, as a vLLM prompt-logprobs producer writes it: the
     model's top-k at every position, one row per input token, the last one padding."""
     cfg = load_config(RunConfig, None, args(build, root, *extra))
-    examples = capture.plan(cfg, progress=False).prepared.examples
+    examples = stages.plan_priors(cfg, progress=False).prepared.examples
     source = [json.loads(line) for line in Path(build.sft_train).read_text().splitlines()]
     model = AutoModelForCausalLM.from_pretrained(build.model).eval()
     rows = []
@@ -91,7 +90,7 @@ def test_an_axolotl_kd_dataset_imports_as_a_prior_set_and_trains(tiny_build, tmp
     manifest = PriorStore(str(tmp_path)).manifest(key)
     assert manifest["capture"]["engine"] == "import" and manifest["key_inputs"]["engine"]["format"] == "axolotl"
     # the same numbers as this pipeline's own capture at the same positions
-    captured = capture.capture(load_config(RunConfig, None, args(tiny_build, tmp_path / "own")), progress=False)
+    captured = stages.capture_priors(load_config(RunConfig, None, args(tiny_build, tmp_path / "own")), progress=False)
     mine, theirs = records(tmp_path / "own", captured.key), records(tmp_path, key)
     assert mine.keys() == theirs.keys()
     inside = outside = 0
@@ -127,7 +126,7 @@ def test_an_axolotl_kd_dataset_imports_as_a_prior_set_and_trains(tiny_build, tmp
 
 
 def test_export_then_import_gives_the_same_priors(tiny_build, tmp_path, capsys):
-    captured = capture.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
+    captured = stages.capture_priors(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
     cfg_args = [f"--set={a}" for a in args(tiny_build, tmp_path)]
     code, out, err = run(["cache", "export", captured.key, "--out", str(tmp_path / "kd"), *cfg_args], capsys)
     assert code == 0 and (tmp_path / "kd" / "train.parquet").exists(), err
@@ -367,7 +366,7 @@ def write_distillkit(
     import yaml
 
     cfg = load_config(RunConfig, None, args(build, root))
-    examples = capture.plan(cfg, progress=False).prepared.examples
+    examples = stages.plan_priors(cfg, progress=False).prepared.examples
     model = AutoModelForCausalLM.from_pretrained(build.model).eval()
     pad = model.config.pad_token_id
     bits = int(np.ceil(np.log2(codec["d"])))
@@ -417,7 +416,9 @@ def test_a_distillkit_capture_imports_what_its_decoder_gives(tiny_build, tmp_pat
     manifest = store.manifest(key)
     assert manifest["key_inputs"]["engine"]["format"] == "distillkit" and store.verify(key) == []
     stored = records(tmp_path, key)
-    examples = capture.plan(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False).prepared.examples
+    examples = stages.plan_priors(
+        load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False
+    ).prepared.examples
     import pyarrow.parquet as pq
 
     by_ids = {}
@@ -492,7 +493,7 @@ def test_a_distillkit_capture_of_other_rows_or_a_damaged_one_is_one_line(tiny_bu
 
 @pytest.mark.parametrize("out", ["{tmp}/new/..", "/proc/target-sft-export", "{tmp}/" + "x" * 300, "{tmp}/kd.jsonl/sub"])
 def test_an_export_to_a_place_it_cannot_write_is_one_line(tiny_build, tmp_path, capsys, out):
-    captured = capture.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
+    captured = stages.capture_priors(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
     (tmp_path / "kd.jsonl").write_text("a file, not a folder")
     argv = ["cache", "export", captured.key, "--out", out.format(tmp=tmp_path)]
     capsys.readouterr()
@@ -507,7 +508,7 @@ def test_an_export_onto_a_read_only_or_full_disk_is_one_line_and_leaves_nothing(
 
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    captured = capture.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
+    captured = stages.capture_priors(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
     disk = tmp_path / "disk"
     disk.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", mount, "tmpfs", str(disk)], check=True)

@@ -26,8 +26,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.common.config import load_config
+from pipeline.entry import stages
 from pipeline.entry.config import RunConfig
-from pipeline.priors import capture
 from pipeline.priors.cache import PriorStore
 from pipeline.priors.engines import scored_positions
 from tests.test_interop import K, args, errors, run, write_axolotl_kd
@@ -65,13 +65,13 @@ def axolotl_strategy(kd: types.SimpleNamespace, tokenizer: Any) -> Any:
 
 
 def our_examples(build, root: Path, *extra: str) -> list:
-    return capture.plan(load_config(RunConfig, None, args(build, root, *extra)), progress=False).prepared.examples
+    return stages.plan_priors(load_config(RunConfig, None, args(build, root, *extra)), progress=False).prepared.examples
 
 
 def test_axolotls_collator_and_loss_train_on_our_export(tiny_build, tmp_path, capsys, axolotl_kd):
     """Export, load the file as Axolotl loads a pre-tokenized dataset, batch it with Axolotl's
     `DataCollatorForKD`, and take optimizer steps on Axolotl's top-k forward KL."""
-    captured = capture.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
+    captured = stages.capture_priors(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
     cfg_args = [f"--set={a}" for a in args(tiny_build, tmp_path)]
     code, _, err = run(["cache", "export", captured.key, "--out", str(tmp_path / "kd"), *cfg_args], capsys)
     assert code == 0, err

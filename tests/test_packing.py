@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.core.targets import preset
 from pipeline.data import sources
 from pipeline.data.config import DataConfig
+from pipeline.entry import stages
 from pipeline.priors.engines import HFEngine
 from pipeline.training import batching, train
 from pipeline.training.config import TrainConfig
@@ -97,14 +98,13 @@ def test_token_budget_fills_packed_rows():
 
 
 def test_packed_training_gives_the_padded_update(tiny_build, tmp_path):
-    from pipeline.priors import capture
 
-    capture.capture(cfg_for(tiny_build, tmp_path), progress=False)
+    stages.capture_priors(cfg_for(tiny_build, tmp_path), progress=False)
     common = ("train.target={preset: target_sft, eta: 0.5}", "train.batch_size=8", "train.max_steps=3")
-    padded = train.train(cfg_for(tiny_build, tmp_path, *common, "train.name=padded"), progress=False)
+    padded = stages.train(cfg_for(tiny_build, tmp_path, *common, "train.name=padded"), progress=False)
     packed_cfg = cfg_for(tiny_build, tmp_path, *common, "train.name=packed", "train.packing=true",
                          "train.micro_batch_tokens=400")  # fmt: skip
-    packed = train.train(packed_cfg, progress=False)
+    packed = stages.train(packed_cfg, progress=False)
     a, b = losses(padded.parent), losses(packed.parent)
     assert len(a) == 3 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
     assert_same_weights(padded, packed, tol=1e-5)

@@ -20,9 +20,8 @@ from pipeline.common import prior_schema
 from pipeline.common.config import load_config
 from pipeline.common.errors import PriorError
 from pipeline.common.prior_schema import PriorRecord, conform
-from pipeline.entry import cli
+from pipeline.entry import cli, stages
 from pipeline.entry.config import RunConfig
-from pipeline.priors import capture
 from pipeline.priors.cache import PriorStore
 from tests.conftest import REPO
 from tests.test_interop import args
@@ -175,7 +174,7 @@ def wrapped_delta(codes: list[int]) -> list[int]:
     ids=["wrapped-delta", "duplicate-id", "id-beyond-vocab", "negative-rank"],
 )
 def test_cache_verify_finds_values_that_break_the_contract(tiny_build, tmp_path, capsys, column, change, message):
-    captured = capture.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
+    captured = stages.capture_priors(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
     cfg = [f"--set={a}" for a in args(tiny_build, tmp_path)]
     assert cli.main(["cache", "verify", captured.key, *cfg]) == 0
     capsys.readouterr()
@@ -186,7 +185,7 @@ def test_cache_verify_finds_values_that_break_the_contract(tiny_build, tmp_path,
 
 
 def test_cache_verify_finds_an_edited_gamma_profile(tiny_build, tmp_path, capsys):
-    captured = capture.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
+    captured = stages.capture_priors(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
     path = Path(PriorStore(str(tmp_path)).dir(captured.key)) / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["gamma_profile"].update(mean=0.93, regime="model-strong")
@@ -248,7 +247,7 @@ def test_any_axolotl_row_is_one_line_or_a_record_inside_the_contract(ids, lps, o
     ids=["script-in-regime", "negative-tokens", "text-mean", "empty-profile"],
 )
 def test_an_edited_gamma_profile_is_one_line_never_printed(tiny_build, tmp_path, capsys, edit, phrase):
-    captured = capture.capture(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
+    captured = stages.capture_priors(load_config(RunConfig, None, args(tiny_build, tmp_path)), progress=False)
     path = Path(PriorStore(str(tmp_path)).dir(captured.key)) / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["gamma_profile"] = {} if edit == "empty" else {**manifest["gamma_profile"], **edit}

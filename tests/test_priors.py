@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.common import prior_schema
 from pipeline.common.config import load_config
 from pipeline.common.errors import DataError, ModelError, PriorError
+from pipeline.entry import stages
 from pipeline.entry.config import RunConfig
-from pipeline.priors import capture
 from pipeline.priors.cache import CacheError, PriorStore, cache_key
 from tests.conftest import REPO, tiny_args
 
@@ -37,9 +37,9 @@ def shard_bytes(storage: Path, key: str) -> dict[str, bytes]:
 
 def test_capture_alignment_matches_a_direct_forward(tiny_build, tmp_path):
     cfg = make_cfg(tiny_build, tmp_path)
-    result = capture.capture(cfg, progress=False)
+    result = stages.capture_priors(cfg, progress=False)
     assert result.complete and result.forward_passes > 0
-    plan = capture.plan(cfg, progress=False)
+    plan = stages.plan_priors(cfg, progress=False)
     records = PriorStore(str(tmp_path)).open(result.key).load_all()
     model = AutoModelForCausalLM.from_pretrained(tiny_build.model, dtype=torch.float32).eval()
     for example in plan.prepared.examples[:6]:
@@ -62,22 +62,22 @@ def test_capture_alignment_matches_a_direct_forward(tiny_build, tmp_path):
 
 def test_second_capture_reuses_with_zero_forward_passes(tiny_build, tmp_path):
     cfg = make_cfg(tiny_build, tmp_path)
-    first = capture.capture(cfg, progress=False)
-    again = capture.capture(cfg, progress=False)
+    first = stages.capture_priors(cfg, progress=False)
+    again = stages.capture_priors(cfg, progress=False)
     assert first.forward_passes > 0 and again.forward_passes == 0 and again.key == first.key
     manifest = PriorStore(str(tmp_path)).manifest(first.key)
     stats = manifest["statistics"]
     assert 0 < stats["mean_prior_mass_captured"] <= 1
     assert 0 <= stats["share_observed_outside_topk"] < 1
     assert stats["bytes_per_scored_token"] > 0 and stats["capture_tokens_per_s"] > 0
-    assert manifest["counts"]["examples"] == len(capture.plan(cfg, progress=False).prepared.examples)
+    assert manifest["counts"]["examples"] == len(stages.plan_priors(cfg, progress=False).prepared.examples)
     assert all(len(s["sha256"]) == 64 for s in manifest["shards"])
 
 
 def test_key_is_stable_and_every_input_changes_it(tiny_build, tmp_path):
     cfg = make_cfg(tiny_build, tmp_path)
-    base = capture.plan(cfg, progress=False)
-    assert capture.plan(make_cfg(tiny_build, tmp_path), progress=False).key == base.key
+    base = stages.plan_priors(cfg, progress=False)
+    assert stages.plan_priors(make_cfg(tiny_build, tmp_path), progress=False).key == base.key
 
     edited = tmp_path / "edited.jsonl"
     lines = tiny_build.sft_train.read_text().splitlines()
@@ -105,7 +105,9 @@ def test_key_is_stable_and_every_input_changes_it(tiny_build, tmp_path):
         "weights": [f"priors.model_path={reweighted}"],
         "dtype": ["priors.dtype=bfloat16"],
     }
-    keys = {name: capture.plan(make_cfg(tiny_build, tmp_path, *o), progress=False).key for name, o in variants.items()}
+    keys = {
+        name: stages.plan_priors(make_cfg(tiny_build, tmp_path, *o), progress=False).key for name, o in variants.items()
+    }
     assert base.key not in keys.values()
     assert len(set(keys.values())) == len(keys)
     other_engine = dict(base.key_inputs, engine={**base.key_inputs["engine"], "name": "vllm"})
@@ -120,7 +122,7 @@ from pipeline.common.config import load_config
 from pipeline.entry.config import RunConfig
 from pipeline.priors import capture
 cfg = load_config(RunConfig, None, sys.argv[1:])
-print(capture.capture(cfg, progress=False))
+print(stages.capture_priors(cfg, progress=False))
 """
 
 
@@ -151,7 +153,7 @@ def cfg_args(tiny_build, storage: Path, *extra: str) -> list[str]:
 
 
 def test_corrupted_shard_is_caught_by_verify_and_refused_by_the_reader(tiny_build, tmp_path):
-    result = capture.capture(make_cfg(tiny_build, tmp_path), progress=False)
+    result = stages.capture_priors(make_cfg(tiny_build, tmp_path), progress=False)
     shard = tmp_path / "priors" / result.key / "shards" / "00001.parquet"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -183,7 +185,7 @@ MANIFEST_EDITS = {
 @pytest.mark.parametrize("edit", list(MANIFEST_EDITS), ids=list(MANIFEST_EDITS))
 def test_verify_checks_counts_and_that_every_example_appears_once(tiny_build, tmp_path, edit):
     """Before issue 25, `cache verify` said ok after each of these edits."""
-    result = capture.capture(make_cfg(tiny_build, tmp_path), progress=False)
+    result = stages.capture_priors(make_cfg(tiny_build, tmp_path), progress=False)
     store = PriorStore(str(tmp_path))
     assert store.verify(result.key) == []
     change, phrase = MANIFEST_EDITS[edit]
@@ -193,7 +195,7 @@ def test_verify_checks_counts_and_that_every_example_appears_once(tiny_build, tm
 
 
 def test_reader_refuses_incomplete_and_mismatched_sets(tiny_build, tmp_path):
-    result = capture.capture(make_cfg(tiny_build, tmp_path), progress=False)
+    result = stages.capture_priors(make_cfg(tiny_build, tmp_path), progress=False)
     store = PriorStore(str(tmp_path))
     manifest = store.manifest(result.key)
     with pytest.raises(CacheError, match="k differ"):
@@ -207,7 +209,7 @@ def test_reader_refuses_incomplete_and_mismatched_sets(tiny_build, tmp_path):
 
 def test_a_shard_reads_with_plain_pyarrow(tiny_build, tmp_path):
     """Third-party readability: only pyarrow and numpy, following the README's schema."""
-    result = capture.capture(make_cfg(tiny_build, tmp_path), progress=False)
+    result = stages.capture_priors(make_cfg(tiny_build, tmp_path), progress=False)
     k = 8
     table = pq.read_table(tmp_path / "priors" / result.key / "shards" / "00000.parquet")
     assert table.column_names == [
@@ -244,7 +246,7 @@ def test_storage_bound(default_build, tmp_path):
             "priors.k=20",
         ],
     )
-    result = capture.capture(cfg, progress=False)
+    result = stages.capture_priors(cfg, progress=False)
     stats = PriorStore(str(tmp_path)).manifest(result.key)["statistics"]
     print(json.dumps(stats))
     assert stats["bytes_per_scored_token"] <= 40
@@ -274,7 +276,7 @@ def priors_dir_is_clean(storage: Path) -> bool:
 def test_bad_inputs_fail_clearly_and_leave_no_partial_cache(tiny_build, tmp_path, overrides, error, message):
     storage = tmp_path / "store"
     with pytest.raises(error, match=message):
-        capture.capture(make_cfg(tiny_build, storage, *overrides), progress=False)
+        stages.capture_priors(make_cfg(tiny_build, storage, *overrides), progress=False)
     assert priors_dir_is_clean(storage), message
 
 
@@ -286,13 +288,13 @@ def test_bad_teacher_or_storage_fail_clearly_and_leave_no_partial_cache(tiny_bui
     tok.add_tokens(["<|tool|>"])
     tok.save_pretrained(teacher)
     with pytest.raises(PriorError, match="different tokenizer than the student"):
-        capture.capture(make_cfg(tiny_build, storage, f"priors.model_path={teacher}"), progress=False)
+        stages.capture_priors(make_cfg(tiny_build, storage, f"priors.model_path={teacher}"), progress=False)
     assert priors_dir_is_clean(storage)
 
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
     with pytest.raises(CacheError, match="cannot write to storage root"):
-        capture.capture(make_cfg(tiny_build, not_a_dir / "root"), progress=False)
+        stages.capture_priors(make_cfg(tiny_build, not_a_dir / "root"), progress=False)
 
 
 def test_cache_keys_from_outside_are_validated(tmp_path):
@@ -305,7 +307,7 @@ def test_cache_keys_from_outside_are_validated(tmp_path):
 def test_cache_cli_ls_show_verify_rm(tiny_build, tmp_path, capsys):
     from pipeline.entry import cli
 
-    result = capture.capture(make_cfg(tiny_build, tmp_path), progress=False)
+    result = stages.capture_priors(make_cfg(tiny_build, tmp_path), progress=False)
     root = f"--set=storage_root={tmp_path}"
     assert cli.main(["cache", "ls", root]) == 0
     assert result.key in capsys.readouterr().out
@@ -348,7 +350,7 @@ def test_vllm_and_hf_engines_agree(default_build, tmp_path):
         "priors.k=20",
     ]
     cfg = load_config(RunConfig, None, args)
-    examples = capture.plan(cfg, progress=False).prepared.examples
+    examples = stages.plan_priors(cfg, progress=False).prepared.examples
     hf_engine = HFEngine(default_build.model, k=20)
     hf = hf_engine.score(examples)
     vllm_engine = VLLMEngine(default_build.model, k=20, max_model_len=cfg.data.max_length, dtype="float32")
@@ -380,7 +382,7 @@ def test_vllm_and_hf_engines_agree(default_build, tmp_path):
                 assert abs(a.topk_logprobs[row, -1] - b.topk_logprobs[row, -1]) <= 1e-3, swapped
     assert near_ties <= 0.01 * total
     # and through the cache, with the vllm engine end to end
-    result = capture.capture(
+    result = stages.capture_priors(
         load_config(RunConfig, None, [*args, "priors.engine=vllm"]),
         progress=False,
     )
@@ -395,10 +397,10 @@ def test_reader_gives_loss_ready_tensors_aligned_with_the_labels(tiny_build, tmp
     from pipeline.priors.engines import aligned_prior
 
     cfg = make_cfg(tiny_build, tmp_path)
-    result = capture.capture(cfg, progress=False)
+    result = stages.capture_priors(cfg, progress=False)
     records = PriorStore(str(tmp_path)).open(result.key).load_all()
     model = AutoModelForCausalLM.from_pretrained(tiny_build.model, dtype=torch.float32).eval()
-    for example in capture.plan(cfg, progress=False).prepared.examples[:4]:
+    for example in stages.plan_priors(cfg, progress=False).prepared.examples[:4]:
         ids, logprobs, observed = aligned_prior(records[example.index], len(example.input_ids))
         labels = torch.from_numpy(example.labels[1:])
         assert torch.equal(ids[:, 0] >= 0, labels != -100)  # scored exactly where labels are
@@ -424,7 +426,7 @@ def test_remote_code_models_need_an_explicit_opt_in(tiny_build, tmp_path):
     (custom / "config.json").write_text(json.dumps(config))
     (custom / "configuration_custom.py").write_text("raise SystemExit('remote code ran')\n")
     with pytest.raises(ModelError, match="trust_remote_code=true only if you trust it"):
-        capture.capture(make_cfg(tiny_build, tmp_path / "s", f"priors.model_path={custom}"), progress=False)
+        stages.capture_priors(make_cfg(tiny_build, tmp_path / "s", f"priors.model_path={custom}"), progress=False)
 
 
 def test_empty_dataset_is_refused(tiny_build, tmp_path):
@@ -433,7 +435,7 @@ def test_empty_dataset_is_refused(tiny_build, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataError, match="holds no rows"):
-        capture.capture(make_cfg(tiny_build, tmp_path / "s", f"data.path={empty}"), progress=False)
+        stages.capture_priors(make_cfg(tiny_build, tmp_path / "s", f"data.path={empty}"), progress=False)
     assert priors_dir_is_clean(tmp_path / "s")
 
 
@@ -465,7 +467,7 @@ def test_gamma_report_groups_the_observed_tokens_by_kind(tiny_build, tmp_path):
     ]
     missing = subprocess.run([*command, *args], capture_output=True, text=True, cwd=tmp_path)
     assert missing.returncode == 1 and "is not captured; run `target-sft priors" in missing.stderr
-    capture.capture(make_cfg(tiny_build, tmp_path), progress=False)
+    stages.capture_priors(make_cfg(tiny_build, tmp_path), progress=False)
     out = subprocess.run([*command, *args], capture_output=True, text=True, cwd=tmp_path, check=True).stdout
     shares = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ") and "%" in line}
     assert {"digits", "words", "chat markers"} <= set(shares), out

@@ -20,7 +20,6 @@ from pipeline.entry import stages
 from pipeline.entry.config import RunConfig
 from pipeline.evaluation import evaluate
 from pipeline.evaluation.config import EvalSetConfig
-from pipeline.training import train
 from tests.conftest import REPO, hub_snapshot, tiny_args, write_jsonl
 
 QA = [{"question": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(12)]
@@ -170,7 +169,7 @@ def test_a_tokenizer_without_pad_token_trains_and_evaluates(llama3_style, tiny_b
     tok = AutoTokenizer.from_pretrained(llama3_style)
     example = sources.prepare(cfg.data, data_path, tok).examples[0]
     assert example.labels[-1] == tok.convert_tokens_to_ids("<|eot_id|>")  # eos is scored
-    final = train.train(cfg, progress=False)
+    final = stages.train(cfg, progress=False)
     report = json.loads(stages.evaluate_run(cfg, progress=False).read_text())
     assert (final / "model.safetensors").exists() and report["overall"]["problems"] == 3
 
@@ -210,7 +209,6 @@ def test_prior_capture_fans_out_one_worker_per_gpu(tiny_build, tmp_path, monkeyp
     """Two simulated GPUs: two worker processes, each seeing only its own GPU, share the shards; this
     process then writes the manifest. (On this CPU the workers fall back to the CPU.)"""
     from pipeline.entry import launch
-    from pipeline.priors import capture
     from pipeline.priors.cache import PriorStore
 
     monkeypatch.setattr(launch, "visible_gpus", lambda: ["0", "1"])
@@ -225,7 +223,7 @@ def test_prior_capture_fans_out_one_worker_per_gpu(tiny_build, tmp_path, monkeyp
     made = store.manifest(result.key)["capture"]  # how it was made, beside the key
     assert (made["engine"], made["device"], made["dtype"]) == ("hf", "cpu", "float32")
     assert made["data_counts"]["examples"] == made["data_counts"]["rows"] == 60
-    single = capture.plan(cfg, progress=False)
+    single = stages.plan_priors(cfg, progress=False)
     assert single.key == result.key
     again = launch.capture_priors(cfg, None, overrides, progress=False)
     assert again.forward_passes == 0 and "[gpu" not in capsys.readouterr().out  # reused, no worker started

@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.common.config import load_config, to_dict
 from pipeline.common.errors import ConfigError, TargetError
+from pipeline.entry import check, stages
 from pipeline.entry.config import RunConfig
 from pipeline.experiments import experiment
 from pipeline.world import base_model
@@ -26,7 +27,7 @@ def test_one_recipe_per_paper_setting():
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_recipe_dry_run(setting):
     cfg = load_config(RunConfig, PAPER / f"{setting}.yaml")
-    plan = experiment.dry_run(cfg)
+    plan = check.dry_run(cfg)
     tc = cfg.train
     assert (tc.lr, tc.batch_size, tc.epochs, tc.precision) == (5e-5, 256, 1, "bf16")
     assert cfg.data.max_length == (800 if setting.startswith("m23k") else 3072)
@@ -52,7 +53,7 @@ def test_regime_dry_run(regime):
     beside) only where its comment says."""
     cfg = load_config(RunConfig, WORLDS / f"{regime}.yaml")
     demo = load_config(RunConfig, WORLDS / "model-weak.yaml")
-    assert experiment.dry_run(cfg)["runs"] and cfg.experiment.name == f"regime-{regime}"
+    assert check.dry_run(cfg)["runs"] and cfg.experiment.name == f"regime-{regime}"
     assert (cfg.eval.n, cfg.eval.max_new_tokens, cfg.train.batch_size) == (demo.eval.n, 128, 16) == (2, 128, 16)
     if regime == "new-format":
         bm = cfg.base_model
@@ -76,7 +77,7 @@ def test_regime_dry_run(regime):
 def test_dry_run_rejects_impossible_recipes(overrides, error, message):
     cfg = load_config(RunConfig, PAPER / "numina-qwen3-1.7b.yaml", overrides)
     with pytest.raises(error, match=message):
-        experiment.dry_run(cfg)
+        check.dry_run(cfg)
 
 
 # --- every recipe, shrunk, through priors, train and eval on CPU -----------------------------------------
@@ -120,9 +121,6 @@ def test_recipe_runs_shrunk_through_priors_train_and_eval(setting, tiny_build, l
     sizes overridden."""
     import json
 
-    from pipeline.entry import stages
-    from pipeline.priors import capture
-    from pipeline.training import train
     from tests.conftest import hub_snapshot, write_jsonl
 
     shipped = load_config(RunConfig, PAPER / f"{setting}.yaml")
@@ -164,8 +162,8 @@ def test_recipe_runs_shrunk_through_priors_train_and_eval(setting, tiny_build, l
         cfg.train.target == shipped.train.target
         and cfg.eval.sets[0].prompt_template == shipped.eval.sets[0].prompt_template
     )
-    captured = capture.capture(cfg, progress=False)
-    final = train.train(cfg, progress=False)
+    captured = stages.capture_priors(cfg, progress=False)
+    final = stages.train(cfg, progress=False)
     report = json.loads(stages.evaluate_run(cfg, progress=False).read_text())
     assert captured.complete and (final / "config.json").exists()
     assert report["overall"]["problems"] == 4 * len(shipped.eval.sets)
@@ -225,7 +223,7 @@ def test_check_passes_on_the_fixture_families(family, llama3_style, qwen3_style,
 def test_the_continuum_worlds_share_one_protocol_and_the_demo_is_the_strong_one(world):
     """The three registered worlds: the same grid, seeds, sets and sampling (the papers' harness)."""
     cfg = load_config(RunConfig, WORLDS / f"{world}.yaml")
-    assert experiment.dry_run(cfg)["runs"] and cfg.experiment.name == world
+    assert check.dry_run(cfg)["runs"] and cfg.experiment.name == world
     assert (cfg.eval.n, cfg.eval.temperature, cfg.eval.top_p, cfg.experiment.seeds) == (2, 1.0, 1.0, [0, 1, 2])
     assert cfg.experiment.targets[:3] == ["sft", "dft", {"preset": "target_sft", "eta": 0.5}]
     demo = load_config(RunConfig, PAPER.parent / "demo.yaml")

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.common import prior_schema
 from pipeline.common.errors import CacheError
-from pipeline.entry import cli
-from pipeline.priors import capture, regimes
+from pipeline.entry import cli, stages
+from pipeline.priors import regimes
 from pipeline.priors.cache import PriorStore
 from tests.conftest import REPO
 from tests.test_priors import cfg_args, make_cfg
@@ -54,12 +54,12 @@ def test_no_scored_tokens_is_one_clear_error():
 def test_stored_profile_agrees_with_a_fresh_full_vocabulary_forward(tiny_build, tmp_path):
     """The manifest's mean γ against p(observed) from the model's full softmax, over the same tokens."""
     cfg = make_cfg(tiny_build, tmp_path)
-    result = capture.capture(cfg, progress=False)
+    result = stages.capture_priors(cfg, progress=False)
     profile = PriorStore(str(tmp_path)).manifest(result.key)["gamma_profile"]
     assert set(profile) >= KEYS and profile["captured_by"] == "model"
     model = AutoModelForCausalLM.from_pretrained(tiny_build.model, dtype=torch.float32).eval()
     fresh = []
-    for example in capture.plan(cfg, progress=False).prepared.examples:
+    for example in stages.plan_priors(cfg, progress=False).prepared.examples:
         ids = torch.tensor([example.input_ids.tolist()])
         with torch.no_grad():
             logp = torch.log_softmax(model(ids).logits[0].double(), -1)
@@ -102,7 +102,7 @@ def test_a_teacher_prior_is_labelled_as_the_teachers(tiny_build, tmp_path, capsy
 
 
 def test_cache_show_computes_the_profile_of_a_set_captured_before_profiles(tiny_build, tmp_path, capsys):
-    result = capture.capture(make_cfg(tiny_build, tmp_path), progress=False)
+    result = stages.capture_priors(make_cfg(tiny_build, tmp_path), progress=False)
     path = tmp_path / "priors" / result.key / "manifest.json"
     manifest = json.loads(path.read_text())
     recorded = manifest.pop("gamma_profile")

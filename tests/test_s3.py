@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from pipeline.common.config import load_config
+from pipeline.entry import stages
 from pipeline.entry.config import RunConfig
-from pipeline.priors import capture
 from pipeline.priors.cache import CacheError, PriorStore
 from tests.conftest import free_port, tiny_args
 
@@ -55,10 +55,10 @@ def overrides(tiny_build, root):
 
 
 def test_s3_round_trip_matches_local(s3_server, tiny_build, tmp_path):
-    remote = capture.capture(load_config(RunConfig, None, overrides(tiny_build, s3_server)), progress=False)
-    local = capture.capture(load_config(RunConfig, None, overrides(tiny_build, tmp_path)), progress=False)
+    remote = stages.capture_priors(load_config(RunConfig, None, overrides(tiny_build, s3_server)), progress=False)
+    local = stages.capture_priors(load_config(RunConfig, None, overrides(tiny_build, tmp_path)), progress=False)
     assert remote.key == local.key and remote.manifest_path.startswith("s3://priors-bucket/team/priors/")
-    again = capture.capture(load_config(RunConfig, None, overrides(tiny_build, s3_server)), progress=False)
+    again = stages.capture_priors(load_config(RunConfig, None, overrides(tiny_build, s3_server)), progress=False)
     assert again.forward_passes == 0
     store = PriorStore(s3_server)
     assert store.verify(remote.key) == []
@@ -81,7 +81,7 @@ def test_missing_s3_credentials_fail_clearly(s3_server, tiny_build, monkeypatch)
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     s3fs.S3FileSystem.clear_instance_cache()
     with pytest.raises(CacheError, match="no credentials for s3://priors-bucket/team"):
-        capture.capture(load_config(RunConfig, None, overrides(tiny_build, s3_server)), progress=False)
+        stages.capture_priors(load_config(RunConfig, None, overrides(tiny_build, s3_server)), progress=False)
 
 
 @pytest.mark.parametrize(

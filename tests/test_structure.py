@@ -15,22 +15,6 @@ LAYERS = ["common", "core", "data", "priors", "training", "evaluation", "experim
 """Bottom to top: the shared low layer, the maths, then the stages in data-path order, the embedded
 world, and the entry layer (CLI, launcher, run config, input resolution)."""
 
-KNOWN_UPWARD = {
-    # Debt, to be paid by handing each stage its own section (issue 34, step 2): these stages still take
-    # the whole RunConfig and resolve their inputs themselves. The list may only shrink.
-    "pipeline.experiments.experiment -> pipeline.entry.config",
-    "pipeline.experiments.experiment -> pipeline.entry.resolve",
-    "pipeline.priors.capture -> pipeline.entry.config",
-    "pipeline.priors.capture -> pipeline.entry.resolve",
-    "pipeline.priors.interop -> pipeline.entry.config",
-    "pipeline.priors.interop -> pipeline.entry.resolve",
-    "pipeline.training.checkpoints -> pipeline.entry.config",
-    "pipeline.training.train -> pipeline.entry.config",
-    "pipeline.training.train -> pipeline.entry.resolve",
-    "pipeline.training.trl_integration -> pipeline.entry.config",
-    "pipeline.training.trl_integration -> pipeline.entry.resolve",
-}
-
 
 def _imports() -> dict[str, set[str]]:
     """Module → the pipeline modules it imports (at any depth: a function-level import counts)."""
@@ -63,8 +47,17 @@ def test_every_module_lives_in_a_layer():
 
 def test_no_module_imports_from_a_layer_above_its_own():
     upward = sorted(f"{m} -> {d}" for m, deps in _imports().items() for d in deps if _layer(d) > _layer(m))
-    assert [u for u in upward if u not in KNOWN_UPWARD] == []
-    assert sorted(KNOWN_UPWARD - set(upward)) == [], "a known upward import is gone: drop it from KNOWN_UPWARD"
+    assert upward == []
+
+
+def test_only_the_entry_layer_sees_the_whole_run_config():
+    """Each stage takes its own section (docs/design.md §5): the whole RunConfig is the entry layer's."""
+    seen = sorted(
+        str(p.relative_to(REPO))
+        for p in (REPO / "pipeline").rglob("*.py")
+        if p.parent.name != "entry" and "RunConfig" in p.read_text()
+    )
+    assert seen == []
 
 
 def test_the_import_graph_has_no_circle():

@@ -15,11 +15,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.common import prior_schema
 from pipeline.common.config import load_config
 from pipeline.common.errors import TrainError
+from pipeline.entry import stages
 from pipeline.entry.config import RunConfig
-from pipeline.priors import capture
 from pipeline.priors.cache import PriorStore
 from pipeline.priors.engines import drop_ids_beyond
-from pipeline.training import train
 from tests.conftest import tiny_args, wide_teacher, write_jsonl
 
 
@@ -32,10 +31,10 @@ def test_a_teacher_with_more_rows_is_accepted_and_its_extra_ids_never_reach_the_
     teacher = wide_teacher(tiny_build.model, tmp_path / "teacher")
     rows = AutoModelForCausalLM.from_pretrained(tiny_build.model).config.vocab_size
     cfg = cfg_for(tiny_build, tmp_path, f"priors.model_path={teacher}", "train.target={preset: target_sft, eta: 0.5}")
-    result = capture.capture(cfg, progress=False)
+    result = stages.capture_priors(cfg, progress=False)
     records = PriorStore(str(tmp_path)).open(result.key).load_all()
     assert max(int(r.topk_ids.max()) for r in records.values()) >= rows  # the teacher did rank them
-    final = train.train(cfg, progress=False)
+    final = stages.train(cfg, progress=False)
     info = json.loads((final.parent / "run.json").read_text())["prior"]
     beyond = info["beyond_student_rows"]
     assert beyond["student_rows"] == rows and beyond["entries_dropped"] > 0 and beyond["mass_per_position"] > 0
@@ -51,14 +50,14 @@ def test_a_teacher_with_more_rows_is_accepted_and_its_extra_ids_never_reach_the_
 def test_the_manifest_and_run_json_say_which_model_made_the_prior(tiny_build, tmp_path):
     teacher = wide_teacher(tiny_build.model, tmp_path / "teacher", extra=8)
     cfg = cfg_for(tiny_build, tmp_path, f"priors.model_path={teacher}", "train.target=kd")
-    result = capture.capture(cfg, progress=False)
+    result = stages.capture_priors(cfg, progress=False)
     made = PriorStore(str(tmp_path)).manifest(result.key)["capture"]
     assert made["prior_role"] == "teacher" and made["logprobs_mode"] == "raw_logprobs"
     model = made["prior_model"]
     assert model["path"] == str(teacher) and model["name"] == "teacher" and len(model["content_sha256"]) == 64
     assert model["config"]["vocab_size"] > AutoModelForCausalLM.from_pretrained(tiny_build.model).config.vocab_size
     assert (made["engine"], made["dtype"]) == ("hf", "float32")
-    final = train.train(cfg, progress=False)
+    final = stages.train(cfg, progress=False)
     info = json.loads((final.parent / "run.json").read_text())["prior"]
     assert info["key"] == result.key and info["prior_model"]["content_sha256"] == model["content_sha256"]
     assert info["k"] == 8 and info["engine"]["name"] == "hf"
@@ -66,16 +65,16 @@ def test_the_manifest_and_run_json_say_which_model_made_the_prior(tiny_build, tm
 
 def test_resume_with_another_prior_set_is_refused(tiny_build, tmp_path):
     own = cfg_for(tiny_build, tmp_path, "train.target={preset: target_sft, eta: 0.5}", "train.max_steps=4")
-    first = capture.capture(own, progress=False).key
+    first = stages.capture_priors(own, progress=False).key
     teacher = wide_teacher(tiny_build.model, tmp_path / "teacher", extra=8)
-    other = capture.capture(cfg_for(tiny_build, tmp_path, f"priors.model_path={teacher}"), progress=False).key
+    other = stages.capture_priors(cfg_for(tiny_build, tmp_path, f"priors.model_path={teacher}"), progress=False).key
     assert other != first
     killed = cfg_for(tiny_build, tmp_path, "train.target={preset: target_sft, eta: 0.5}", "train.max_steps=4",
                      "train.checkpoint_every=2", f"train.prior_key={first}")  # fmt: skip
-    train.train(killed, progress=False)
+    stages.train(killed, progress=False)
     swapped = load_config(RunConfig, None, [*tiny_args(tiny_build, tmp_path), *_train_args(killed, other)])
     with pytest.raises(TrainError, match=rf"its prior_key was '{first}', now '{other}'"):
-        train.train(swapped, resume=True, progress=False)
+        stages.train(swapped, resume=True, progress=False)
 
 
 def _train_args(cfg: RunConfig, prior_key: str) -> list[str]:
@@ -100,8 +99,8 @@ def test_the_prior_at_j_scores_token_j_plus_1_at_the_edges_of_completions(tiny_b
     ]  # fmt: skip
     data = write_jsonl(tmp_path / "edges.jsonl", rows)
     cfg = load_config(RunConfig, None, [*tiny_args(tiny_build, tmp_path, f"data.path={data}")])
-    result = capture.capture(cfg, progress=False)
-    plan = capture.plan(cfg, progress=False)
+    result = stages.capture_priors(cfg, progress=False)
+    plan = stages.plan_priors(cfg, progress=False)
     records = PriorStore(str(tmp_path)).open(result.key).load_all()
     tokenizer = AutoTokenizer.from_pretrained(tiny_build.model)
     model = AutoModelForCausalLM.from_pretrained(tiny_build.model, dtype=torch.float32).eval()

@@ -17,8 +17,8 @@ from pipeline.common.config import load_config
 from pipeline.data import sources, tokens
 from pipeline.data.config import DataConfig
 from pipeline.data.tokens import Example, pad_rows
+from pipeline.entry import stages
 from pipeline.entry.config import RunConfig
-from pipeline.priors import capture
 from tests.conftest import tiny_args
 
 
@@ -93,9 +93,9 @@ def test_concurrent_builders_take_turns_and_one_builds(tmp_path):
 def test_capture_plan_after_capture_reads_tokens_from_the_cache(tiny_build, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="pipeline")
     cfg = load_config(RunConfig, None, tiny_args(tiny_build, tmp_path))
-    result = capture.capture(cfg, progress=False)
+    result = stages.capture_priors(cfg, progress=False)
     before = _tokenised(caplog)
-    again = capture.plan(cfg, progress=False)  # what every training process and capture worker does
+    again = stages.plan_priors(cfg, progress=False)  # what every training process and capture worker does
     assert _tokenised(caplog) == before and again.key == result.key
 
 

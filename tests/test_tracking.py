@@ -12,7 +12,6 @@ from pipeline.common.config import load_config
 from pipeline.common.errors import TrackingError
 from pipeline.entry import stages
 from pipeline.entry.config import RunConfig
-from pipeline.training import train
 from tests.conftest import REPO, tiny_args
 
 
@@ -52,7 +51,7 @@ def test_tensorboard_and_mlflow_get_every_metric_config_and_eval_report(tiny_bui
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = _cfg(tiny_build, tmp_path, "train.report_to=[tensorboard, mlflow]")
-    final = train.train(cfg, progress=False)
+    final = stages.train(cfg, progress=False)
     report = json.loads(stages.evaluate_run(cfg, progress=False).read_text())
     metrics = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
@@ -89,13 +88,13 @@ def test_a_missing_tracker_package_is_one_clear_error(tiny_build, tmp_path, monk
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     message = r"names 'wandb' but it is not installed; `pip install target-sft\[wandb\]`"
     with pytest.raises(TrackingError, match=message):
-        train.train(_cfg(tiny_build, tmp_path, "train.report_to=[wandb]"), progress=False)
+        stages.train(_cfg(tiny_build, tmp_path, "train.report_to=[wandb]"), progress=False)
 
 
 def test_wandb_offline_run_gets_the_metrics(tiny_build, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    final = train.train(_cfg(tiny_build, tmp_path, "train.report_to=[wandb]"), progress=False)
+    final = stages.train(_cfg(tiny_build, tmp_path, "train.report_to=[wandb]"), progress=False)
     run_id = json.loads((final.parent / "tracking.json").read_text())["wandb"]
     offline = list((final.parent / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 1, os.listdir(final.parent / "wandb")
@@ -139,7 +138,7 @@ def _wandb_history(path) -> list[tuple[int, float]]:
 
 def test_rerun_reuses_an_unchanged_evaluation_and_redoes_a_changed_one(tiny_build, tmp_path):
     cfg = _cfg(tiny_build, tmp_path)
-    train.train(cfg, progress=False)
+    stages.train(cfg, progress=False)
     first = stages.evaluate_run(cfg, progress=False)
     samples = first.parent / "samples.jsonl"
     stamp = samples.stat().st_mtime_ns

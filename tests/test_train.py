@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.common.config import load_config
 from pipeline.common.errors import ConfigError
 from pipeline.data import tokens
+from pipeline.entry import stages
 from pipeline.entry.config import RunConfig
-from pipeline.priors import capture
 from pipeline.priors.cache import CacheError
 from pipeline.training import batching, train
 from pipeline.training.checkpoints import read_checkpoint
@@ -58,10 +58,10 @@ def assert_same_weights(a: Path, b: Path, tol: float) -> None:
 
 def test_accumulation_invariance_1x8_equals_8x1(tiny_build, captured):
     common = ("train.target={preset: target_sft, eta: 0.5}", "train.batch_size=8", "train.max_steps=3")
-    one = train.train(
+    one = stages.train(
         cfg_for(tiny_build, captured, *common, "train.micro_batch_size=1", "train.name=a"), progress=False
     )
-    eight = train.train(
+    eight = stages.train(
         cfg_for(tiny_build, captured, *common, "train.micro_batch_size=8", "train.name=b"), progress=False
     )
     la, lb = losses(one.parent), losses(eight.parent)
@@ -73,14 +73,14 @@ def test_accumulation_invariance_1x8_equals_8x1(tiny_build, captured):
 def test_a_short_run_at_eta_0_ends_on_dfts_weights(tiny_build, captured):
     """docs/design.md §2: Target-SFT at η = 0 is DFT, so three steps of each end on the same model."""
     common = ("train.batch_size=8", "train.max_steps=3")
-    eta0 = train.train(
+    eta0 = stages.train(
         cfg_for(tiny_build, captured, *common, "train.target={preset: target_sft, eta: 0}", "train.name=eta0"),
         progress=False,
     )
-    dft = train.train(cfg_for(tiny_build, captured, *common, "train.target=dft", "train.name=dft"), progress=False)
+    dft = stages.train(cfg_for(tiny_build, captured, *common, "train.target=dft", "train.name=dft"), progress=False)
     assert max(abs(x - y) for x, y in zip(losses(eta0.parent), losses(dft.parent), strict=True)) < 1e-6
     assert_same_weights(eta0, dft, tol=1e-6)
-    half = train.train(
+    half = stages.train(
         cfg_for(tiny_build, captured, *common, "train.target={preset: target_sft, eta: 0.5}", "train.name=half"),
         progress=False,
     )
@@ -90,11 +90,11 @@ def test_a_short_run_at_eta_0_ends_on_dfts_weights(tiny_build, captured):
 def test_token_budget_micro_batches_give_the_same_update(tiny_build, captured):
     """A padded-token budget only changes how a step is split, not the update."""
     common = ("train.target={preset: target_sft, eta: 0.5}", "train.batch_size=8", "train.max_steps=3")
-    by_count = train.train(
+    by_count = stages.train(
         cfg_for(tiny_build, captured, *common, "train.micro_batch_size=8", "train.name=a"), progress=False
     )
     budget = cfg_for(tiny_build, captured, *common, "train.micro_batch_tokens=300", "train.name=b")
-    by_tokens = train.train(budget, progress=False)
+    by_tokens = stages.train(budget, progress=False)
     la, lb = losses(by_count.parent), losses(by_tokens.parent)
     assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) < 1e-5
     assert_same_weights(by_count, by_tokens, tol=1e-5)
@@ -142,7 +142,7 @@ def test_each_process_decodes_only_its_share_of_the_priors(tiny_build, captured)
     from pipeline.priors.cache import PriorStore
 
     cfg = cfg_for(tiny_build, captured)
-    key = capture.plan(cfg, progress=False).key
+    key = stages.plan_priors(cfg, progress=False).key
     reader = PriorStore(str(captured)).open(key)
     everything = reader.load_all()
     share = set(sorted(everything)[::2])
@@ -186,7 +186,7 @@ def run_torchrun(cli_args: list[str], timeout: float = 300) -> subprocess.Comple
 
 
 def test_trained_model_reloads_with_transformers_and_same_logits(tiny_build, tmp_path):
-    final = train.train(
+    final = stages.train(
         cfg_for(
             tiny_build,
             tmp_path,
@@ -214,7 +214,7 @@ def test_trained_model_reloads_with_transformers_and_same_logits(tiny_build, tmp
 @pytest.mark.parametrize("target", ["sft", "dft", "{preset: target_sft, eta: 0.5}"])
 def test_presets_lower_their_own_training_loss(tiny_build, captured, target):
     name = target.split()[-1].strip("}") if "eta" not in target else "target_sft"
-    final = train.train(
+    final = stages.train(
         cfg_for(
             tiny_build,
             captured,
@@ -237,14 +237,14 @@ def test_bad_inputs_fail_before_any_step(tiny_build, tmp_path, captured):
     with pytest.raises(ConfigError, match=r"train.target: eta must be in \[0, 1\]"):
         cfg_for(tiny_build, tmp_path, "train.target={preset: target_sft, eta: 3}")
     with pytest.raises(train.TrainError, match="not a multiple of micro_batch_size"):
-        train.train(cfg_for(tiny_build, tmp_path, "train.batch_size=6", "train.micro_batch_size=4"), progress=False)
+        stages.train(cfg_for(tiny_build, tmp_path, "train.batch_size=6", "train.micro_batch_size=4"), progress=False)
     fresh = tmp_path / "no-priors"
     with pytest.raises(CacheError, match="needs priors"):
-        train.train(cfg_for(tiny_build, fresh, "train.target=kd"), progress=False)
+        stages.train(cfg_for(tiny_build, fresh, "train.target=kd"), progress=False)
     # a prior set captured for other inputs is refused
-    other = capture.capture(cfg_for(tiny_build, captured, "data.max_length=100"), progress=False)
+    other = stages.capture_priors(cfg_for(tiny_build, captured, "data.max_length=100"), progress=False)
     with pytest.raises(CacheError, match="does not match this run"):
-        train.train(
+        stages.train(
             cfg_for(tiny_build, captured, "train.target=kd", f"train.prior_key={other.key}", "train.name=mismatch"),
             progress=False,
         )
@@ -254,9 +254,9 @@ def test_bad_inputs_fail_before_any_step(tiny_build, tmp_path, captured):
     tok = AutoTokenizer.from_pretrained(student)
     tok.add_tokens(["<|tool|>"])
     tok.save_pretrained(student)
-    key = capture.plan(cfg_for(tiny_build, captured), progress=False).key
+    key = stages.plan_priors(cfg_for(tiny_build, captured), progress=False).key
     with pytest.raises(CacheError, match="different tokenizer than the student"):
-        train.train(
+        stages.train(
             cfg_for(
                 tiny_build,
                 captured,
@@ -268,16 +268,16 @@ def test_bad_inputs_fail_before_any_step(tiny_build, tmp_path, captured):
             progress=False,
         )
     # resuming into an incompatible run
-    train.train(
+    stages.train(
         cfg_for(
             tiny_build, tmp_path, "train.max_steps=1", "train.batch_size=4", "train.micro_batch_size=4", "train.name=x"
         ),
         progress=False,
     )
     with pytest.raises(train.TrainError, match=r"cannot resume .*train.target.preset was 'sft', now 'dft'"):
-        train.train(cfg_for(tiny_build, tmp_path, "train.target=dft", "train.name=x"), resume=True, progress=False)
+        stages.train(cfg_for(tiny_build, tmp_path, "train.target=dft", "train.name=x"), resume=True, progress=False)
     with pytest.raises(train.TrainError, match="already exists; pass --resume"):
-        train.train(cfg_for(tiny_build, tmp_path, "train.name=x"), progress=False)
+        stages.train(cfg_for(tiny_build, tmp_path, "train.name=x"), progress=False)
     assert not (tmp_path / "runs" / "mismatch").exists() and not (tmp_path / "runs" / "tok").exists()
 
 
@@ -299,7 +299,7 @@ def test_full_disk_fails_cleanly_and_keeps_the_last_good_checkpoint(tiny_build, 
             "train.name=full",
         )
         with pytest.raises(train.TrainError, match=r"could not write checkpoint .* the previous checkpoint is intact"):
-            train.train(cfg, progress=False)
+            stages.train(cfg, progress=False)
         checkpoints = mount / "runs" / "full" / "checkpoints"
         latest = checkpoints / (checkpoints / "latest").read_text().strip()
         load_file(str(latest / "model.safetensors"))  # loads: not corrupted
@@ -324,10 +324,10 @@ SHORT = ("train.batch_size=4", "train.micro_batch_size=2", "train.checkpoint_eve
     ],
 )
 def test_resume_refuses_any_change_that_shapes_training(tiny_build, tmp_path, change, message):
-    train.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=2"), progress=False)
+    stages.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=2"), progress=False)
     before = (tmp_path / "runs" / "strict" / "run.json").read_text()
     with pytest.raises(train.TrainError, match=rf"cannot resume .*{message}.* start a new run"):
-        train.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=4", change), resume=True, progress=False)
+        stages.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=4", change), resume=True, progress=False)
     assert (tmp_path / "runs" / "strict" / "run.json").read_text() == before  # nothing recorded as true
 
 
@@ -336,40 +336,40 @@ def test_resume_may_extend_a_run_but_not_change_its_data_or_start_from_nothing(t
     shutil.copy(tiny_build.sft_train, data)
     extra = (*SHORT, f"data.path={data}")
     with pytest.raises(train.TrainError, match="--resume: there is no run 'strict'"):
-        train.train(cfg_for(tiny_build, tmp_path, *extra, "train.max_steps=2"), resume=True, progress=False)
-    train.train(cfg_for(tiny_build, tmp_path, *extra, "train.max_steps=2"), progress=False)
-    longer = train.train(cfg_for(tiny_build, tmp_path, *extra, "train.max_steps=3"), resume=True, progress=False)
+        stages.train(cfg_for(tiny_build, tmp_path, *extra, "train.max_steps=2"), resume=True, progress=False)
+    stages.train(cfg_for(tiny_build, tmp_path, *extra, "train.max_steps=2"), progress=False)
+    longer = stages.train(cfg_for(tiny_build, tmp_path, *extra, "train.max_steps=3"), resume=True, progress=False)
     steps = [json.loads(line)["step"] for line in (longer.parent / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     rows = data.read_text().splitlines()
     data.write_text("\n".join(rows[1:] + rows[:1]) + "\n")  # same path, different data
     with pytest.raises(train.TrainError, match=r"its dataset_fingerprint was .*the data or priors under the same"):
-        train.train(cfg_for(tiny_build, tmp_path, *extra, "train.max_steps=4"), resume=True, progress=False)
+        stages.train(cfg_for(tiny_build, tmp_path, *extra, "train.max_steps=4"), resume=True, progress=False)
 
 
 def test_resume_accepts_a_run_recorded_before_a_field_existed_when_the_field_is_at_its_default(tiny_build, tmp_path):
     """Runs trained before `base_model.own_style_share` existed (the demo's, before the rare-phrasing
     world) resume and are reused; a non-default value is still a change."""
-    train.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=2"), progress=False)
+    stages.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=2"), progress=False)
     info_path = tmp_path / "runs" / "strict" / "run.json"
     info = json.loads(info_path.read_text())
     del info["config"]["base_model"]["own_style_share"]
     info_path.write_text(json.dumps(info))
     with pytest.raises(train.TrainError, match=r"base_model.own_style_share was None, now 0.02"):
         changed = (*SHORT, "train.max_steps=3", "base_model.own_style_share=0.02")
-        train.train(cfg_for(tiny_build, tmp_path, *changed), resume=True, progress=False)
-    longer = train.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=3"), resume=True, progress=False)
+        stages.train(cfg_for(tiny_build, tmp_path, *changed), resume=True, progress=False)
+    longer = stages.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=3"), resume=True, progress=False)
     steps = [json.loads(line)["step"] for line in (longer.parent / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
 
 
 def test_rerun_of_a_finished_run_rewrites_nothing(tiny_build, tmp_path):
     cfg = cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=2")
-    final = train.train(cfg, progress=False)
+    final = stages.train(cfg, progress=False)
     info = json.loads((final.parent / "run.json").read_text())
     assert info["device"] == "cpu" and info["data_counts"]["examples"] == info["data_counts"]["rows"] == 60
     stamp = (final / "model.safetensors").stat().st_mtime_ns
-    assert train.train(cfg, resume=True, progress=False) == final
+    assert stages.train(cfg, resume=True, progress=False) == final
     assert (final / "model.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -386,7 +386,7 @@ def test_divergence_never_reaches_a_checkpoint_or_the_metrics(tiny_build, tmp_pa
 
     monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
     with pytest.raises(train.DivergedError, match="diverged: weights inf at step 1"):
-        train.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=3"), progress=False)
+        stages.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=3"), progress=False)
     run = tmp_path / "runs" / "strict"
     assert not list(run.glob("checkpoints/step-*"))
     assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()
@@ -394,19 +394,19 @@ def test_divergence_never_reaches_a_checkpoint_or_the_metrics(tiny_build, tmp_pa
 
 def test_an_lr_whose_update_overflows_is_a_divergence(tiny_build, tmp_path):
     with pytest.raises(train.DivergedError, match="the update overflowed at step 1"):
-        train.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=3", "train.lr=1e39"), progress=False)
+        stages.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=3", "train.lr=1e39"), progress=False)
     assert not list((tmp_path / "runs" / "strict").glob("checkpoints/step-*"))
 
 
 def test_resume_falls_back_past_a_truncated_checkpoint(tiny_build, tmp_path, caplog):
     cfg = cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=4", "train.target=dft")
-    straight = train.train(cfg_for(tiny_build, tmp_path / "straight", *SHORT, "train.max_steps=4", "train.target=dft"))
-    final = train.train(cfg, progress=False)
+    straight = stages.train(cfg_for(tiny_build, tmp_path / "straight", *SHORT, "train.max_steps=4", "train.target=dft"))
+    final = stages.train(cfg, progress=False)
     shutil.rmtree(final)
     newest = final.parent / "checkpoints" / "step-000004" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a half-written file
     with caplog.at_level("WARNING"):
-        train.train(cfg, resume=True, progress=False)
+        stages.train(cfg, resume=True, progress=False)
     assert "step-000004 is unusable (model.safetensors has" in caplog.text
     assert max(abs(x - y) for x, y in zip(losses(final.parent), losses(straight.parent), strict=True)) < 1e-6
     assert_same_weights(final, straight, tol=1e-6)

@@ -15,8 +15,7 @@ import time
 import pytest
 import torch
 
-from pipeline.priors import capture
-from pipeline.training import train
+from pipeline.entry import stages
 from tests.conftest import REPO, free_port
 from tests.test_train import (
     TRAIN_SCRIPT,
@@ -67,7 +66,7 @@ def test_resume_after_sigkill_gives_identical_losses(tiny_build, tmp_path):
         text=True,
     )
     assert resumed.returncode == 0, resumed.stderr
-    straight = train.train(cfg_for(tiny_build, tmp_path / "straight", *extra), progress=False)
+    straight = stages.train(cfg_for(tiny_build, tmp_path / "straight", *extra), progress=False)
     a, b = losses(tmp_path / "killed" / "runs" / "r"), losses(straight.parent)
     assert len(a) == len(b) == 10
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6
@@ -81,7 +80,7 @@ def test_two_process_gloo_matches_single_process(tiny_build, captured):
     extra = ("train.target={preset: target_sft, eta: 0.5}", "train.batch_size=8", "train.micro_batch_size=2")
     cli_args = [f"--set={a}" for a in args_for(tiny_build, captured, *extra, "train.epochs=0.4", "train.name=ddp")]
     assert cli.main(["train", str(REPO / "configs/worlds/model-strong.yaml"), *cli_args, "--nproc", "2"]) == 0
-    single = train.train(
+    single = stages.train(
         cfg_for(tiny_build, captured, *extra, "train.max_steps=3", "train.name=single"), progress=False
     )
     a, b = losses(captured / "runs" / "ddp"), losses(single.parent)
@@ -114,7 +113,7 @@ def test_two_nodes_through_c10d_rendezvous_match_single_process(tiny_build, capt
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
     assert [p.returncode for p in launchers] == [0, 0], outputs
-    single = train.train(
+    single = stages.train(
         cfg_for(tiny_build, captured, *extra, "train.max_steps=3", "train.name=single"), progress=False
     )
     a, b = losses(captured / "runs" / "nodes"), losses(single.parent)
@@ -127,11 +126,13 @@ def test_two_nodes_through_c10d_rendezvous_match_single_process(tiny_build, capt
 def test_final_model_loads_in_vllm(tiny_build, tmp_path):
     from pipeline.priors.engines import HFEngine, VLLMEngine
 
-    final = train.train(
+    final = stages.train(
         cfg_for(tiny_build, tmp_path, "train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=2"),
         progress=False,
     )
-    examples = capture.plan(cfg_for(tiny_build, tmp_path, f"model.path={final}"), progress=False).prepared.examples[:4]
+    examples = stages.plan_priors(
+        cfg_for(tiny_build, tmp_path, f"model.path={final}"), progress=False
+    ).prepared.examples[:4]
     engine = VLLMEngine(final, k=5, max_model_len=128, dtype="float32")
     try:
         from_vllm = engine.score(examples)
@@ -162,7 +163,7 @@ def test_two_process_fsdp2_matches_single_process_and_resumes(tiny_build, captur
         assert launched.returncode == 0, launched.stderr[-3000:]
 
     torchrun()
-    single = train.train(cfg_for(tiny_build, captured, *extra, "train.name=single-fsdp"), progress=False)
+    single = stages.train(cfg_for(tiny_build, captured, *extra, "train.name=single-fsdp"), progress=False)
     a, b = losses(captured / "runs" / "fsdp"), losses(single.parent)
     assert len(a) == 4 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
     assert_same_weights(captured / "runs" / "fsdp" / "final", single, tol=1e-5)

@@ -17,6 +17,7 @@ from pipeline.common.prior_schema import Prior
 from pipeline.core import loss as loss_module
 from pipeline.core.loss import fused_q_target_loss, q_target_loss, resolve_backend
 from pipeline.core.targets import PRESETS, preset
+from pipeline.entry import stages
 from tests.test_loss import PARAMS, make_case
 
 pytest.importorskip("triton")
@@ -128,8 +129,6 @@ def test_training_with_the_triton_backend_matches_the_torch_path(tiny_build, tmp
     from pipeline.common.errors import TrainError
     from pipeline.core import triton_loss
     from pipeline.entry.config import RunConfig
-    from pipeline.priors import capture
-    from pipeline.training import train
     from tests.conftest import tiny_args
 
     monkeypatch.undo()  # the real tile sizes
@@ -143,10 +142,10 @@ def test_training_with_the_triton_backend_matches_the_torch_path(tiny_build, tmp
                          "train.target=target_sft", f"train.loss_backend={backend}")  # fmt: skip
         return load_config(RunConfig, None, sets)
 
-    capture.capture(cfg("torch", "t"), progress=False)
+    stages.capture_priors(cfg("torch", "t"), progress=False)
     losses = {}
     for backend in ("torch", "triton"):
-        final = train.train(cfg(backend, backend), progress=False)
+        final = stages.train(cfg(backend, backend), progress=False)
         losses[backend] = [
             json.loads(line)["loss"] for line in (final.parent / "metrics.jsonl").read_text().splitlines()
         ]
@@ -154,7 +153,7 @@ def test_training_with_the_triton_backend_matches_the_torch_path(tiny_build, tmp
     assert max(abs(a - b) for a, b in zip(losses["torch"], losses["triton"], strict=True)) < 1e-5, losses
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(TrainError, match=r"train\.loss_backend=triton needs a CUDA device"):
-        train.train(cfg("triton", "cpu"), progress=False)
+        stages.train(cfg("triton", "cpu"), progress=False)
 
 
 def test_support_gathers_in_row_slices_give_the_same_result(monkeypatch):

@@ -15,11 +15,11 @@ from trl import SFTConfig
 from pipeline.common.config import load_config
 from pipeline.common.errors import PriorError
 from pipeline.core.targets import preset
+from pipeline.entry import stages
 from pipeline.entry.config import RunConfig
-from pipeline.priors import capture
-from pipeline.training import batching, train
+from pipeline.training import batching
 from pipeline.training.schedule import warmup_cosine
-from pipeline.training.trl_integration import CachedPriors, TargetSFTTrainer, as_prompt_completion
+from pipeline.training.trl_integration import TargetSFTTrainer, as_prompt_completion
 from tests.conftest import REPO, tiny_args
 
 STEPS, BATCH, LR, WARMUP = 3, 4, 0.002, 1
@@ -83,10 +83,10 @@ def sft_config(out: Path, **more) -> SFTConfig:
 
 def test_target_sft_through_trl_equals_our_trainer_on_the_same_batches(tiny_build, tmp_path):
     cfg = load_config(RunConfig, None, overrides(tiny_build, tmp_path))
-    capture.capture(cfg, progress=False)
-    final = train.train(cfg, progress=False)
+    stages.capture_priors(cfg, progress=False)
+    final = stages.train(cfg, progress=False)
     ours = [json.loads(line)["loss"] for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
-    plan = capture.plan(cfg, progress=False)
+    plan = stages.plan_priors(cfg, progress=False)
     order = [e.index for batch in batching.step_batches(plan.prepared.examples, cfg.train) for e in batch]
 
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def test_target_sft_through_trl_equals_our_trainer_on_the_same_batches(tiny_buil
         args=sft_config(tmp_path / "trl"),
         train_dataset=rows(tiny_build),
         target=preset("target_sft", eta=0.5),
-        priors=CachedPriors.from_config(cfg),
+        priors=stages.cached_priors(cfg),
         optimizers=(optimizer, schedule),
         order=order[: STEPS * BATCH],
     )
@@ -123,7 +123,7 @@ def test_a_batch_the_prior_set_was_not_captured_on_is_refused_naming_the_row(
     tiny_build, tmp_path, dataset, more, message
 ):
     cfg = load_config(RunConfig, None, overrides(tiny_build, tmp_path))
-    capture.capture(cfg, progress=False)
+    stages.capture_priors(cfg, progress=False)
     lines = [json.loads(line) for line in Path(tiny_build.sft_train).read_text().splitlines()]
     data = (
         Dataset.from_list([{"messages": r["messages"]} for r in lines]) if dataset == "messages" else rows(tiny_build)
@@ -134,7 +134,7 @@ def test_a_batch_the_prior_set_was_not_captured_on_is_refused_naming_the_row(
         args=sft_config(tmp_path / "trl", **more),
         train_dataset=data,
         target=preset("target_sft", eta=0.5),
-        priors=CachedPriors.from_config(cfg),
+        priors=stages.cached_priors(cfg),
     )
     with pytest.raises(PriorError, match=r"^row \d+") as refused:
         trainer.train()
@@ -149,7 +149,7 @@ def test_the_readme_block_runs_as_written(tiny_build, tmp_path, monkeypatch):
     first, body = block.split("\n", 1)
     assert first.startswith("CONFIG, OVERRIDES = ")
     cfg_overrides = overrides(tiny_build, tmp_path)
-    capture.capture(load_config(RunConfig, None, cfg_overrides), progress=False)
+    stages.capture_priors(load_config(RunConfig, None, cfg_overrides), progress=False)
     monkeypatch.chdir(tmp_path)
     namespace = {"CONFIG": None, "OVERRIDES": cfg_overrides}
     exec(compile(body, "docs/training.md", "exec"), namespace)
@@ -164,7 +164,7 @@ def test_a_dataset_the_priors_cannot_be_matched_to_is_one_line(tiny_build, tmp_p
     from pipeline.common.errors import ConfigError
 
     cfg = load_config(RunConfig, None, overrides(tiny_build, tmp_path))
-    capture.capture(cfg, progress=False)
+    stages.capture_priors(cfg, progress=False)
     data = rows(tiny_build)
     data = data.to_iterable_dataset() if kind == "iterable" else data.add_column("row", ["x"] * len(data))
     with pytest.raises(ConfigError) as refused:
@@ -174,7 +174,7 @@ def test_a_dataset_the_priors_cannot_be_matched_to_is_one_line(tiny_build, tmp_p
             args=sft_config(tmp_path / "trl"),
             train_dataset=data,
             target=preset("target_sft", eta=0.5),
-            priors=CachedPriors.from_config(cfg),
+            priors=stages.cached_priors(cfg),
         )
     text = str(refused.value)
     assert "\n" not in text and ("IterableDataset" in text if kind == "iterable" else "'row' column of string" in text)

@@ -22,12 +22,11 @@ from pipeline.common.config import load_config
 from pipeline.common.errors import CacheError, ConfigError, TargetSFTError
 from pipeline.common.models import load_tokenizer
 from pipeline.data import sources
-from pipeline.entry import launch, prune, stages
+from pipeline.entry import check, launch, prune, stages
 from pipeline.entry.config import RunConfig
 from pipeline.entry.resolve import resolve_inputs, tokens_dir
 from pipeline.evaluation import evaluate
-from pipeline.experiments import experiment
-from pipeline.priors import capture, interop, regimes
+from pipeline.priors import interop, regimes
 from pipeline.priors.cache import PriorStore, storage_error
 from pipeline.world import base_model
 
@@ -230,8 +229,8 @@ def _run_command(args: argparse.Namespace, config_path: str | Path | None, cfg: 
         report = json.loads(report_path.read_text())
         print(evaluate.markdown_report(report) + f"\nreport: {report_path}")
     elif args.command == "check":
-        plan = experiment.dry_run(cfg)
-        problems = experiment.check_inputs(cfg)
+        plan = check.dry_run(cfg)
+        problems = check.check_inputs(cfg)
         if problems:
             raise ConfigError(f"{len(problems)} problem(s): " + "; ".join(problems))
         print(json.dumps(plan, indent=2))
@@ -241,7 +240,7 @@ def _run_command(args: argparse.Namespace, config_path: str | Path | None, cfg: 
         _import_command(args, cfg)
     elif args.command == "cache" and args.action == "export":
         with on_storage(cfg.storage_root):
-            print(f"wrote {interop.export_axolotl(cfg, args.key, Path(args.out))}")
+            print(f"wrote {interop.export_axolotl(stages.capture_job(cfg), args.key, Path(args.out))}")
     elif args.command == "cache" and args.action == "gc":
         return gc_command(cfg.storage_root, args.dry_run, args.min_age)
     elif args.command == "cache":
@@ -276,22 +275,27 @@ def _priors_command(args: argparse.Namespace, config_path: str | Path | None, cf
     print(f"manifest: {result.manifest_path}\nforward passes: {result.forward_passes}")
     if result.complete:
         profile = PriorStore(cfg.storage_root).gamma_profile(result.key)
-        print(regimes.describe(profile, capture.prior_role(cfg)))
+        print(regimes.describe(profile, stages.prior_role(cfg)))
 
 
 def _import_command(args: argparse.Namespace, cfg: RunConfig) -> None:
     with on_storage(cfg.storage_root):
         if args.format == "distillkit":
-            imported = interop.import_distillkit(cfg, args.source)
+            imported = interop.import_distillkit(stages.capture_job(cfg), args.source)
         else:
             imported = interop.import_axolotl(
-                cfg, args.source, args.ids_field, args.logprobs_field, normalized=args.normalized, rows=args.rows
+                stages.capture_job(cfg),
+                args.source,
+                args.ids_field,
+                args.logprobs_field,
+                normalized=args.normalized,
+                rows=args.rows,
             )
     state = "reused (already imported)" if imported.reused else f"imported {imported.examples} examples"
     if imported.clamped:
         state += f"; {imported.clamped:,} log-probs above 0 stored as 0 (counted in the manifest)"
     print(f"prior set {imported.key}: {state}\nmanifest: {imported.manifest_path}")
-    print(regimes.describe(PriorStore(cfg.storage_root).gamma_profile(imported.key), capture.prior_role(cfg)))
+    print(regimes.describe(PriorStore(cfg.storage_root).gamma_profile(imported.key), stages.prior_role(cfg)))
     print(f"train on it with --set train.prior_key={imported.key}")
 
 

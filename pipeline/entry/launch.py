@@ -21,11 +21,11 @@ from typing import Any
 
 from pipeline.common.config import load_config
 from pipeline.common.errors import PriorError, TrainError
+from pipeline.entry import stages
 from pipeline.entry.config import RunConfig
 from pipeline.entry.resolve import run_dir
 from pipeline.priors import capture
 from pipeline.priors.cache import PriorStore
-from pipeline.training.train import train
 
 
 def launch(config: str | Path | None, overrides: list[str], processes: int, resume: bool) -> Path:
@@ -57,7 +57,7 @@ def train_or_launch(
     torchrun worker; `config` and `overrides` are what built `cfg` (torchrun's workers rebuild it)."""
     if cfg.train.processes > 1 and "WORLD_SIZE" not in os.environ:
         return launch(config, [*overrides, f"train.processes={cfg.train.processes}"], cfg.train.processes, resume)
-    return train(cfg, resume=resume, progress=progress)
+    return stages.train(cfg, resume=resume, progress=progress)
 
 
 def visible_gpus() -> list[str]:
@@ -81,12 +81,12 @@ def capture_priors(
     gpus = visible_gpus()
     workers = len(gpus) if cfg.priors.workers == "auto" else int(cfg.priors.workers)
     if workers <= 1 or cfg.priors.num_workers > 1:  # one process, or already one worker of a fan-out
-        return capture.capture(cfg, progress=progress)
+        return stages.capture_priors(cfg, progress=progress)
     if len(gpus) < workers:
         raise PriorError(f"priors.workers={workers} but {len(gpus)} GPUs are visible; lower priors.workers")
-    planned = capture.plan(cfg, progress=False)
+    planned = stages.plan_priors(cfg)
     if PriorStore(cfg.storage_root).complete(planned.key):  # reuse without starting a worker per GPU
-        return capture.capture(cfg, progress=False, planned=planned)
+        return stages.capture_priors(cfg, progress=False, planned=planned)
     procs = []
     for i in range(workers):
         command = [sys.executable, "-m", "pipeline.entry.cli", "priors", str(config or os.devnull)]
@@ -99,7 +99,7 @@ def capture_priors(
         i, code, out = failed[0]
         raise PriorError(f"prior worker {i} (GPU {gpus[i]}) failed (exit {code}):\n{out[-3000:]}")
     passes = sum(int(m.group(1)) for _, out in results for m in [FORWARD_PASSES.search(out)] if m)
-    final = capture.capture(cfg, progress=False)  # every shard exists: writes the manifest, no forward pass
+    final = stages.capture_priors(cfg, progress=False)  # every shard exists: writes the manifest, no forward pass
     return capture.CaptureResult(final.key, final.manifest_path, passes + final.forward_passes, final.complete)
 
 

@@ -20,20 +20,41 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pipeline.common.config import ModelConfig
 from pipeline.common.devices import resolve_device, resolve_dtype, resolve_engine
 from pipeline.common.models import load_model_config, load_tokenizer
 from pipeline.common.storage import atomic_write_text, sha256_file
 from pipeline.data import sources
+from pipeline.data.config import DataConfig
 from pipeline.data.tokens import Example
-from pipeline.entry.config import RunConfig
-from pipeline.entry.resolve import resolve_inputs, tokens_dir
 from pipeline.priors.cache import PriorStore, cache_key, is_object_store, storage_error
+from pipeline.priors.config import PriorsConfig
 from pipeline.priors.engines import HFEngine, PriorError, VLLMEngine, VLLMServerEngine
 
 MASKING_RULE = "assistant_turns_v1"  # labels on every assistant turn incl. its end marker
 
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaptureJob:
+    """What stage 1 reads: its own section, the data and model sections, and the concrete paths the
+    entry layer resolved (`pipeline.entry.stages.capture_job`; docs/design.md §5). No path here is
+    "None means embedded"."""
+
+    priors: PriorsConfig
+    data: DataConfig
+    model: ModelConfig
+    root: str
+    """The storage root: the prior cache lives under it (a local path or an fsspec URL)."""
+    model_path: Path
+    """The student: its tokenizer tokenises the data."""
+    data_path: Path
+    prior_model_path: Path
+    """The model the priors come from: the student, or a teacher with the same tokenizer."""
+    tokens_dir: Path
+    """The tokenisation cache (always local: it is memory-mapped)."""
 
 
 @dataclass
@@ -65,48 +86,41 @@ class CapturePlan:
     """The prior model's output rows: every stored token id is below it (prior_schema.conform)."""
 
 
-def prior_role(cfg: RunConfig) -> str:
-    """`teacher` when the priors come from another model than the one trained, else `model`."""
-    other = cfg.priors.model_path is not None and cfg.priors.model_path != cfg.model.path
-    return "teacher" if cfg.priors.embedded_teacher or other else "model"
-
-
-def plan(cfg: RunConfig, progress: bool = True, prepared: sources.PreparedData | None = None) -> CapturePlan:
-    """Resolve inputs, tokenise the data (unless the caller has: `prepared`), check the teacher, and
-    compute the cache key."""
-    inputs = resolve_inputs(cfg, progress=progress)
-    prior_model = inputs.prior_model_path
+def plan(job: CaptureJob, prepared: sources.PreparedData | None = None) -> CapturePlan:
+    """Tokenise the data (unless the caller has: `prepared`), check the teacher, and compute the
+    cache key. Builds no engine and imports no vLLM."""
+    prior_model, trust = job.prior_model_path, job.model.trust_remote_code
     if prepared is None:
-        tokenizer = load_tokenizer(inputs.model_path, cfg.model.trust_remote_code)
-        prepared = sources.prepare(cfg.data, inputs.data_path, tokenizer, tokens_dir(cfg))
-    if prior_model != inputs.model_path:
-        teacher_tok = load_tokenizer(prior_model, cfg.model.trust_remote_code)
+        tokenizer = load_tokenizer(job.model_path, trust)
+        prepared = sources.prepare(job.data, job.data_path, tokenizer, job.tokens_dir)
+    if prior_model != job.model_path:
+        teacher_tok = load_tokenizer(prior_model, trust)
         if sources.tokenizer_hash(teacher_tok) != prepared.tokenizer_hash:
             raise PriorError(
                 f"the prior model {prior_model} has a different tokenizer than the student "
-                f"{inputs.model_path}; priors must be over the same token ids (use a teacher of the same family)"
+                f"{job.model_path}; priors must be over the same token ids (use a teacher of the same family)"
             )
-    vocab = _check_k(prior_model, cfg.priors.k, cfg.model.trust_remote_code)
-    engine_name = resolve_engine(cfg.priors.engine)
-    device = resolve_device(cfg.priors.device)
-    dtype = resolve_dtype(cfg.priors.dtype, device)
+    vocab = _check_k(prior_model, job.priors.k, trust)
+    engine_name = resolve_engine(job.priors.engine)
+    device = resolve_device(job.priors.device)
+    dtype = resolve_dtype(job.priors.dtype, device)
     log.info("priors: engine %s on %s in %s; data %s", engine_name, device, dtype, prepared.counts())
-    memo = hash_memo(PriorStore(cfg.storage_root))
-    key_inputs = key_inputs_for(cfg, prior_model, prepared, engine_name, dtype, memo)
-    teacher = prior_model != inputs.model_path
+    memo = hash_memo(PriorStore(job.root))
+    key_inputs = key_inputs_for(job, prior_model, prepared, engine_name, dtype, memo)
+    teacher = prior_model != job.model_path
     return CapturePlan(
         cache_key(key_inputs), key_inputs, prepared, prior_model, engine_name, device, dtype, teacher, vocab
     )
 
 
-def capture(cfg: RunConfig, progress: bool = True, planned: CapturePlan | None = None) -> CaptureResult:
-    """Capture (or reuse) the priors for `cfg`'s model, teacher and data (`planned`: its plan, if made)."""
+def capture(job: CaptureJob, progress: bool = True, planned: CapturePlan | None = None) -> CaptureResult:
+    """Capture (or reuse) the priors for the job's model, teacher and data (`planned`: its plan, if made)."""
     # --- setup: data and cache key --------------------------------------------------------------
-    p = planned or plan(cfg, progress)
-    key, key_inputs = p.key, p.key_inputs
+    p = planned or plan(job)
+    key, key_inputs, pc = p.key, p.key_inputs, job.priors
 
     # --- build: store and engine ---------------------------------------------------------------
-    store = PriorStore(cfg.storage_root)
+    store = PriorStore(job.root)
     manifest_path = store.url(f"{store.dir(key)}/manifest.json")
     try:
         reusable = store.complete(key)
@@ -116,10 +130,10 @@ def capture(cfg: RunConfig, progress: bool = True, planned: CapturePlan | None =
         return CaptureResult(key, manifest_path, forward_passes=0, complete=True)
     _check_writable(store)
     examples = p.prepared.examples
-    shards = [examples[i : i + cfg.priors.shard_size] for i in range(0, len(examples), cfg.priors.shard_size)]
-    mine = range(cfg.priors.worker_index, len(shards), cfg.priors.num_workers)
+    shards = [examples[i : i + pc.shard_size] for i in range(0, len(examples), pc.shard_size)]
+    mine = range(pc.worker_index, len(shards), pc.num_workers)
     todo = [i for i in mine if i not in store.done_shards(key)]
-    engine = make_engine(cfg, p.prior_model, p.engine, p.device, p.dtype, shards[todo[0]][0]) if todo else None
+    engine = make_engine(job, p.prior_model, p.engine, p.device, p.dtype, shards[todo[0]][0]) if todo else None
     store.write_key_inputs(key, key_inputs)  # only once the engine has accepted the config
 
     # --- loop: score and write each missing shard -------------------------------------------------
@@ -130,7 +144,7 @@ def capture(cfg: RunConfig, progress: bool = True, planned: CapturePlan | None =
             started = time.perf_counter()
             assert engine is not None
             records = engine.score(shards[index])
-            store.write_shard(key, index, records, cfg.priors.k, time.perf_counter() - started, p.vocab)
+            store.write_shard(key, index, records, pc.k, time.perf_counter() - started, p.vocab)
             bar.update(tokens)
     finally:
         bar.close()
@@ -149,7 +163,7 @@ def capture(cfg: RunConfig, progress: bool = True, planned: CapturePlan | None =
             "prior_model": {
                 "path": str(p.prior_model),
                 **key_inputs["prior_model"],
-                "config": _model_summary(p.prior_model, cfg),
+                "config": _model_summary(p.prior_model, job.model.trust_remote_code),
             },
             "logprobs_mode": "raw_logprobs",  # log_softmax of the unprocessed logits, temperature 1 (vLLM's default)
             "vocab": p.vocab,
@@ -162,9 +176,9 @@ def capture(cfg: RunConfig, progress: bool = True, planned: CapturePlan | None =
     return CaptureResult(key, manifest_path, passes, complete=False)
 
 
-def _model_summary(path: Path, cfg: RunConfig) -> dict[str, Any]:
+def _model_summary(path: Path, trust_remote_code: bool) -> dict[str, Any]:
     """The prior model's architecture, for the manifest's provenance (who made this set)."""
-    config = load_model_config(path, cfg.model.trust_remote_code)
+    config = load_model_config(path, trust_remote_code)
     fields = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "torch_dtype")
     return {
         name: str(getattr(config, name)) if name == "torch_dtype" else getattr(config, name, None) for name in fields
@@ -172,7 +186,12 @@ def _model_summary(path: Path, cfg: RunConfig) -> dict[str, Any]:
 
 
 def key_inputs_for(
-    cfg: RunConfig, prior_model: Path, prepared: sources.PreparedData, engine: str, dtype: str, memo: Path | None = None
+    job: CaptureJob,
+    prior_model: Path,
+    prepared: sources.PreparedData,
+    engine: str,
+    dtype: str,
+    memo: Path | None = None,
 ) -> dict[str, Any]:
     """Everything that changes the content of a prior set (docs/design.md §4). No paths, no secrets."""
     versions = {"torch": torch.__version__, "transformers": importlib.metadata.version("transformers")}
@@ -184,9 +203,9 @@ def key_inputs_for(
         "prior_model": {"name": prior_model.name, "content_sha256": model_content_hash(prior_model, memo)},
         "tokenizer_sha256": prepared.tokenizer_hash,
         "dataset_fingerprint": prepared.fingerprint,
-        "k": cfg.priors.k,
-        "max_length": cfg.data.max_length,
-        "truncation": cfg.data.truncation,
+        "k": job.priors.k,
+        "max_length": job.data.max_length,
+        "truncation": job.data.truncation,
         "masking_rule": MASKING_RULE,
         "temperature": 1.0,
         "engine": {"name": engine, "dtype": dtype, "versions": versions},
@@ -238,43 +257,43 @@ def hash_memo(store: PriorStore) -> Path | None:
 
 
 def make_engine(
-    run: RunConfig, model: Path, engine: str, device: str, dtype: str, probe: Example
+    job: CaptureJob, model: Path, engine: str, device: str, dtype: str, probe: Example
 ) -> HFEngine | VLLMEngine | VLLMServerEngine:
     """The engine `engine` names; `probe` (an example to capture) checks a server's tokenizer."""
-    cfg, max_length, trust_remote_code = run.priors, run.data.max_length, run.model.trust_remote_code
+    pc, max_length, trust_remote_code = job.priors, job.data.max_length, job.model.trust_remote_code
     if engine == "vllm_server":
-        assert cfg.server_url is not None  # config.cross_field_problems
+        assert pc.server_url is not None  # config.cross_field_problems
         tokenizer = load_tokenizer(model, trust_remote_code)
         vocab = max(load_model_config(model, trust_remote_code).vocab_size, len(tokenizer))
         return VLLMServerEngine(
-            cfg.server_url,
+            pc.server_url,
             model,
-            cfg.k,
+            pc.k,
             max_length,
             tokenizer,
             vocab,
             probe.input_ids.tolist(),
-            served_model=cfg.server_model,
-            concurrency=cfg.server_concurrency,
-            timeout=cfg.server_timeout,
-            retries=cfg.server_retries,
+            served_model=pc.server_model,
+            concurrency=pc.server_concurrency,
+            timeout=pc.server_timeout,
+            retries=pc.server_retries,
         )
     if engine == "vllm":
         return VLLMEngine(
             model,
-            cfg.k,
+            pc.k,
             max_model_len=max_length,
             dtype=dtype,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            tensor_parallel_size=pc.tensor_parallel_size,
+            gpu_memory_utilization=pc.gpu_memory_utilization,
             trust_remote_code=trust_remote_code,
         )
     return HFEngine(
         model,
-        cfg.k,
+        pc.k,
         device=device,
         dtype=getattr(torch, dtype),
-        batch_tokens=cfg.batch_tokens,
+        batch_tokens=pc.batch_tokens,
         trust_remote_code=trust_remote_code,
     )
 

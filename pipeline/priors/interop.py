@@ -56,8 +56,6 @@ from pipeline.common.prior_schema import CLAMP_TOLERANCE, PriorRecord
 from pipeline.common.storage import atomic_dir, sha256_file
 from pipeline.data import sources
 from pipeline.data.tokens import Example
-from pipeline.entry.config import RunConfig
-from pipeline.entry.resolve import resolve_inputs
 from pipeline.priors import capture
 from pipeline.priors.cache import PriorStore, cache_key
 from pipeline.priors.engines import first_difference, scored_positions
@@ -82,7 +80,7 @@ class ImportResult:
 
 
 def import_axolotl(
-    cfg: RunConfig,
+    job: capture.CaptureJob,
     source_path: str,
     ids_field: str = "target_token_ids",
     logprobs_field: str | None = None,
@@ -90,7 +88,7 @@ def import_axolotl(
     normalized: bool = False,
     rows: Rows = "t",
 ) -> ImportResult:
-    """Read an Axolotl KD dataset whose rows are `cfg`'s data rows, in order, into a prior set.
+    """Read an Axolotl KD dataset whose rows are the job's data rows, in order, into a prior set.
 
     Args:
         logprobs_field: the values' column; None: `logprobs` (chat-shaped) or `target_logprobs`
@@ -105,7 +103,7 @@ def import_axolotl(
     """
     if not Path(source_path).exists():
         raise PriorError(f"{source_path} does not exist; pass the Axolotl KD dataset's file or folder")
-    plan = capture.plan(cfg, progress)
+    plan = capture.plan(job)
     source = sources.open_source(source_path, "train", None, None)
     if logprobs_field is None:
         logprobs_field = (
@@ -127,18 +125,17 @@ def import_axolotl(
     optional = [c for c in ("input_ids", "messages", "observed_logprob", "observed_rank") if c in source.columns]
     engine: dict[str, Any] = {"name": "import", "format": "axolotl", "fields": [ids_field, logprobs_field]}
     engine.update({"versions": {}, "normalized": normalized, "rows": rows})
-    vocab = len(load_tokenizer(plan.prior_model, cfg.model.trust_remote_code))
+    vocab = len(load_tokenizer(plan.prior_model, job.model.trust_remote_code))
     examples = {e.index: e for e in plan.prepared.examples}
-    resolved = resolve_inputs(cfg, progress=False)
-    ours = sources.open_source(resolved.data_path, cfg.data.split, cfg.data.subset, cfg.data.data_files)
+    ours = sources.open_source(job.data_path, job.data.split, job.data.subset, job.data.data_files)
     fmt = plan.prepared.format
 
     def aligned() -> Iterator[PriorRecord]:
         """The records in the data's order; the source's rows are the data's rows, one for one."""
         count = 0
-        mine = ours.stream(sources.needed_columns(fmt, cfg.data.columns))
+        mine = ours.stream(sources.needed_columns(fmt, job.data.columns))
         for count, row in enumerate(source.stream([ids_field, logprobs_field, *optional]), start=1):
-            if cfg.data.limit is not None and count > cfg.data.limit:
+            if job.data.limit is not None and count > job.data.limit:
                 count -= 1
                 break
             own = next(mine, None)
@@ -146,23 +143,23 @@ def import_axolotl(
             if example is None:  # a row this pipeline's data policy dropped (too long, invalid)
                 continue
             by_messages = "input_ids" not in optional and own is not None
-            if by_messages and _turns(row.get("messages")) != _turns(sources.to_messages(own, fmt, cfg.data)):
+            if by_messages and _turns(row.get("messages")) != _turns(sources.to_messages(own, fmt, job.data)):
                 raise PriorError(
                     f"row {example.index}: the source's messages differ from the data's row {example.index}; "
                     "an import needs one source row per data row, in the same order"
                 )
-            yield axolotl_record(example, row, cfg.priors.k, vocab, ids_field, logprobs_field, rows)
+            yield axolotl_record(example, row, job.priors.k, vocab, ids_field, logprobs_field, rows)
         if count != plan.prepared.rows:
             raise PriorError(
                 f"{source_path} has {count} rows, the data {plan.prepared.rows}: an import needs one source row "
                 "per data row, in the same order"
             )
 
-    return _write_set(cfg, plan, engine, source_path, aligned(), progress, vocab, {"normalized": normalized})
+    return _write_set(job, plan, engine, source_path, aligned(), progress, vocab, {"normalized": normalized})
 
 
 def _write_set(
-    cfg: RunConfig,
+    job: capture.CaptureJob,
     plan: capture.CapturePlan,
     engine: dict[str, Any],
     source_path: str,
@@ -176,7 +173,7 @@ def _write_set(
     anywhere removes what was written, unless another process had started the same set."""
     key_inputs = {**plan.key_inputs, "engine": engine, "source_sha256": files_sha256(source_path)}
     key = cache_key(key_inputs)
-    store = PriorStore(cfg.storage_root)
+    store = PriorStore(job.root)
     manifest_path = store.url(f"{store.dir(key)}/manifest.json")
     total = len(plan.prepared.examples)
     if store.complete(key):
@@ -186,7 +183,7 @@ def _write_set(
     with _writer_lock(store, key):
         if store.complete(key):  # another import finished it before this one took the lock: reuse
             return ImportResult(key, manifest_path, total, reused=True)
-        return _write_records(cfg, store, key, key_inputs, records, total, progress, vocab, lossy, capture, source_path)
+        return _write_records(job, store, key, key_inputs, records, total, progress, vocab, lossy, capture, source_path)
 
 
 @contextlib.contextmanager
@@ -211,7 +208,7 @@ def _writer_lock(store: PriorStore, key: str) -> Iterator[None]:
 
 
 def _write_records(
-    cfg: RunConfig,
+    job: capture.CaptureJob,
     store: PriorStore,
     key: str,
     key_inputs: dict[str, Any],
@@ -235,11 +232,11 @@ def _write_records(
         for record in records:
             shard.append(record)
             bar.update(1)
-            if len(shard) == cfg.priors.shard_size:
-                store.write_shard(key, written, shard, cfg.priors.k, 0.0, vocab, lossy)
+            if len(shard) == job.priors.shard_size:
+                store.write_shard(key, written, shard, job.priors.k, 0.0, vocab, lossy)
                 written, shard = written + 1, []
         if shard:
-            store.write_shard(key, written, shard, cfg.priors.k, 0.0, vocab, lossy)
+            store.write_shard(key, written, shard, job.priors.k, 0.0, vocab, lossy)
             written += 1
         manifest = store.finalize(key, key_inputs, written, "import", capture)
     except BaseException:
@@ -358,8 +355,8 @@ def axolotl_record(
     return PriorRecord(example.index, length, positions, top_ids, top_lp, obs_lp, obs_rank)
 
 
-def export_axolotl(cfg: RunConfig, key: str, out: Path, progress: bool = True) -> Path:
-    """Write prior set `key` with `cfg`'s data rows as a pre-tokenized Axolotl KD dataset:
+def export_axolotl(job: capture.CaptureJob, key: str, out: Path, progress: bool = True) -> Path:
+    """Write prior set `key` with the job's data rows as a pre-tokenized Axolotl KD dataset:
     `out/train.parquet` (the folder appears whole or not at all).
 
     Every input token j gets a row of k entries: the prior's top-k at scored positions, and a uniform
@@ -373,16 +370,15 @@ def export_axolotl(cfg: RunConfig, key: str, out: Path, progress: bool = True) -
             raise PriorError(f"{out} exists; export into a new folder")
     except OSError as e:
         raise PriorError(f"cannot write {str(out)[:200]}: {e.strerror or e}; choose a writable folder") from None
-    plan = capture.plan(cfg, progress)
-    reader = PriorStore(cfg.storage_root).open(key)
+    plan = capture.plan(job)
+    reader = PriorStore(job.root).open(key)
     recorded = reader.manifest["key_inputs"]
     if recorded["dataset_fingerprint"] != plan.prepared.fingerprint:
-        raise PriorError(f"prior set {key} was not made from this config's data ({cfg.data.path}); pass its config")
+        raise PriorError(f"prior set {key} was not made from this config's data ({job.data_path}); pass its config")
     k = reader.k
     records = reader.load_all()
     examples = {e.index: e for e in plan.prepared.examples}
-    data_path = resolve_inputs(cfg, progress=False).data_path
-    source = sources.open_source(data_path, cfg.data.split, cfg.data.subset, cfg.data.data_files)
+    source = sources.open_source(job.data_path, job.data.split, job.data.subset, job.data.data_files)
     fmt = plan.prepared.format
     names = (
         "messages", "input_ids", "attention_mask", "labels", "target_token_ids", "target_logprobs", "target_mask",
@@ -390,7 +386,7 @@ def export_axolotl(cfg: RunConfig, key: str, out: Path, progress: bool = True) -
     )  # fmt: skip
     table: dict[str, list[Any]] = {name: [] for name in names}
     placeholder_ids, placeholder_lps = list(range(k)), [-math.log(k)] * k
-    stream = source.stream(sources.needed_columns(fmt, cfg.data.columns))
+    stream = source.stream(sources.needed_columns(fmt, job.data.columns))
     for index, row in enumerate(tqdm(stream, "export", unit="row", disable=not progress)):
         record = records.get(index)
         if record is None:
@@ -411,7 +407,7 @@ def export_axolotl(cfg: RunConfig, key: str, out: Path, progress: bool = True) -
             obs[t] = float(record.obs_logprob[i]) if np.isfinite(record.obs_logprob[i]) else None
             ranks[t] = int(record.obs_rank[i])
         values = (
-            sources.to_messages(row, fmt, cfg.data), input_ids, [1] * length, labels, ids, lps, mask, obs, ranks,
+            sources.to_messages(row, fmt, job.data), input_ids, [1] * length, labels, ids, lps, mask, obs, ranks,
         )  # fmt: skip
         for name, value in zip(names, values, strict=True):
             table[name].append(value)
@@ -614,23 +610,23 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return stream.reshape(len(stream), count, bits).astype(np.int64) @ weights
 
 
-def import_distillkit(cfg: RunConfig, source_path: str, progress: bool = True) -> ImportResult:
-    """Read a DistillKit capture folder into a prior set over `cfg`'s data rows, matching each data
+def import_distillkit(job: capture.CaptureJob, source_path: str, progress: bool = True) -> ImportResult:
+    """Read a DistillKit capture folder into a prior set over the job's data rows, matching each data
     row to the capture row with its token ids (DistillKit shuffles rows and appends a pad token)."""
     folder = Path(source_path)
     if not folder.is_dir():
         raise PriorError(
             f"{folder} is not a folder; pass the DistillKit capture folder (compression_config.yaml, *.parquet)"
         )
-    plan = capture.plan(cfg, progress)
+    plan = capture.plan(job)
     codec = DistillKitCodec.from_yaml(folder / "compression_config.yaml")
     files = sorted(f for f in folder.glob("*.parquet") if f.is_file())
     if not files:
         raise PriorError(f"{folder} holds no .parquet shards (DistillKit writes data_N.parquet)")
-    tokenizer = load_tokenizer(plan.prior_model, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(plan.prior_model, job.model.trust_remote_code)
     vocab = len(tokenizer)
-    if cfg.priors.k > codec.k:
-        raise PriorError(f"the capture stores k={codec.k}, fewer than priors.k={cfg.priors.k}; lower priors.k")
+    if job.priors.k > codec.k:
+        raise PriorError(f"the capture stores k={codec.k}, fewer than priors.k={job.priors.k}; lower priors.k")
     if codec.d < vocab:
         raise PriorError(f"the capture's vocabulary size d={codec.d} is below the prior model's {vocab}")
     columns = ["input_ids", "compressed_logprobs", "bytepacked_indices"]
@@ -666,9 +662,9 @@ def import_distillkit(cfg: RunConfig, source_path: str, progress: bool = True) -
                     f"(the nearest differs at position {first}); it was made with another tokenizer, chat template, "
                     "max_seq_len or dataset"
                 )
-            yield distillkit_record(example, tables[at[0]], at[1], codec, cfg.priors.k, vocab, files[at[0]].name)
+            yield distillkit_record(example, tables[at[0]], at[1], codec, job.priors.k, vocab, files[at[0]].name)
 
-    return _write_set(cfg, plan, engine, source_path, aligned(), progress, vocab, {}, lossy=True)
+    return _write_set(job, plan, engine, source_path, aligned(), progress, vocab, {}, lossy=True)
 
 
 def distillkit_record(

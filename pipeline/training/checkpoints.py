@@ -31,11 +31,11 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.common import cpu_kernels
-from pipeline.common.config import flatten, to_dict
+from pipeline.common.config import flatten
 from pipeline.common.errors import TrainError
 from pipeline.common.storage import atomic_write_text, lock_file, sha256_file
 from pipeline.common.tensorfiles import Damaged, join_tree, load_tensors, save_tensors, split_tree
-from pipeline.entry.config import RunConfig
+from pipeline.training.config import TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -364,11 +364,12 @@ def run_lock(out: Path, held: bool = True) -> Iterator[None]:
         yield
 
 
-def check_resume(out: Path, cfg: RunConfig, resume: bool) -> dict[str, Any] | None:
+def check_resume(job: TrainJob, resume: bool) -> dict[str, Any] | None:
     """A new run needs a fresh folder; a resumed one must have the same resolved training config.
 
     Returns the previous run.json when resuming, None for a new run.
     """
+    out = job.out
     info = out / "run.json"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -376,7 +377,7 @@ def check_resume(out: Path, cfg: RunConfig, resume: bool) -> dict[str, Any] | No
         raise TrainError(f"cannot create the run folder {out}: {e.strerror}; check storage_root") from None
     if not info.exists():
         if resume:
-            raise TrainError(f"--resume: there is no run {cfg.train.name!r} at {out}; drop --resume to start it")
+            raise TrainError(f"--resume: there is no run {job.train.name!r} at {out}; drop --resume to start it")
         if out.exists() and any(out.iterdir()):
             raise TrainError(f"{out} exists and is not a run of this project (no run.json); pick another train.name")
         return None
@@ -384,7 +385,7 @@ def check_resume(out: Path, cfg: RunConfig, resume: bool) -> dict[str, Any] | No
         raise TrainError(f"run folder {out} already exists; pass --resume to continue it or pick another train.name")
     try:
         previous = json.loads(info.read_text())
-        before, now = flatten(previous["config"]), flatten(to_dict(cfg))
+        before, now = flatten(previous["config"]), flatten(job.config)
     except (ValueError, KeyError, TypeError, AttributeError):
         raise TrainError(
             f"{info} is damaged (not the JSON a run writes), so what the run was cannot be checked; "
@@ -392,7 +393,7 @@ def check_resume(out: Path, cfg: RunConfig, resume: bool) -> dict[str, Any] | No
         ) from None
     # A field added after the run started is not recorded in its run.json; at its default it
     # means what the run did (base_model.own_style_share=0.0 builds the same world), so it is no change.
-    defaults = flatten(to_dict(RunConfig()))
+    defaults = flatten(job.defaults)
     added_at_default = {k for k in now.keys() - before.keys() if k in defaults and now[k] == defaults[k]}
     differ = sorted(
         key
@@ -420,7 +421,7 @@ def check_resumed_inputs(out: Path, previous: dict[str, Any], fingerprint: str, 
 
 def write_run_info(
     out: Path,
-    cfg: RunConfig,
+    config: dict[str, Any],
     prior_key: str | None,
     prepared: Any,
     start: int,
@@ -431,7 +432,7 @@ def write_run_info(
     """run.json: the resolved config, what the data came to, the prior set and who made it, and where
     it ran (device, processes over all nodes, arithmetic)."""
     info = {
-        "config": to_dict(cfg),
+        "config": config,
         "prior_key": prior_key,
         "prior": prior,
         "dataset_fingerprint": prepared.fingerprint,

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, cast
 
-from pipeline.common.config import Name, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Seed, coerce
+from pipeline.common.config import (
+    ModelConfig,
+    Name,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Seed,
+    coerce,
+)
 from pipeline.common.errors import ConfigError
+from pipeline.data.config import DataConfig
 
 
 @dataclass
@@ -135,3 +146,34 @@ def target_config(value: Any, key: str = "target") -> TargetConfig:
     if errors:
         raise ConfigError("; ".join(errors))
     return cast(TargetConfig, target)
+
+
+@dataclass
+class TrainJob:
+    """What stage 2 reads: its own section, the model and data sections, and what the entry layer
+    resolved (`pipeline.entry.stages.train_job`; docs/design.md §5): concrete paths, the prior key,
+    and the whole config as data for run.json, the trackers and the resume check."""
+
+    train: TrainConfig
+    model: ModelConfig
+    data: DataConfig
+    root: str
+    """The storage root: the prior cache lives under it."""
+    out: Path
+    """The run folder, `<root>/runs/<train.name>/`."""
+    model_path: Path
+    data_path: Path
+    tokens_dir: Path
+    """The tokenisation cache (always local: it is memory-mapped)."""
+    heldout_path: Path | None
+    """The embedded world's held-out problems (the eval loss when `data.eval_path` is unset), or None."""
+    prior_key: str | None
+    """The prior set: `train.prior_key`, else the key stage 1 computes for this config when the target
+    needs a prior; None when neither."""
+    prior_k: int
+    """`priors.k`: the prior set must have been captured with it."""
+    config: dict[str, Any]
+    """The whole run config as data (`to_dict`)."""
+    defaults: dict[str, Any]
+    """The whole run config's defaults as data: a field added after a run started, left at its default,
+    is no change on resume."""

@@ -47,8 +47,6 @@ from pipeline.core.targets import TargetSpec, from_config
 from pipeline.data import sources
 from pipeline.data.config import DataConfig
 from pipeline.data.tokens import Example
-from pipeline.entry.config import RunConfig
-from pipeline.entry.resolve import resolve_inputs, run_dir, tokens_dir
 from pipeline.priors.cache import PriorStore
 from pipeline.priors.engines import drop_ids_beyond
 from pipeline.training import diagnostics
@@ -64,7 +62,7 @@ from pipeline.training.checkpoints import (
     untied_for_saving,
     write_run_info,
 )
-from pipeline.training.config import TrainConfig
+from pipeline.training.config import TrainConfig, TrainJob
 from pipeline.training.schedule import warmup_cosine
 from pipeline.training.tracking import Trackers
 
@@ -106,10 +104,11 @@ class TargetLossModel(nn.Module):
         return out.loss / normaliser, out.stats
 
 
-def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train; returns the folder of the final Hugging Face model."""
-    with run_lock(run_dir(cfg), held=os.environ.get("RANK", "0") == "0"):
-        final = _train_loop(cfg, resume, progress)
+def train(job: TrainJob, resume: bool = False, progress: bool = True) -> Path:
+    """Train; returns the folder of the final Hugging Face model. From the whole run config:
+    `pipeline.entry.stages.train`."""
+    with run_lock(job.out, held=os.environ.get("RANK", "0") == "0"):
+        final = _train_loop(job, resume, progress)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_initialized():  # the group _init_distributed joined
         # Only now, with the loop's frame gone: FSDP modules hold pending gloo work, and freed at
         # interpreter exit instead it can abort the process ("terminate called without an active
@@ -119,16 +118,16 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     return final
 
 
-def _setup_process(cfg: RunConfig) -> tuple[int, int, str, TargetSpec]:
+def _setup_process(job: TrainJob) -> tuple[int, int, str, TargetSpec]:
     """Join the process group, seed, and check what can be checked before anything is loaded:
     (rank, world size, device, the target)."""
-    tc = cfg.train
+    tc = job.train
     rank, world, device = _init_distributed()
     torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     spec = from_config(tc.target)  # unknown presets and parameters fail here, before anything runs
-    check_attention(cfg.model.attn_implementation)
+    check_attention(job.model.attn_implementation)
     if tc.loss_backend == "triton" and device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise TrainError(f"train.loss_backend=triton needs a CUDA device (this run is on {device}); use torch or auto")
     if problem := batch_shape_problem(tc, world):
@@ -136,48 +135,45 @@ def _setup_process(cfg: RunConfig) -> tuple[int, int, str, TargetSpec]:
     return rank, world, device, spec
 
 
-def _start_trackers(cfg: RunConfig, out: Path, rank: int, new_run: bool) -> Trackers:
+def _start_trackers(job: TrainJob, rank: int, new_run: bool) -> Trackers:
     """The experiment trackers (rank 0 only), started before run.json is written: a tracker that
     cannot start leaves no half-made new run behind."""
     try:
-        return Trackers(cfg.train.report_to if rank == 0 else [], out, cfg.train.name, to_dict(cfg))
+        return Trackers(job.train.report_to if rank == 0 else [], job.out, job.train.name, job.config)
     except TrackingError:
         if new_run and rank == 0:
-            shutil.rmtree(out, ignore_errors=True)  # nothing in it predates this process (its lock is held)
+            shutil.rmtree(job.out, ignore_errors=True)  # nothing in it predates this process (its lock is held)
         raise
 
 
-def _train_loop(cfg: RunConfig, resume: bool, progress: bool) -> Path:
+def _train_loop(job: TrainJob, resume: bool, progress: bool) -> Path:
     """Setup, build, the loop and the save: everything one training process does."""
     # --- setup: processes, seed, run folder ------------------------------------------------------
-    tc = cfg.train
-    rank, world, device, spec = _setup_process(cfg)
-    out, final = run_dir(cfg), run_dir(cfg) / "final"
-    previous = check_resume(out, cfg, resume)
+    tc = job.train
+    rank, world, device, spec = _setup_process(job)
+    out, final = job.out, job.out / "final"
+    previous = check_resume(job, resume)
 
     # --- build: data, priors, model, optimizer -------------------------------------------------------
-    inputs = resolve_inputs(cfg, progress=progress and rank == 0)
-    tokenizer = load_tokenizer(inputs.model_path, cfg.model.trust_remote_code)
-    prepared, tc, batches = _plan_steps(cfg, inputs.data_path, tokenizer)
+    tokenizer = load_tokenizer(job.model_path, job.model.trust_remote_code)
+    prepared, tc, batches = _plan_steps(job, tokenizer)
     own = {e.index for b in batches for e in b[rank::world]}  # this process's share of every step
-    priors, prior_key, prior_info = (
-        _load_priors(cfg, prepared, spec, own, inputs.model_path) if spec.needs_prior else (None, None, None)
-    )
+    priors, prior_key, prior_info = _load_priors(job, prepared, spec, own) if spec.needs_prior else (None, None, None)
     if prior_info is not None and rank == 0:
         print(prior_provenance(prior_info))
     if previous is not None:
         check_resumed_inputs(out, previous, prepared.fingerprint, prior_key)
     to_batch = collate_for(tc, pad_id(tokenizer), priors)
-    heldout = _heldout_examples(cfg, inputs.heldout_path, tokenizer)
-    model, loss_model, fsdp = _build_model(inputs.model_path, cfg, spec, device, world)
+    heldout = _heldout_examples(job, tokenizer)
+    model, loss_model, fsdp = _build_model(job, spec, device, world)
     fused = cpu_kernels.adamw_fused(device)  # True only in the portable CPU mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, tc.warmup_steps, tc.max_steps))
     start_step = load_checkpoint(out, model, optimizer, scheduler, fsdp, rank) if resume else 0
     finished = start_step >= tc.max_steps and final.joinpath("config.json").exists()  # a rerun of a done run
-    trackers = _start_trackers(cfg, out, rank, new_run=previous is None)  # before run.json
+    trackers = _start_trackers(job, rank, new_run=previous is None)  # before run.json
     if rank == 0 and not finished:
-        write_run_info(out, cfg, prior_key, prepared, start_step, device, world, prior_info)
+        write_run_info(out, job.config, prior_key, prepared, start_step, device, world, prior_info)
 
     # --- loop ------------------------------------------------------------------------------------
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device == "cuda")
@@ -220,21 +216,21 @@ def _train_loop(cfg: RunConfig, resume: bool, progress: bool) -> Path:
     model_state = untied_for_saving(model, full_state(model, optimizer, fsdp)[0]) if fsdp else None
     if rank == 0 and not finished:
         _save_final(model, tokenizer, model_state, final)
-        _record_diagnostics(out, cfg, prepared.examples, prior_key, device)
+        _record_diagnostics(job, prepared.examples, prior_key, device)
     if world > 1:
         dist.barrier()
     return final
 
 
-def _build_model(path: Path, cfg: RunConfig, spec: TargetSpec, device: str, world: int) -> tuple[Any, nn.Module, bool]:
+def _build_model(job: TrainJob, spec: TargetSpec, device: str, world: int) -> tuple[Any, nn.Module, bool]:
     """The student in fp32 (master weights), wrapped with its loss, then in DDP or FSDP2."""
-    kwargs = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
-    model: Any = load_model(path, cfg.model.trust_remote_code, dtype=torch.float32, **kwargs).to(device)
-    if cfg.train.gradient_checkpointing:
+    mc, tc = job.model, job.train
+    kwargs = {"attn_implementation": mc.attn_implementation} if mc.attn_implementation else {}
+    model: Any = load_model(job.model_path, mc.trust_remote_code, dtype=torch.float32, **kwargs).to(device)
+    if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    tc = cfg.train
     loss_model: nn.Module = TargetLossModel(model, spec, tc.tail, tc.chunk_size, tc.compile_loss, tc.loss_backend)
-    fsdp = world > 1 and cfg.train.parallel == "fsdp"
+    fsdp = world > 1 and tc.parallel == "fsdp"
     if fsdp:
         loss_model = _fully_shard(loss_model, model)
     elif world > 1:
@@ -263,10 +259,10 @@ def _forward_backward(
     return step_loss, stats
 
 
-def _plan_steps(cfg: RunConfig, data_path: Path, tokenizer: Any) -> tuple[sources.PreparedData, TrainConfig, list[Any]]:
+def _plan_steps(job: TrainJob, tokenizer: Any) -> tuple[sources.PreparedData, TrainConfig, list[Any]]:
     """Tokenise the data, fix the step count (`train.epochs`) and draw every step's global batch."""
-    tc = cfg.train
-    prepared = sources.prepare(cfg.data, data_path, tokenizer, tokens_dir(cfg))
+    tc = job.train
+    prepared = sources.prepare(job.data, job.data_path, tokenizer, job.tokens_dir)
     if len(prepared.examples) < tc.batch_size:
         raise TrainError(f"{len(prepared.examples)} examples cannot fill one batch of train.batch_size={tc.batch_size}")
     if tc.epochs is not None:
@@ -293,14 +289,14 @@ def _log_step(out: Path, tc: TrainConfig, record: dict[str, Any], trackers: Trac
     )  # fmt: skip
 
 
-def _record_diagnostics(out: Path, cfg: RunConfig, examples: list[Any], prior_key: str | None, device: str) -> None:
+def _record_diagnostics(job: TrainJob, examples: list[Any], prior_key: str | None, device: str) -> None:
     """pipeline/training/diagnostics.py on the final model, into run.json's `diagnostics` (the KL term when the
     run's prior set, or the experiment's, is at hand)."""
-    key = prior_key or cfg.train.prior_key
+    key, out = prior_key or job.prior_key, job.out
     records = None
     if key is not None:
         try:
-            records = PriorStore(cfg.storage_root).open(key).load({e.index for e in examples[: diagnostics.SLICE]})
+            records = PriorStore(job.root).open(key).load({e.index for e in examples[: diagnostics.SLICE]})
         except CacheError as e:
             log.info("diagnostics without the KL term: %s", e)
     found = diagnostics.run_diagnostics(out / "final", examples, records, device)
@@ -459,14 +455,13 @@ def _init_distributed() -> tuple[int, int, str]:
 
 
 def _load_priors(
-    cfg: RunConfig, prepared: sources.PreparedData, spec: TargetSpec, indices: set[int], model_path: Path
+    job: TrainJob, prepared: sources.PreparedData, spec: TargetSpec, indices: set[int]
 ) -> tuple[dict[int, PriorRecord], str, dict[str, Any]]:
     """The prior records of the examples `indices` (this process's share), after checking the set
     matches this run's inputs, with ids beyond the student's rows removed; and who made the set."""
-    from pipeline.priors import capture
-
-    store = PriorStore(cfg.storage_root)
-    key = cfg.train.prior_key or capture.plan(cfg, progress=False, prepared=prepared).key
+    store, key = PriorStore(job.root), job.prior_key
+    if key is None:
+        raise CacheError(f"target {spec.name!r} needs priors: set train.prior_key, or train through `target-sft train`")
     try:
         reader = store.open(key)
     except CacheError as e:
@@ -479,9 +474,9 @@ def _load_priors(
         )
     expected = {
         "dataset_fingerprint": prepared.fingerprint,
-        "max_length": cfg.data.max_length,
-        "truncation": cfg.data.truncation,
-        "k": cfg.priors.k,
+        "max_length": job.data.max_length,
+        "truncation": job.data.truncation,
+        "k": job.prior_k,
     }
     mismatched = sorted(name for name, value in expected.items() if recorded.get(name) != value)
     if mismatched:
@@ -490,7 +485,7 @@ def _load_priors(
             "capture priors for this configuration with `target-sft priors`"
         )
     records = reader.load(indices)
-    rows = load_model_config(model_path, cfg.model.trust_remote_code).vocab_size
+    rows = load_model_config(job.model_path, job.model.trust_remote_code).vocab_size
     info = {
         "key": key,
         "prior_model": recorded.get("prior_model"),
@@ -519,16 +514,15 @@ def prior_provenance(info: dict[str, Any]) -> str:
     return line
 
 
-def _heldout_examples(cfg: RunConfig, embedded: Path | None, tokenizer: Any) -> list[Example]:
+def _heldout_examples(job: TrainJob, tokenizer: Any) -> list[Example]:
     """`data.eval_path` in the data's own format, else the embedded held-out problems (chat)."""
-    if cfg.train.eval_every == 0 or (cfg.data.eval_path is None and embedded is None):
+    dc, embedded = job.data, job.heldout_path
+    if job.train.eval_every == 0 or (dc.eval_path is None and embedded is None):
         return []
-    path = Path(cfg.data.eval_path) if cfg.data.eval_path else embedded
-    fmt = cfg.data.format if cfg.data.eval_path else "messages"
-    heldout_cfg = DataConfig(
-        **{**to_dict(cfg.data), "path": str(path), "limit": cfg.train.eval_examples, "format": fmt}
-    )
-    return sources.prepare(heldout_cfg, cast(Path, path), tokenizer, tokens_dir(cfg)).examples
+    path = Path(dc.eval_path) if dc.eval_path else embedded
+    fmt = dc.format if dc.eval_path else "messages"
+    heldout_cfg = DataConfig(**{**to_dict(dc), "path": str(path), "limit": job.train.eval_examples, "format": fmt})
+    return sources.prepare(heldout_cfg, cast(Path, path), tokenizer, job.tokens_dir).examples
 
 
 def _fully_shard(loss_model: nn.Module, model: Any) -> nn.Module:

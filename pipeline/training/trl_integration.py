@@ -1,7 +1,8 @@
 """Target-SFT inside TRL's `SFTTrainer`: cached priors on TRL's batches, the fused Q-target loss.
 
-    from pipeline.training.trl_integration import CachedPriors, TargetSFTTrainer
-    priors = CachedPriors.from_config(cfg)           # the set `target-sft priors` made for these rows
+    from pipeline.entry.stages import cached_priors
+    from pipeline.training.trl_integration import TargetSFTTrainer
+    priors = cached_priors(cfg)                      # the set `target-sft priors` made for these rows
     trainer = TargetSFTTrainer(model=model, args=SFTConfig(...), train_dataset=dataset,
                                processing_class=tokenizer, target=preset("target_sft", eta=0.5), priors=priors)
 
@@ -28,8 +29,6 @@ from pipeline.common.prior_schema import Prior, PriorRecord
 from pipeline.core.loss import fused_q_target_loss
 from pipeline.core.targets import IGNORE, TargetSpec
 from pipeline.data.tokens import Example
-from pipeline.entry.config import RunConfig
-from pipeline.entry.resolve import resolve_inputs
 from pipeline.priors import capture as prior_stage
 from pipeline.priors.cache import PriorStore
 from pipeline.priors.engines import aligned_priors, drop_ids_beyond, first_difference, scored_positions
@@ -47,19 +46,20 @@ class CachedPriors:
     records: dict[int, PriorRecord]
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, key: str | None = None) -> CachedPriors:
-        """The set `cfg` captures (`target-sft priors`), or `key` / `train.prior_key` (an import)."""
-        plan = prior_stage.plan(cfg, progress=False)
-        key = key or cfg.train.prior_key or plan.key
-        reader = PriorStore(cfg.storage_root).open(key)
+    def open(cls, job: prior_stage.CaptureJob, key: str | None = None) -> CachedPriors:
+        """The set `job` captures (`target-sft priors`), or `key` (an import): from the whole config,
+        `pipeline.entry.stages.cached_priors(cfg)`."""
+        plan = prior_stage.plan(job)
+        key = key or plan.key
+        reader = PriorStore(job.root).open(key)
         recorded = reader.manifest["key_inputs"]
         if (recorded["dataset_fingerprint"], recorded["tokenizer_sha256"]) != (
             plan.prepared.fingerprint,
             plan.prepared.tokenizer_hash,
         ):
-            raise PriorError(f"prior set {key} was captured on other rows or another tokenizer than {cfg.data.path}")
+            raise PriorError(f"prior set {key} was captured on other rows or another tokenizer than {job.data_path}")
         records = reader.load_all()
-        rows = load_model_config(resolve_inputs(cfg, progress=False).model_path, cfg.model.trust_remote_code).vocab_size
+        rows = load_model_config(job.model_path, job.model.trust_remote_code).vocab_size
         drop_ids_beyond(records, rows)  # a wider teacher's extra ids are no logit of the student
         return cls(key, {e.index: e for e in plan.prepared.examples}, records)
 
@@ -121,7 +121,9 @@ class TargetSFTTrainer(SFTTrainer):
         **kwargs: Any,
     ) -> None:
         if target.needs_prior and priors is None:
-            raise TargetError(f"target {target.name!r} needs priors: pass priors=CachedPriors.from_config(cfg)")
+            raise TargetError(
+                f"target {target.name!r} needs priors: pass priors=cached_priors(cfg) (pipeline.entry.stages)"
+            )
         if priors is not None:
             for split in ("train_dataset", "eval_dataset"):
                 if kwargs.get(split) is not None:
