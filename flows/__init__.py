@@ -52,6 +52,18 @@ def home_paths(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in wanted.items() if not environ.get(k) and not environ.get(aliases[k])}
 
 
+def main() -> int:
+    """The `target-sft` command. Without the CPU-kernel pinning variables it re-executes itself with
+    them (`cpu_kernels.reexec_pinned`) before torch and the library load (~15 s on a small machine),
+    so that a re-executed command pays that once, not twice."""
+    from pipeline.common import cpu_kernels
+
+    cpu_kernels.reexec_pinned()
+    from flows.cli import main as run
+
+    return run()
+
+
 def retry_unexpected(task: Any, task_run: Any, state: Any) -> bool:
     """Every task's retry condition: retry what may pass next time (a lost GPU, a full node), never
     an input error or a divergence (`TargetSFTError`), which would only fail again."""

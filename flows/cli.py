@@ -9,6 +9,10 @@ from pathlib import Path
 
 import flows  # noqa: F401  (offline Prefect settings before prefect is imported)
 from pipeline.common import cpu_kernels
+
+if __name__ == "__main__":  # `python -m flows.cli`: re-executed with pinned kernels before the imports below
+    cpu_kernels.reexec_pinned()
+
 from pipeline.common.config import SafeName
 from pipeline.common.errors import ConfigError
 from pipeline.common.storage import atomic_write_text
@@ -154,8 +158,8 @@ def select(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the console command: same kernels on every CPU (tests call main(argv) in-process)
-        cpu_kernels.reexec_pinned()
+    if argv is None:  # the command line: same kernels on every CPU (tests call main(argv) in-process)
+        cpu_kernels.reexec_pinned()  # a no-op once `flows.main` or the `__main__` check above has run
     return cli.main(argv, {"run": run, "serve": serve, "demo": demo, "select": select})
 
 

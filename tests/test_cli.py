@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from pipeline.common import cpu_kernels
 from pipeline.entry import cli
 
 from .conftest import REPO, TINY
@@ -72,15 +76,40 @@ def test_bad_config_is_an_error_not_a_traceback(tiny_build, tmp_path, capsys):
 
 
 def test_pipeline_never_imports_prefect():
-    modules = sorted(p.stem for p in (REPO / "pipeline").glob("*.py") if p.stem != "__init__")
+    paths = sorted(p for p in (REPO / "pipeline").rglob("*.py") if p.stem != "__init__")
+    modules = [".".join(p.relative_to(REPO).with_suffix("").parts) for p in paths]
+    assert len(modules) > 40  # every subpackage's modules, not an empty glob
     code = (
         "import importlib, sys\n"
-        f"for m in {modules!r}: importlib.import_module('pipeline.' + m)\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
         "assert not any(k == 'prefect' or k.startswith('prefect.') for k in sys.modules), 'prefect imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
-    for path in (REPO / "pipeline").glob("*.py"):
+    for path in paths:
         assert "import prefect" not in path.read_text() and "from prefect" not in path.read_text(), path
+
+
+REEXEC_PROBE = """
+import os, runpy, sys
+def execve(*args):  # where the command re-executes itself: has it loaded torch already?
+    print("torch loaded before re-exec:", "torch" in sys.modules)
+    sys.exit(0)
+os.execve = execve
+sys.argv = ["target-sft", "--help"]
+if sys.argv[-1] == "module": runpy.run_module("flows.cli", run_name="__main__")
+import flows
+flows.main()
+"""
+
+
+@pytest.mark.parametrize("how", ["command", "module"])
+def test_the_command_reexecutes_with_pinned_kernels_before_loading_torch(how):
+    """Without the pinning variables, `target-sft` and `python -m flows.cli` re-execute themselves:
+    before torch and the library load (once ~15 s of imports were paid twice)."""
+    env = {k: v for k, v in os.environ.items() if k not in (*cpu_kernels.PINNED, cpu_kernels.MODE)}
+    probe = REEXEC_PROBE.replace('sys.argv[-1] == "module"', repr(how == "module"))
+    done = subprocess.run([sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True)
+    assert done.stdout.strip() == "torch loaded before re-exec: False", done.stdout + done.stderr[-2000:]
 
 
 def test_a_model_path_without_a_data_path_is_one_line_not_the_embedded_data(tiny_build, tmp_path, capsys):
