@@ -33,12 +33,12 @@ def kind(token: str) -> str:
     return "words"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/worlds/model-strong.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--top", type=int, default=12, help="rows of the low-γ token table")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from pipeline.common.config import load_config
     from pipeline.common.models import load_tokenizer

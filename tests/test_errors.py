@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.common import errors
-from pipeline.entry import cli
-from pipeline.experiments import experiment
+from pipeline.entry import check, cli
 
 REPO_CONFIG = "configs/worlds/model-strong.yaml"
 
@@ -50,7 +49,7 @@ def test_cli_prints_one_line_for_input_errors_and_a_traceback_otherwise(
     def fail(cfg):
         raise raised
 
-    monkeypatch.setattr(experiment, "dry_run", fail)
+    monkeypatch.setattr(check, "dry_run", fail)
     assert cli.main(["check", REPO_CONFIG]) == code
     err = capsys.readouterr().err
     assert stderr_has in err and stderr_lacks not in err, err

@@ -701,25 +701,22 @@ def test_every_stage_writes_under_the_same_resolved_root(world, capsys, monkeypa
 
 @pytest.mark.parametrize("command", ["data inspect", "priors", "train", "eval"])
 @pytest.mark.parametrize("terminal", [False, True], ids=["no-tty", "tty"])
-def test_remote_code_never_runs(world, command, terminal):
+def test_remote_code_never_runs(world, command, terminal, capsys):
     """Every command refuses a model folder whose auto_map points at a file that would write a marker.
 
-    With a terminal, transformers would ask "[y/N]"; "y" is typed in advance, and still nothing runs."""
-    argv = [
-        sys.executable,
-        "-m",
-        "flows.cli",
+    With a terminal (a real one: a command in a pty), transformers would ask "[y/N]"; "y" is typed in
+    advance, and still nothing runs. Without one, the command runs in this process (stdin no tty)."""
+    args = [
         *command.split(),
         DEMO,
-        *(fill(a, world) for a in local("model.path={files}/remote-model", "eval.model_path={files}/remote-model")),
-        fill(f"--set={EVAL_SET}", world),
+        *local("model.path={files}/remote-model", "eval.model_path={files}/remote-model"),
+        f"--set={EVAL_SET}",
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     if terminal:
-        code, out = _run_in_pty(argv, env)
+        argv = [sys.executable, "-m", "flows.cli", *(fill(a, world) for a in args)]
+        code, out = _run_in_pty(argv, {**os.environ, "PYTHONPATH": str(REPO)})
     else:
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-        code, out = done.returncode, done.stderr
+        code, out = run(args, world, capsys)
     assert code == 2 and "asks to run the model's own Python code" in out, out[-2000:]
     assert not (world["tmp"] / "MARKER").exists()
 

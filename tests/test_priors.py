@@ -3,6 +3,7 @@ corruption, third-party readability, the storage bound and bad input."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import signal
@@ -120,7 +121,7 @@ CAPTURE_SCRIPT = """
 import sys
 from pipeline.common.config import load_config
 from pipeline.entry.config import RunConfig
-from pipeline.priors import capture
+from pipeline.entry import stages
 cfg = load_config(RunConfig, None, sys.argv[1:])
 print(stages.capture_priors(cfg, progress=False))
 """
@@ -455,20 +456,21 @@ def test_finalize_sweeps_temporaries_a_killed_writer_left(tmp_path):
     assert (shards / "00003.parquet").read_bytes() == b"whole"
 
 
-def test_gamma_report_groups_the_observed_tokens_by_kind(tiny_build, tmp_path):
+def test_gamma_report_groups_the_observed_tokens_by_kind(tiny_build, tmp_path, capsys):
     """benchmarks/gamma.py: γ = p_base(observed) from a captured set, by kind of token; it refuses a set
     that is not captured yet in one line."""
     args = [f"--set={item}" for item in tiny_args(tiny_build, tmp_path, "priors.shard_size=8")]
-    command = [
-        sys.executable,
-        str(REPO / "benchmarks" / "gamma.py"),
-        "--config",
-        str(REPO / "configs/worlds/model-strong.yaml"),
-    ]
-    missing = subprocess.run([*command, *args], capture_output=True, text=True, cwd=tmp_path)
-    assert missing.returncode == 1 and "is not captured; run `target-sft priors" in missing.stderr
+    spec = importlib.util.spec_from_file_location("gamma", REPO / "benchmarks" / "gamma.py")
+    gamma = importlib.util.module_from_spec(spec)  # the script's main, in this process
+    spec.loader.exec_module(gamma)
+    argv = ["--config", str(REPO / "configs/worlds/model-strong.yaml"), *args]
+    with pytest.raises(SystemExit) as missing:
+        gamma.main(argv)
+    assert "is not captured; run `target-sft priors" in str(missing.value.code)  # Python exits 1 with it
     stages.capture_priors(make_cfg(tiny_build, tmp_path), progress=False)
-    out = subprocess.run([*command, *args], capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    capsys.readouterr()
+    gamma.main(argv)
+    out = capsys.readouterr().out
     shares = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ") and "%" in line}
     assert {"digits", "words", "chat markers"} <= set(shares), out
     assert "scored tokens, mean γ" in out and "lowest-γ tokens" in out

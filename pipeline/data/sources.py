@@ -33,6 +33,7 @@ from pipeline.common.errors import DataError
 from pipeline.common.storage import fast_hash_file, sha256_json
 from pipeline.data import tokens
 from pipeline.data.config import DataConfig
+from pipeline.data.render import Renderer, check_template_time, render_chat
 from pipeline.data.tokens import (
     IGNORE,
     Example,  # re-exported: data.Example is how stages name it
@@ -438,51 +439,6 @@ def tokenize_chat(
     return ids, [t if c else IGNORE for t, c in zip(ids, completion.tolist(), strict=True)]
 
 
-def render_chat(
-    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, kwargs: dict[str, Any], mask_template_text: bool
-) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its completion text.
-
-    An assistant turn's span runs from the end of the prompt rendered with the generation prompt to
-    the end of the turn. With `mask_template_text`, text the template itself inserts into the turn
-    before the message (Qwen3's empty `<think>\n\n</think>\n\n`) stays out of the loss: the span
-    starts where the message content does, so it covers the content and the end-of-turn marker.
-    """
-    text = _render(tokenizer, messages, False, kwargs)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], True, kwargs)
-        through = text if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1], False, kwargs)
-        if not (text.startswith(before) and through.startswith(before)):
-            raise DataError(
-                "the chat template is not prefix-stable (rendering a conversation's first turns "
-                "is not a prefix of rendering all of it), so completion tokens cannot be located"
-            )
-        if text.startswith(through):
-            start = len(before)
-            inserted = through.find(message["content"], start) - start if mask_template_text else 0
-            spans.append((start + max(inserted, 0), len(through)))
-        else:
-            spans.append(_turn_inside(text, before, through, message["content"], mask_template_text))
-    return text, spans
-
-
-def _turn_inside(text: str, before: str, through: str, content: str, mask_template_text: bool) -> tuple[int, int]:
-    """The span of an earlier assistant turn that the template renders differently once later turns
-    follow it (Qwen3 writes the think block into the last turn only): the message content found
-    after the prompt, through the end-of-turn marker that follows it when the turn is last."""
-    in_through, in_text = through.find(content, len(before)), text.find(content, len(before))
-    marker = through[in_through + len(content) :]
-    if in_through < 0 or in_text < 0 or not text.startswith(marker, in_text + len(content)):
-        raise DataError(
-            "the chat template renders an earlier assistant turn differently once later turns follow, "
-            "and its message text or end-of-turn marker cannot be found in the full rendering"
-        )
-    return (in_text if mask_template_text else len(before)), in_text + len(content) + len(marker)
-
-
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], spans: list[list[tuple[int, int]]]) -> Iterator[
     tuple[np.ndarray, np.ndarray]
 ]:  # fmt: skip
@@ -533,71 +489,6 @@ def _completion_mask(offsets: Any, spans: list[tuple[int, int]]) -> np.ndarray:
     for lo, hi in spans:
         mask |= (starts >= lo) & (starts < hi)
     return mask
-
-
-def _render(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool, kwargs: dict[str, Any]
-) -> str:
-    if not messages:
-        return ""
-    import jinja2
-
-    try:
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
-        )
-    except DataError:  # the render timer (check_template_time) fired inside the template
-        raise
-    except jinja2.TemplateError as e:  # sandbox refusals, undefined names, raise_exception(...), syntax
-        raise DataError(f"the chat template failed: {type(e).__name__}: {_first_line(e)}") from None
-    except (ArithmeticError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
-        raise DataError(f"the chat template failed: {type(e).__name__}: {_first_line(e)}") from None
-    if not isinstance(text, str):
-        raise DataError("the chat template did not render to text; check data.chat_template_kwargs")
-    added = len(text) - sum(len(str(m.get("content", ""))) for m in messages)
-    if added > MAX_TEMPLATE_TEXT:
-        raise DataError(
-            f"the chat template adds {added:,} characters to one conversation (limit {MAX_TEMPLATE_TEXT:,}); "
-            "a template that inflates every row is almost surely wrong"
-        )
-    return text
-
-
-MAX_TEMPLATE_TEXT = 1 << 20
-"""Characters a chat template may add around a conversation's messages (tool schemas included):
-real templates add hundreds to tens of thousands; `{{ 'x' * 20000000 }}` would make tokenising hang."""
-TEMPLATE_SECONDS = 10.0
-"""How long rendering the first row may take (checked where a timer can interrupt: the main thread)."""
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).splitlines() or [""])[0][:300]
-
-
-def check_template_time(render: Any) -> None:
-    """Run `render()` (one row's rendering) under a timer, so a template that loops for hours fails
-    in seconds with one line. Timers interrupt only the main thread; elsewhere (a Prefect worker
-    thread) the call runs unbounded, and the size limit above still holds."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        render()
-        return
-
-    def expired(signum: int, frame: Any) -> None:
-        raise DataError(
-            f"rendering one conversation with the chat template took over {TEMPLATE_SECONDS:.0f} s; "
-            "check data.chat_template for unbounded loops"
-        )
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
-    try:
-        render()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def chat_template_text(template: str) -> str:
@@ -704,6 +595,7 @@ def _tokenize(
     def encode(rendered: list[tuple[int, str, list[tuple[int, int]]]]) -> list[tuple[np.ndarray, np.ndarray]]:
         return list(_encode(tokenizer, [text for _, text, _ in rendered], [spans for _, _, spans in rendered]))
 
+    render = Renderer(tokenizer, cfg.chat_template_kwargs, cfg.mask_template_text)  # once per row where it can
     # The Rust tokenizer lets go of the GIL: a batch is tokenised in a thread while the next is rendered.
     with ThreadPoolExecutor(max_workers=1) as tokenizing:
         pending: list[tuple[list[Any], Future[list[tuple[np.ndarray, np.ndarray]]]]] = []
@@ -712,8 +604,8 @@ def _tokenize(
             if out.rows == len(batch):  # the first batch: one row under a timer, before the template runs on all
                 probe = PreparedData(examples=[], fingerprint="", tokenizer_hash=tok_hash, format=fmt, rows=0)
                 first = batch[:1]
-                check_template_time(lambda: _render_rows(first, fmt, cfg, tokenizer, probe))  # noqa: B023 (called at once)
-            rendered = _render_rows(batch, fmt, cfg, tokenizer, out)
+                check_template_time(lambda: _render_rows(first, fmt, cfg, render, probe))  # noqa: B023 (called at once)
+            rendered = _render_rows(batch, fmt, cfg, render, out)
             pending.append((rendered, tokenizing.submit(encode, rendered)))
             if len(pending) > 1:
                 _keep_batch(out, cfg, digest, *pending.pop(0), counted)
@@ -744,14 +636,14 @@ def _keep_batch(
 
 
 def _render_rows(
-    rows: list[tuple[int, Any]], fmt: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, out: PreparedData
+    rows: list[tuple[int, Any]], fmt: str, cfg: DataConfig, render: Renderer, out: PreparedData
 ) -> list[tuple[int, str, list[tuple[int, int]]]]:
     """(row index, text, completion spans) for one batch of rows; malformed rows stop or are skipped."""
     rendered = []
     for index, row in rows:
         try:
             messages = to_messages(row, fmt, cfg)
-            text, spans = render_chat(messages, tokenizer, cfg.chat_template_kwargs, cfg.mask_template_text)
+            text, spans = render(messages)
         except DataError as e:
             if not cfg.skip_invalid:
                 raise DataError(f"row {index}: {e} (set data.skip_invalid=true to skip and report bad rows)") from e
