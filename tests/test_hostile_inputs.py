@@ -423,9 +423,9 @@ def test_a_manifest_without_counts_does_not_break_cache_ls(world, capsys):
 
 
 def test_a_template_that_loops_for_hours_fails_in_seconds(world, capsys, monkeypatch):
-    from pipeline.data import sources
+    from pipeline.data import render
 
-    monkeypatch.setattr(sources, "TEMPLATE_SECONDS", 1.0)
+    monkeypatch.setattr(render, "TEMPLATE_SECONDS", 1.0)
     loop = "{{% for i in range(100000) %}}{{% for j in range(100000) %}}{{% endfor %}}{{% endfor %}}"
     started = time.monotonic()
     code, err = run(["data", "inspect", DEMO, *local(f'data.chat_template="{loop}"')], world, capsys)
