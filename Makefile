@@ -47,9 +47,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/target-sft demo
 
-# Two workers (pytest-xdist) for the CI class's 2 cores; which tests share a worker: tests/conftest.py.
+# Two workers (pytest-xdist), a test file per worker at a time: the CI class has 2 cores.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline flows tests benchmarks

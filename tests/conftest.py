@@ -102,20 +102,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Where the tests run under `make test` (pytest-xdist, `--dist loadgroup` on both cores): any
-    worker, one test at a time, except the tests of a file with a module-scoped fixture (built once,
-    on one worker) and the tests on the Prefect server (one server for the run, not one per worker)."""
-    for item in items:
-        fixtures = getattr(item, "_fixtureinfo", None)
-        scopes = {d.scope for defs in fixtures.name2fixturedefs.values() for d in defs} if fixtures else set()
-        if "prefect_server" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("prefect"))
-        elif "module" in scopes:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-
-
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory) -> base_model.BaseModelPaths:
     return base_model.build(TINY, tmp_path_factory.mktemp("tiny-storage"), progress=False)
