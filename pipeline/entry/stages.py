@@ -83,7 +83,8 @@ def train_job(cfg: RunConfig, progress: bool = True) -> TrainJob:
 
 
 def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Stage 2 in this process (`pipeline.entry.launch.train_run` starts several); the final model's folder."""
+    """Stage 2 in this process (`pipeline.entry.launch.train_or_launch` starts several under torchrun);
+    the final model's folder."""
     return training.train(train_job(cfg, progress), resume, progress)
 
 
