@@ -19,6 +19,12 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# Compiled bytecode is cached, under .venv: uv installs no .pyc files, and with PYTHONDONTWRITEBYTECODE
+# set (as on the CI machines) every interpreter recompiled torch, transformers and sympy from source,
+# ~15 s per process instead of ~8 here: every test, flow and worker that starts a Python process paid
+# it again (docs/development.md).
+unexport PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX ?= $(CURDIR)/$(VENV)/pycache
 # matplotlib's font cache and config go beside the project, not into ~/.config or ~/.cache
 export MPLCONFIGDIR ?= $(CURDIR)/storage/.matplotlib
 # Pinned CPU kernels (pipeline/common/cpu_kernels.py): the same numbers on every machine of one CPU kind;
