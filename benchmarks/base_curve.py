@@ -18,8 +18,8 @@ import tempfile
 
 import torch
 
-from pipeline.world import base_model, synthetic
-from pipeline.world.config import BaseModelConfig
+from pipeline.world import builder, problems
+from pipeline.world.config import WorldConfig
 
 
 def main() -> None:
@@ -27,12 +27,12 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100, help="evaluate every this many steps")
     parser.add_argument("--problems", type=int, default=200, help="problems per skill")
     args = parser.parse_args()
-    cfg = BaseModelConfig()
+    cfg = WorldConfig()
     torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)  # as base_model.build does, so the run is the stored build's
-    splits = synthetic.make_splits(base_model.world(cfg))
-    tokenizer = base_model.train_tokenizer(splits, cfg.vocab_size)
-    model = base_model.new_model(cfg, tokenizer)
+    torch.manual_seed(cfg.seed)  # as builder.build does, so the run is the stored build's
+    splits = problems.make_splits(builder.rules(cfg))
+    tokenizer = builder.train_tokenizer(splits, cfg.vocab_size)
+    model = builder.new_model(cfg, tokenizer)
     old, new = splits.forgetting[: args.problems], splits.heldout[: args.problems]
 
     def accuracy(step: int) -> None:
@@ -42,13 +42,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            a, b = (base_model.evaluate(tmp, rows, "chat")["accuracy"] for rows in (old, new))
+            a, b = (builder.evaluate(tmp, rows, "chat")["accuracy"] for rows in (old, new))
         torch.set_rng_state(rng)
         print(f"| {step} | {a:.1%} | {b:.1%} |", flush=True)
 
     print(f"| step | old skill ({len(old)}) | new skill ({len(new)}) |\n|---:|---:|---:|")
-    base_model.pretrain(model, tokenizer, [base_model.document_text(d) for d in splits.pretrain], cfg, False, accuracy)
-    print(f"\nweights sha256: {base_model.weights_checksum(model)}")
+    builder.pretrain(model, tokenizer, [builder.document_text(d) for d in splits.pretrain], cfg, False, accuracy)
+    print(f"\nweights sha256: {builder.weights_checksum(model)}")
 
 
 if __name__ == "__main__":

@@ -79,10 +79,10 @@ def model_for(shape: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.world import base_model
-    from pipeline.world.config import BaseModelConfig
+    from pipeline.world import builder
+    from pipeline.world.config import WorldConfig
 
-    build = base_model.build(BaseModelConfig(), os.environ.get("TARGET_SFT_STORAGE", "storage"), progress=False)
+    build = builder.build(WorldConfig(), os.environ.get("TARGET_SFT_STORAGE", "storage"), progress=False)
     tokenizer = AutoTokenizer.from_pretrained(build.model)
     if shape == "embedded":
         model = AutoModelForCausalLM.from_pretrained(build.model, dtype=torch.float32)

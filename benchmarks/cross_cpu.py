@@ -3,7 +3,7 @@ x86 CPUs"): the demo base model's weights, a short Target-SFT run on the demo's 
 fused loss, AdamW) and the demo evaluation's first 16 + 16 problems' samples; the same pieces
 `tests/test_demo_reproducible.py` records for the pinned mode.
 
-Build the base once (`target-sft base-model build`), then run this natively and under emulation
+Build the base once (`target-sft world build`), then run this natively and under emulation
 with the same environment, e.g. for the portable mode:
 
     export TARGET_SFT_CPU_KERNELS=portable MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
@@ -31,8 +31,8 @@ from pipeline.common.config import load_config
 from pipeline.entry import stages
 from pipeline.entry.config import RunConfig
 from pipeline.evaluation import evaluate
-from pipeline.world import base_model
-from pipeline.world.config import BaseModelConfig
+from pipeline.world import builder
+from pipeline.world.config import WorldConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,8 +44,8 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=16, help="problems per eval set (the recorded test's: 16)")
     args = parser.parse_args()
     started = time.time()
-    build = base_model.build(BaseModelConfig(), args.storage, progress=False)  # reused, never rebuilt
-    info = json.loads((build.model / base_model.SUCCESS).read_text())
+    build = builder.build(WorldConfig(), args.storage, progress=False)  # reused, never rebuilt
+    info = json.loads((build.model / builder.SUCCESS).read_text())
     with tempfile.TemporaryDirectory() as tmp:
         settings = [f"storage_root={tmp}", f"model.path={build.model}", f"data.path={build.sft_train}"]
         short = [
@@ -56,12 +56,12 @@ def main() -> None:
         cfg = load_config(RunConfig, REPO / "configs" / "worlds" / "model-strong.yaml", [*settings, *short])
         stages.capture_priors(cfg, progress=False)
         final = stages.train(cfg, progress=False)
-        run = base_model.weights_checksum(AutoModelForCausalLM.from_pretrained(final))
+        run = builder.weights_checksum(AutoModelForCausalLM.from_pretrained(final))
         cfg = load_config(
             RunConfig, REPO / "configs" / "worlds" / "model-strong.yaml", [*settings, f"eval.limit={args.problems}"]
         )
         out = Path(tmp) / "eval"
-        evaluate.evaluate(cfg.eval, build.model, out, base_model.embedded_sets(build), False)
+        evaluate.evaluate(cfg.eval, build.model, out, builder.embedded_sets(build), False)
         samples = hashlib.sha256((out / "samples.jsonl").read_bytes()).hexdigest()
     result = {
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -88,11 +88,11 @@ def main() -> None:
         print(json.dumps(run_one(*args.one)))
         return
 
-    from pipeline.world import base_model
-    from pipeline.world.config import BaseModelConfig
+    from pipeline.world import builder
+    from pipeline.world.config import WorldConfig
 
     with tempfile.TemporaryDirectory() as tmp:
-        build = base_model.build(BaseModelConfig(), os.environ.get("TARGET_SFT_STORAGE", "storage"), progress=False)
+        build = builder.build(WorldConfig(), os.environ.get("TARGET_SFT_STORAGE", "storage"), progress=False)
         data_path = Path(tmp) / "chat.jsonl"
         write_set(data_path, args.examples, args.tokens)
         env = {**os.environ, "RAYON_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}

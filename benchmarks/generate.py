@@ -36,11 +36,11 @@ def main() -> None:
 
     from pipeline.data.tokens import pad_rows
     from pipeline.evaluation import evaluate, sampling
-    from pipeline.world import base_model
-    from pipeline.world.config import BaseModelConfig
+    from pipeline.world import builder
+    from pipeline.world.config import WorldConfig
 
     torch.set_num_threads(args.threads)
-    build = base_model.build(BaseModelConfig(), "storage")
+    build = builder.build(WorldConfig(), "storage")
     path = Path(args.model) if args.model else build.model
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)

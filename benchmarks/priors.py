@@ -102,8 +102,8 @@ def main() -> None:
     from pipeline.data.config import DataConfig
     from pipeline.priors import cache
     from pipeline.priors.engines import HFEngine, VLLMEngine
-    from pipeline.world import base_model
-    from pipeline.world.config import BaseModelConfig
+    from pipeline.world import builder
+    from pipeline.world.config import WorldConfig
 
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -114,7 +114,7 @@ def main() -> None:
     if args.synthetic:
         examples = synthetic_examples(args.examples, args.synthetic, vocab)
     else:
-        build = base_model.build(BaseModelConfig(), os.environ.get("TARGET_SFT_STORAGE", "storage"))
+        build = builder.build(WorldConfig(), os.environ.get("TARGET_SFT_STORAGE", "storage"))
         tokenizer = AutoTokenizer.from_pretrained(build.model)
         examples = sources.prepare(DataConfig(limit=args.examples), build.sft_train, tokenizer).examples
     scored = sum(e.num_scored for e in examples)

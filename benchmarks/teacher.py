@@ -27,7 +27,7 @@ from pipeline.entry.config import RunConfig
 from pipeline.entry.resolve import experiment_dir
 from pipeline.experiments import stats
 from pipeline.experiments.experiment import _score_matrix
-from pipeline.world import base_model
+from pipeline.world import builder
 
 REPO = Path(__file__).resolve().parent.parent
 WORLDS = REPO / "configs" / "worlds"
@@ -50,7 +50,7 @@ def teacher_accuracy(config: str) -> float:
     """The prior model's held-out Average@n, as `target-sft eval CONFIG --prior-model` reported it."""
     cfg = load_config(RunConfig, WORLDS / f"{config}.yaml")
     report = json.loads(stages.evaluate_run(cfg, prior=True, progress=False).read_text())
-    return report["sets"][base_model.EMBEDDED_SET]["average_at_n"]
+    return report["sets"][builder.EMBEDDED_SET]["average_at_n"]
 
 
 def paired(runs: list[dict[str, Any]], label: str, reference: str, set_name: str) -> stats.Paired | None:
@@ -96,7 +96,7 @@ def main() -> None:
             print(f"| {label} | {len(matrix[0])} | {stats.bootstrap(matrix[1]).percent()} | {' | '.join(cells)} |")
 
     # teacher strength: Target-SFT − DFT and Target-SFT − Distill against the teacher's advantage
-    base_accuracy = summary["base"][base_model.EMBEDDED_SET]["average_at_n"]
+    base_accuracy = summary["base"][builder.EMBEDDED_SET]["average_at_n"]
     points = []
     for name, config in TEACHERS.items():
         advantage = teacher_accuracy(config) - base_accuracy if config != "model-strong" else 0.0
@@ -106,8 +106,8 @@ def main() -> None:
             target, distill, pool = chosen, args.distill, runs
         else:
             target, distill, pool = f"{chosen}, weaker teacher", f"{args.distill}, weaker teacher", runs
-        versus_dft = paired(pool, target, "dft", base_model.EMBEDDED_SET)
-        versus_distill = paired(pool, target, distill, base_model.EMBEDDED_SET) if distill else None
+        versus_dft = paired(pool, target, "dft", builder.EMBEDDED_SET)
+        versus_distill = paired(pool, target, distill, builder.EMBEDDED_SET) if distill else None
         points.append((name, advantage, versus_dft, versus_distill))
     print("\n| prior | its held-out advantage over the base | Target-SFT − DFT | Target-SFT − Distill |")
     print("|---|---:|---:|---:|")

@@ -38,10 +38,10 @@ def build_model(args):
     if args.shape == "embedded":
         from transformers import AutoModelForCausalLM
 
-        from pipeline.world import base_model
-        from pipeline.world.config import BaseModelConfig
+        from pipeline.world import builder
+        from pipeline.world.config import WorldConfig
 
-        build = base_model.build(BaseModelConfig(), os.environ.get("TARGET_SFT_STORAGE", "storage"), progress=False)
+        build = builder.build(WorldConfig(), os.environ.get("TARGET_SFT_STORAGE", "storage"), progress=False)
         return AutoModelForCausalLM.from_pretrained(build.model, dtype=torch.float32, attn_implementation=args.attn)
     from benchmarks.shapes import random_qwen2
 

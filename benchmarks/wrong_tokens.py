@@ -28,7 +28,7 @@ from pipeline.entry import stages
 from pipeline.entry.config import RunConfig
 from pipeline.entry.resolve import resolve_inputs
 from pipeline.priors.cache import PriorStore
-from pipeline.world import synthetic
+from pipeline.world import problems
 
 STEP = re.compile(r"(-?\d+) ([-+*]) (\d+) = (-?\d+)\.")
 
@@ -38,7 +38,7 @@ def first_wrong_digit(solution: str) -> tuple[int, str] | None:
     its steps are right. Steps carry the running value, so the first wrong result is the error."""
     for match in STEP.finditer(solution):
         a, op, b, c = match.groups()
-        right = str(synthetic.apply(op, int(a), int(b)))
+        right = str(problems.apply(op, int(a), int(b)))
         if right != c:
             i = next((j for j, (x, y) in enumerate(zip(c, right, strict=False)) if x != y), min(len(c), len(right)))
             if i >= len(right):

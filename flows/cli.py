@@ -21,7 +21,7 @@ from pipeline.entry.config import RunConfig
 from pipeline.entry.resolve import resolve_inputs
 from pipeline.experiments import experiment
 from pipeline.priors.cache import PriorStore
-from pipeline.world import base_model
+from pipeline.world import builder
 
 
 def run(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) -> int:
@@ -101,7 +101,7 @@ def demo(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) ->
     if note := arithmetic_note():
         print(note)
     print("== 1/4 embedded base model (built once, then reused)")
-    base_model.build(cfg.base_model, cfg.storage_root)
+    builder.build(cfg.world, cfg.storage_root)
     seconds = {"base model build": time.time() - started}
     print("== 2/4 SFT data")
     cli.inspect_data(cfg)
@@ -140,7 +140,7 @@ def select(args: argparse.Namespace, config: str | Path | None, cfg: RunConfig) 
                 "select.validation is not set and there is no embedded validation split: give one "
                 "({name, path, answer_type}), disjoint from the eval.sets problems"
             )
-        validation = base_model.validation_set(embedded)
+        validation = builder.validation_set(embedded)
     overrides = [*args.overrides, *stages.selection_overrides(cfg, validation)]
     result = experiment_flow(str(config) if config else None, overrides, progress=True)
     out = Path(result["dir"])

@@ -35,13 +35,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.entry import stages
-from pipeline.world import base_model
-from pipeline.world.config import BaseModelConfig
+from pipeline.world import builder
+from pipeline.world.config import WorldConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
 # Small enough to build in a few seconds; head_dim stays 32 as vLLM's CPU build needs.
-TINY = BaseModelConfig(
+TINY = WorldConfig(
     name="tiny-test",
     pretrain_problems=400,
     sft_train_problems=60,
@@ -68,7 +68,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_args(build: base_model.BaseModelPaths, storage: Path | str, *extra: str) -> list[str]:
+def tiny_args(build: builder.WorldPaths, storage: Path | str, *extra: str) -> list[str]:
     """`--set`-style overrides for a run on a tiny build: its model and SFT set, short examples, the hf
     prior engine with k=8, storage under `storage`; `extra` comes last and wins."""
     return [
@@ -103,14 +103,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_build(tmp_path_factory) -> base_model.BaseModelPaths:
-    return base_model.build(TINY, tmp_path_factory.mktemp("tiny-storage"), progress=False)
+def tiny_build(tmp_path_factory) -> builder.WorldPaths:
+    return builder.build(TINY, tmp_path_factory.mktemp("tiny-storage"), progress=False)
 
 
 @pytest.fixture(scope="session")
-def default_build() -> base_model.BaseModelPaths:
+def default_build() -> builder.WorldPaths:
     """The real embedded base model, built once into the default storage root and reused."""
-    return base_model.build(BaseModelConfig(), REPO / "storage", progress=False)
+    return builder.build(WorldConfig(), REPO / "storage", progress=False)
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pipeline.common import cpu_kernels
 from pipeline.entry import stages
-from pipeline.world import base_model
+from pipeline.world import builder
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,7 +70,7 @@ def mode_env(mode: str) -> dict[str, str]:
     return {**cpu_kernels.PINNED} if mode == "pinned" else {**cpu_kernels.PORTABLE, cpu_kernels.MODE: "portable"}
 
 
-def short_run(build: base_model.BaseModelPaths, storage: Path) -> str:
+def short_run(build: builder.WorldPaths, storage: Path) -> str:
     """Weights checksum of an 8-step Target-SFT run (η 0.5) on 64 SFT examples of the model-weak world."""
     from transformers import AutoModelForCausalLM
 
@@ -80,22 +80,22 @@ def short_run(build: base_model.BaseModelPaths, storage: Path) -> str:
     )  # fmt: skip
     stages.capture_priors(cfg, progress=False)
     final = stages.train(cfg, progress=False)
-    return base_model.weights_checksum(AutoModelForCausalLM.from_pretrained(final))
+    return builder.weights_checksum(AutoModelForCausalLM.from_pretrained(final))
 
 
-def samples(build: base_model.BaseModelPaths, storage: Path) -> str:
+def samples(build: builder.WorldPaths, storage: Path) -> str:
     """sha256 of the base's samples on the first 16 problems of each evaluation set (the file as it was
     recorded, before the collapse flags joined it)."""
     from pipeline.evaluation import evaluate
 
     cfg = _config(build, storage, "eval.limit=16")
-    evaluate.evaluate(cfg.eval, build.model, storage / "eval", base_model.embedded_sets(build), False)
+    evaluate.evaluate(cfg.eval, build.model, storage / "eval", builder.embedded_sets(build), False)
     records = [json.loads(line) for line in (storage / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 32 and all(len(r.pop("collapsed")) == 2 for r in records)
     return hashlib.sha256("".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()).hexdigest()
 
 
-def _config(build: base_model.BaseModelPaths, storage: Path, *extra: str):
+def _config(build: builder.WorldPaths, storage: Path, *extra: str):
     from pipeline.common.config import load_config
     from pipeline.entry.config import RunConfig
 
@@ -105,9 +105,9 @@ def _config(build: base_model.BaseModelPaths, storage: Path, *extra: str):
 
 
 if __name__ == "__main__":
-    from pipeline.world.config import BaseModelConfig
+    from pipeline.world.config import WorldConfig
 
-    built = base_model.build(BaseModelConfig(), sys.argv[1], progress=False)  # the model-weak world, shipped
+    built = builder.build(WorldConfig(), sys.argv[1], progress=False)  # the model-weak world, shipped
     with tempfile.TemporaryDirectory() as tmp:
         pieces = {"short_run": short_run(built, Path(tmp)), "samples": samples(built, Path(tmp))}
     print(json.dumps({**pieces, "arithmetic": cpu_kernels.arithmetic()}))

@@ -31,7 +31,7 @@ def tiny_overrides(storage: Path) -> list[str]:
         "steps",
         "warmup_steps",
     )
-    return [f"--set=storage_root={storage}"] + [f"--set=base_model.{f}={getattr(TINY, f)}" for f in fields]
+    return [f"--set=storage_root={storage}"] + [f"--set=world.{f}={getattr(TINY, f)}" for f in fields]
 
 
 def test_data_inspect_prints_counts_example_and_fingerprint(tmp_path, capsys):
@@ -44,11 +44,22 @@ def test_data_inspect_prints_counts_example_and_fingerprint(tmp_path, capsys):
         assert needle in out, needle
 
 
-def test_base_model_eval_reports_accuracy_and_baseline(tmp_path, capsys):
-    assert cli.main(["base-model", "eval", "--format", "plain", *tiny_overrides(tmp_path)]) == 0
+def test_world_eval_reports_accuracy_and_baseline(tmp_path, capsys, monkeypatch):
+    from pipeline.common import config
+
+    monkeypatch.setattr(config, "_NOTED", set())  # each note is said once per process
+    assert cli.main(["world", "eval", "--format", "plain", *tiny_overrides(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "majority-answer baseline" in out
     assert "| held-out (SFT skill) | " in out and "| forgetting (old skill) | " in out and "| plain |" in out
+    # the command's former name and the section's (`base-model`, `base_model`) still work, each with a note
+    old_names = [a.replace("--set=world.", "--set=base_model.") for a in tiny_overrides(tmp_path)]
+    assert cli.main(["base-model", "eval", "--format", "plain", *old_names]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == out
+    notes = [line for line in captured.err.splitlines() if line.startswith("note:")]  # not the progress bars
+    assert notes[0] == "note: `target-sft base-model` is now `target-sft world`"
+    assert len(notes) == 1 + len(old_names) - 1 and all("it is now called 'world'" in n for n in notes[1:])
 
 
 def test_bad_config_is_an_error_not_a_traceback(tiny_build, tmp_path, capsys):

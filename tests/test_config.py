@@ -12,12 +12,29 @@ from pipeline.entry.config import RunConfig
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("data:\n  max_length: 128\n  columns: {prompt: instruction}\n")
-    cfg = load_config(RunConfig, path, ["data.truncation=drop", "base_model.lr=1", "model.path=/m"])
+    cfg = load_config(RunConfig, path, ["data.truncation=drop", "world.lr=1", "model.path=/m"])
     assert cfg.data.max_length == 128
     assert cfg.data.columns == {"prompt": "instruction"}
     assert cfg.data.truncation == "drop"
-    assert cfg.base_model.lr == 1.0 and isinstance(cfg.base_model.lr, float)
+    assert cfg.world.lr == 1.0 and isinstance(cfg.world.lr, float)
     assert cfg.model.path == "/m"
+
+
+def test_the_world_sections_former_name_is_read_with_a_note(tmp_path, capsys, monkeypatch):
+    """`base_model` was the `world` section's name: users' files and `--set` keys keep working."""
+    from pipeline.common import config
+
+    monkeypatch.setattr(config, "_NOTED", set())  # each note is said once per process
+    path = tmp_path / "old.yaml"
+    path.write_text("base_model:\n  lr: 0.5\n")
+    cfg = load_config(RunConfig, path, ["base_model.seed=3"])
+    assert cfg.world.lr == 0.5 and cfg.world.seed == 3
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 2 and all("now called 'world'" in n for n in notes), notes
+    assert load_config(RunConfig, None, ['base_model={"seed": 4}']).world.seed == 4
+    path.write_text("base_model:\n  lr: 0.5\nworld:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"has both 'base_model' and 'world'; 'base_model' is the former name"):
+        load_config(RunConfig, path)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from pipeline.common import cpu_kernels
-from pipeline.world import base_model
+from pipeline.world import builder
 
 from . import recorded
 from .conftest import REPO
@@ -36,7 +36,7 @@ def pinned():
 
 
 def test_the_model_weak_base_has_the_recorded_weights(default_build):
-    info = json.loads((default_build.model / base_model.SUCCESS).read_text())
+    info = json.loads((default_build.model / builder.SUCCESS).read_text())
     assert info["weights_sha256"] == DEMO_BASE_WEIGHTS
 
 

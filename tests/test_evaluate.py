@@ -15,7 +15,7 @@ from pipeline.entry import stages
 from pipeline.entry.config import RunConfig
 from pipeline.evaluation import answers, evaluate
 from pipeline.evaluation.config import EvalConfig, EvalSetConfig
-from pipeline.world import base_model
+from pipeline.world import builder
 
 # (completion, reference, answer_type, expected)
 TRICKY = [
@@ -115,10 +115,10 @@ def _cfg(**kw) -> EvalConfig:
 def test_hf_eval_end_to_end_greedy_matches_the_base_model_evaluator(tiny_build, tmp_path):
     heldout = [json.loads(line) for line in tiny_build.sft_heldout.read_text().splitlines()][:12]
     report = evaluate.evaluate(
-        _cfg(), tiny_build.model, tmp_path / "a", base_model.embedded_sets(tiny_build)[:1], progress=False
+        _cfg(), tiny_build.model, tmp_path / "a", builder.embedded_sets(tiny_build)[:1], progress=False
     )
-    reference = base_model.evaluate(tiny_build.model, heldout, "chat")
-    assert report["sets"][base_model.EMBEDDED_SET]["greedy"] == pytest.approx(reference["accuracy"])
+    reference = builder.evaluate(tiny_build.model, heldout, "chat")
+    assert report["sets"][builder.EMBEDDED_SET]["greedy"] == pytest.approx(reference["accuracy"])
     assert report["engine"] == "hf" and report["overall"]["problems"] == 12
     samples = [json.loads(line) for line in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 12 and all(len(s["samples"]) == 3 for s in samples)
@@ -126,7 +126,7 @@ def test_hf_eval_end_to_end_greedy_matches_the_base_model_evaluator(tiny_build, 
     assert report["overall"]["average_at_n"] == pytest.approx(recount)
     assert "| arith-heldout | 12 |" in (tmp_path / "a" / "report.md").read_text()
     again = evaluate.evaluate(
-        _cfg(), tiny_build.model, tmp_path / "b", base_model.embedded_sets(tiny_build)[:1], progress=False
+        _cfg(), tiny_build.model, tmp_path / "b", builder.embedded_sets(tiny_build)[:1], progress=False
     )
     assert (tmp_path / "a" / "samples.jsonl").read_text() == (tmp_path / "b" / "samples.jsonl").read_text()
     assert again["overall"] == report["overall"]
@@ -182,7 +182,7 @@ def test_bad_eval_inputs_fail_clearly(tiny_build, tmp_path):
 @pytest.mark.slow  # 80 s; the demo runs the vllm eval engine end to end on every `make demo`
 @pytest.mark.vllm
 def test_vllm_and_hf_greedy_answers_agree(tiny_build, tmp_path):
-    default = base_model.embedded_sets(tiny_build)[:1]
+    default = builder.embedded_sets(tiny_build)[:1]
     evaluate.evaluate(_cfg(), tiny_build.model, tmp_path / "hf", default, progress=False)
     vllm = evaluate.evaluate(
         EvalConfig(engine="vllm", n=3, max_new_tokens=64, limit=12),
@@ -220,8 +220,8 @@ def test_the_forgetting_set_can_be_left_out_of_the_embedded_sets(tiny_build, tmp
     from tests.conftest import TINY, tiny_args
 
     names = lambda sets: [s.name for s in sets]  # noqa: E731
-    assert names(base_model.embedded_sets(tiny_build)) == [base_model.EMBEDDED_SET, base_model.FORGETTING_SET]
-    assert names(base_model.embedded_sets(tiny_build, forgetting=False)) == [base_model.EMBEDDED_SET]
+    assert names(builder.embedded_sets(tiny_build)) == [builder.EMBEDDED_SET, builder.FORGETTING_SET]
+    assert names(builder.embedded_sets(tiny_build, forgetting=False)) == [builder.EMBEDDED_SET]
     settings = [*tiny_args(tiny_build, tmp_path), "model.path=null", "data.path=null"]
-    cfg = load_config(RunConfig, None, [*settings, f"base_model={json.dumps(to_dict(TINY))}", "eval.forgetting=false"])
-    assert names(stages.eval_target(cfg, base=True)[2]) == [base_model.EMBEDDED_SET]
+    cfg = load_config(RunConfig, None, [*settings, f"world={json.dumps(to_dict(TINY))}", "eval.forgetting=false"])
+    assert names(stages.eval_target(cfg, base=True)[2]) == [builder.EMBEDDED_SET]

@@ -183,16 +183,16 @@ def test_select_never_reads_the_held_out_problems(prefect_server, tmp_path):
 
     from flows import cli
     from pipeline.common.config import to_dict
-    from pipeline.world import base_model
+    from pipeline.world import builder
     from tests.conftest import TINY
 
     world = dataclasses.replace(TINY, name="tiny-select")
-    build = base_model.build(world, tmp_path, progress=False)
+    build = builder.build(world, tmp_path, progress=False)
     build.sft_heldout.unlink()
     build.forgetting.unlink()
     overrides = [
         f"storage_root={tmp_path}",
-        f"base_model={json.dumps(to_dict(world))}",
+        f"world={json.dumps(to_dict(world))}",
         "data.max_length=128",
         "train={batch_size: 4, micro_batch_size: 4, eval_every: 1, eval_examples: 4, checkpoint_every: 2}",
         "eval={n: 1, max_new_tokens: 24}",

@@ -11,7 +11,7 @@ from pipeline.common.errors import ConfigError, TargetError
 from pipeline.entry import check, stages
 from pipeline.entry.config import RunConfig
 from pipeline.experiments import experiment
-from pipeline.world import base_model
+from pipeline.world import builder
 
 PAPER = Path(__file__).resolve().parent.parent / "configs" / "paper"
 MATH_MODELS = ["qwen3-1.7b", "qwen2.5-math-1.5b", "qwen2.5-math-7b"]
@@ -56,13 +56,13 @@ def test_regime_dry_run(regime):
     assert check.dry_run(cfg)["runs"] and cfg.experiment.name == f"regime-{regime}"
     assert (cfg.eval.n, cfg.eval.max_new_tokens, cfg.train.batch_size) == (demo.eval.n, 128, 16) == (2, 128, 16)
     if regime == "new-format":
-        bm = cfg.base_model
+        bm = cfg.world
         assert (bm.chat_share, bm.new_op_share, bm.sft_new_op, bm.sft_style) == (0.0, 0.0, False, "base")
     else:
         assert (cfg.train.lr, cfg.train.max_steps) == (demo.train.lr, demo.train.max_steps)
         assert cfg.priors.embedded_teacher == (regime == "teacher")
-        assert cfg.base_model.sft_noise_fraction == (0.0 if regime == "clean-data" else 0.3)
-        assert cfg.base_model.own_style_share == (0.02 if regime == "rare-phrasing" else 0.0)
+        assert cfg.world.sft_noise_fraction == (0.0 if regime == "clean-data" else 0.3)
+        assert cfg.world.own_style_share == (0.02 if regime == "rare-phrasing" else 0.0)
 
 
 @pytest.mark.parametrize(
@@ -229,8 +229,8 @@ def test_the_continuum_worlds_share_one_protocol_and_the_demo_is_the_strong_one(
     demo = load_config(RunConfig, PAPER.parent / "demo.yaml")
     if world == "model-strong":  # `make demo` runs this world with its registered teacher: the same base
         teacher = load_config(RunConfig, WORLDS / "model-strong-teacher.yaml")
-        assert base_model.build_hash(demo.base_model) == base_model.build_hash(cfg.base_model)
-        assert to_dict(demo.base_model) == to_dict(teacher.base_model)
+        assert builder.build_hash(demo.world) == builder.build_hash(cfg.world)
+        assert to_dict(demo.world) == to_dict(teacher.world)
         assert demo.eval.forgetting is False  # the old skill's 300 problems: in the full comparison only
         demo.eval.forgetting = True
         assert {k: v for k, v in to_dict(demo).items() if k != "experiment"} == {

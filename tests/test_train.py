@@ -348,15 +348,17 @@ def test_resume_may_extend_a_run_but_not_change_its_data_or_start_from_nothing(t
 
 
 def test_resume_accepts_a_run_recorded_before_a_field_existed_when_the_field_is_at_its_default(tiny_build, tmp_path):
-    """Runs trained before `base_model.own_style_share` existed (the demo's, before the rare-phrasing
-    world) resume and are reused; a non-default value is still a change."""
+    """Runs trained before `world.own_style_share` existed (the demo's, before the rare-phrasing
+    world), and before the `world` section had that name (`base_model`), resume and are reused; a
+    non-default value is still a change."""
     stages.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=2"), progress=False)
     info_path = tmp_path / "runs" / "strict" / "run.json"
     info = json.loads(info_path.read_text())
-    del info["config"]["base_model"]["own_style_share"]
+    del info["config"]["world"]["own_style_share"]
+    info["config"]["base_model"] = info["config"].pop("world")
     info_path.write_text(json.dumps(info))
-    with pytest.raises(train.TrainError, match=r"base_model.own_style_share was None, now 0.02"):
-        changed = (*SHORT, "train.max_steps=3", "base_model.own_style_share=0.02")
+    with pytest.raises(train.TrainError, match=r"world.own_style_share was None, now 0.02"):
+        changed = (*SHORT, "train.max_steps=3", "world.own_style_share=0.02")
         stages.train(cfg_for(tiny_build, tmp_path, *changed), resume=True, progress=False)
     longer = stages.train(cfg_for(tiny_build, tmp_path, *SHORT, "train.max_steps=3"), resume=True, progress=False)
     steps = [json.loads(line)["step"] for line in (longer.parent / "metrics.jsonl").read_text().splitlines()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -20,6 +21,28 @@ import yaml
 from pipeline.common.errors import ConfigError
 
 T = TypeVar("T")
+
+
+RENAMED = {"base_model": "world"}
+"""Top-level sections of the run config under a former name: a file, a `--set` key or a run.json that
+uses the old name is read under the new one (`load_config` prints a one-line note)."""
+
+
+_NOTED: set[str] = set()
+
+
+def rename_sections(raw: dict[str, Any], what: str) -> list[str]:
+    """Move sections under a former name (`RENAMED`) to their name now, in place; returns one note per
+    section moved. Both names at once is a ConfigError: which one was meant cannot be known."""
+    notes = []
+    for old, new in RENAMED.items():
+        if old not in raw:
+            continue
+        if new in raw:
+            raise ConfigError(f"{what} has both {old!r} and {new!r}; {old!r} is the former name of {new!r}: keep one")
+        raw[new] = raw.pop(old)
+        notes.append(f"note: {what} uses the section name {old!r}; it is now called {new!r} (read as such)")
+    return notes
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -127,14 +150,21 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             once, each named.
     """
     raw: dict[str, Any] = {}
+    renames = {k: v for k, v in RENAMED.items() if v in {f.name for f in dataclasses.fields(cls)}}  # type: ignore[arg-type]
+    notes: list[str] = []
     if path is not None:
         raw = _read_yaml_file(Path(path))
+        notes += rename_sections(raw, f"config file {path}") if renames else []
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         target = raw
         *parents, leaf = key.split(".")
+        head = parents[0] if parents else leaf
+        if head in renames:
+            notes.append(f"note: override {item!r} uses the section name {head!r}; it is now called {renames[head]!r}")
+            parents, leaf = ([renames[head], *parents[1:]], leaf) if parents else ([], renames[head])
         for part in parents:
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
@@ -143,6 +173,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not parents and isinstance(parsed, dict) and isinstance(target.get(leaf), dict):
             parsed = {**target[leaf], **parsed}  # `--set train={lr: 1}` changes lr, not the whole section
         target[leaf] = parsed
+    for note in dict.fromkeys(notes):
+        if note not in _NOTED:  # a command may load its config more than once: say it once
+            _NOTED.add(note)
+            print(note, file=sys.stderr)
     errors: list[str] = []
     built = _build(cls, raw, "", errors)
     if not errors and hasattr(built, "problems"):  # checks across fields need every field well-formed

@@ -28,7 +28,7 @@ from pipeline.entry.resolve import resolve_inputs, tokens_dir
 from pipeline.evaluation import evaluate
 from pipeline.priors import interop, regimes
 from pipeline.priors.cache import PriorStore, storage_error
-from pipeline.world import base_model
+from pipeline.world import builder
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
@@ -51,28 +51,27 @@ def _add_config_args(parser: argparse.ArgumentParser, required: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="target-sft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_base_model_commands(commands)
+    _add_world_commands(commands)
     _add_stage_commands(commands)
     _add_cache_commands(commands)
     _add_flow_commands(commands)
     return parser
 
 
-def _add_base_model_commands(commands: Any) -> None:
-    base = commands.add_parser("base-model", help="build or evaluate the embedded base model")
-    base_commands = base.add_subparsers(dest="action", required=True)
-    build = base_commands.add_parser("build", help="build it (idempotent)")
+def _add_world_commands(commands: Any) -> None:
+    # `base-model`: the command's former name, still accepted
+    world = commands.add_parser("world", aliases=["base-model"], help="build or evaluate the embedded world")
+    world_commands = world.add_subparsers(dest="action", required=True)
+    build = world_commands.add_parser("build", help="build it (idempotent)")
     _add_config_args(build, required=False)
     build.add_argument(
         "--from-scratch",
         action="store_true",
         help="pretrain even where the repository ships this build's weights, then compare with them",
     )
-    build.add_argument("--ship", action="store_true", help="(maintainers) copy its weights into pipeline/world/worlds/")
-    build.add_argument(
-        "--teacher", action="store_true", help="build the embedded teacher (base_model.teacher_*) instead"
-    )
-    evaluate = base_commands.add_parser("eval", help="greedy held-out accuracy")
+    build.add_argument("--ship", action="store_true", help="(maintainers) copy its weights to pipeline/world/shipped/")
+    build.add_argument("--teacher", action="store_true", help="build the embedded teacher (world.teacher_*) instead")
+    evaluate = world_commands.add_parser("eval", help="greedy held-out accuracy")
     _add_config_args(evaluate, required=False)
     evaluate.add_argument("--format", choices=["plain", "chat", "both"], default="both")
 
@@ -184,6 +183,9 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
     """Run one command; `flow_commands` handles `run`, `serve`, `demo` and `select` (see flows.cli).
     Returns the exit code: 2 and one line for an input error, 130 for Ctrl-C."""
     args = build_parser().parse_args(argv)
+    if args.command == "base-model":
+        print("note: `target-sft base-model` is now `target-sft world`", file=sys.stderr)
+        args.command = "world"
     try:
         config_path = getattr(args, "config", None)
         if args.command in ("demo", "select") and config_path is None:
@@ -212,8 +214,8 @@ def main(argv: list[str] | None = None, flow_commands: dict[str, FlowCommand] | 
 
 def _run_command(args: argparse.Namespace, config_path: str | Path | None, cfg: RunConfig) -> int:
     """One command that is not a flow; returns its exit code."""
-    if args.command == "base-model":
-        _base_model_command(args, cfg)
+    if args.command == "world":
+        _world_command(args, cfg)
     elif args.command == "data":
         inspect_data(cfg)
     elif args.command == "train":
@@ -249,18 +251,18 @@ def _run_command(args: argparse.Namespace, config_path: str | Path | None, cfg: 
     return 0
 
 
-def _base_model_command(args: argparse.Namespace, cfg: RunConfig) -> None:
+def _world_command(args: argparse.Namespace, cfg: RunConfig) -> None:
     if args.action == "build" and args.teacher:
-        teacher = base_model.build_teacher(cfg.base_model, cfg.storage_root, from_scratch=args.from_scratch)
-        print(f"teacher: {teacher}\n{describe_weights(teacher, base_model.shipped_by_name(teacher.name))}")
+        teacher = builder.build_teacher(cfg.world, cfg.storage_root, from_scratch=args.from_scratch)
+        print(f"teacher: {teacher}\n{describe_weights(teacher, builder.shipped_by_name(teacher.name))}")
         if args.ship:
-            print(f"shipped: {base_model.ship_teacher(teacher)}")
+            print(f"shipped: {builder.ship_teacher(teacher)}")
     elif args.action == "build":
-        out = base_model.build(cfg.base_model, cfg.storage_root, from_scratch=args.from_scratch)
+        out = builder.build(cfg.world, cfg.storage_root, from_scratch=args.from_scratch)
         print(f"base model: {out.model}\nembedded data: {out.datasets}")
         print(compare_with_shipped(cfg, out))
         if args.ship:
-            print(f"shipped: {base_model.ship(cfg.base_model, out)}")
+            print(f"shipped: {builder.ship(cfg.world, out)}")
     else:
         print_base_eval(cfg, ["plain", "chat"] if args.format == "both" else [args.format])
 
@@ -313,14 +315,14 @@ def on_storage(root: str) -> Iterator[None]:
         raise storage_error(root, e) from None
 
 
-def compare_with_shipped(cfg: RunConfig, out: base_model.BaseModelPaths) -> str:
+def compare_with_shipped(cfg: RunConfig, out: builder.WorldPaths) -> str:
     """One line: how this build's weights compare with the ones the repository ships for it."""
-    return describe_weights(out.model, base_model.shipped_weights(cfg.base_model))
+    return describe_weights(out.model, builder.shipped_weights(cfg.world))
 
 
 def describe_weights(model: Path, shipped: tuple[Path, dict] | None) -> str:
     """One line: how a built model's weights compare with the shipped ones, if any."""
-    info = json.loads((model / base_model.SUCCESS).read_text())
+    info = json.loads((model / builder.SUCCESS).read_text())
     if shipped is None:
         return f"weights {info['weights_sha256'][:16]}… from {info.get('weights_from', 'pretraining')} (none shipped)"
     same = shipped[1]["weights_sha256"] == info["weights_sha256"]
@@ -333,7 +335,7 @@ def describe_weights(model: Path, shipped: tuple[Path, dict] | None) -> str:
 
 def print_base_eval(cfg: RunConfig, formats: list[str]) -> list[dict]:
     """Greedy accuracy of the embedded base model on its held-out sets (the SFT skill, then the old one)."""
-    out = base_model.build(cfg.base_model, cfg.storage_root)
+    out = builder.build(cfg.world, cfg.storage_root)
     sets = [("held-out (SFT skill)", out.sft_heldout), ("forgetting (old skill)", out.forgetting)]
     print(f"\nGreedy accuracy of {out.model}")
     print("| set | problems | format | accuracy | majority-answer baseline |\n|---|---:|---|---:|---:|")
@@ -341,7 +343,7 @@ def print_base_eval(cfg: RunConfig, formats: list[str]) -> list[dict]:
     for name, path in sets:
         rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
         for fmt in formats if rows else []:
-            r = base_model.evaluate(out.model, rows, fmt)
+            r = builder.evaluate(out.model, rows, fmt)
             print(f"| {name} | {r['n']} | {fmt} | {r['accuracy']:.1%} | {r['majority_baseline']:.1%} |")
             results.append(r)
     example = results[0]["example"]

@@ -16,7 +16,7 @@ from pipeline.evaluation.config import EvalConfig
 from pipeline.experiments.config import ExperimentConfig, SelectConfig
 from pipeline.priors.config import PriorsConfig
 from pipeline.training.config import TrainConfig, target_config
-from pipeline.world.config import BaseModelConfig
+from pipeline.world.config import WorldConfig
 
 DEFAULT_STORAGE = os.environ.get("TARGET_SFT_STORAGE", "storage")
 
@@ -32,8 +32,9 @@ class RunConfig:
     """The model (and its tokenizer) every stage uses."""
     data: DataConfig = field(default_factory=DataConfig)
     """The SFT dataset."""
-    base_model: BaseModelConfig = field(default_factory=BaseModelConfig)
-    """How the embedded base model is built when `model.path` is None."""
+    world: WorldConfig = field(default_factory=WorldConfig)
+    """The embedded world (its problems, base model and teacher), built when `model.path` and `data.path`
+    are both unset. Its former name, `base_model`, is still read, with a note."""
     priors: PriorsConfig = field(default_factory=PriorsConfig)
     """Stage 1: prior capture."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -64,9 +65,9 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
         from_config(cfg.train.target)
     except TargetError as e:
         problems.append(f"train.target: {e}")
-    bm = cfg.base_model
+    bm = cfg.world
     if bm.hidden_size % bm.num_heads:
-        problems.append(f"base_model.num_heads={bm.num_heads} must divide base_model.hidden_size={bm.hidden_size}")
+        problems.append(f"world.num_heads={bm.num_heads} must divide world.hidden_size={bm.hidden_size}")
     if cfg.priors.embedded_teacher and (cfg.model.path is not None or cfg.priors.model_path is not None):
         problems.append(
             "priors.embedded_teacher shares the embedded model's tokenizer: it needs model.path and "

@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeline.common.errors import ConfigError
 from pipeline.common.storage import inside
 from pipeline.entry.config import RunConfig
-from pipeline.world import base_model
+from pipeline.world import builder
 
 
 @dataclass
@@ -24,7 +24,7 @@ class ResolvedInputs:
     data_path: Path
     prior_model_path: Path
     """The model the priors come from: `priors.model_path`, the embedded teacher, or the model itself."""
-    embedded: base_model.BaseModelPaths | None
+    embedded: builder.WorldPaths | None
     """The embedded build (its held-out, forgetting and validation splits), when one is used."""
 
     @property
@@ -56,12 +56,12 @@ def resolve_inputs(cfg: RunConfig, progress: bool = True) -> ResolvedInputs:
         raise ConfigError(problem)
     embedded = None
     if cfg.model.path is None and cfg.data.path is None:
-        embedded = base_model.build(cfg.base_model, cfg.storage_root, progress=progress)
+        embedded = builder.build(cfg.world, cfg.storage_root, progress=progress)
     model_path = Path(cfg.model.path) if cfg.model.path else embedded.model  # type: ignore[union-attr]
     data_path = Path(cfg.data.path) if cfg.data.path else embedded.sft_train  # type: ignore[union-attr]
     prior_model = Path(cfg.priors.model_path) if cfg.priors.model_path else model_path
     if cfg.priors.embedded_teacher:
-        prior_model = base_model.build_teacher(cfg.base_model, cfg.storage_root, progress=progress)
+        prior_model = builder.build_teacher(cfg.world, cfg.storage_root, progress=progress)
     return ResolvedInputs(model_path, data_path, prior_model, embedded)
 
 

@@ -21,7 +21,7 @@ from pipeline.priors import capture
 from pipeline.training import train as training
 from pipeline.training.config import TrainJob, target_config
 from pipeline.training.tracking import Trackers
-from pipeline.world.base_model import embedded_sets
+from pipeline.world.builder import embedded_sets
 
 if TYPE_CHECKING:  # TRL is an extra
     from pipeline.training.trl_integration import CachedPriors

@@ -32,7 +32,7 @@ class PriorsConfig:
     """The prior (teacher) model; None means the run's own model. It must share the tokenizer."""
     embedded_teacher: bool = False
     """Use the embedded teacher as the prior model: a larger model built (on first use) from the
-    embedded base model's data and tokenizer (`base_model.teacher_*`). Only with the embedded model."""
+    embedded base model's data and tokenizer (`world.teacher_*`). Only with the embedded model."""
     k: PositiveInt = 20
     """Top-k entries stored per scored position."""
     shard_size: PositiveInt = 256

@@ -31,8 +31,8 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.common import cpu_kernels
-from pipeline.common.config import flatten
-from pipeline.common.errors import TrainError
+from pipeline.common.config import flatten, rename_sections
+from pipeline.common.errors import ConfigError, TrainError
 from pipeline.common.storage import atomic_write_text, lock_file, sha256_file
 from pipeline.common.tensorfiles import Damaged, join_tree, load_tensors, save_tensors, split_tree
 from pipeline.training.config import TrainJob
@@ -385,14 +385,15 @@ def check_resume(job: TrainJob, resume: bool) -> dict[str, Any] | None:
         raise TrainError(f"run folder {out} already exists; pass --resume to continue it or pick another train.name")
     try:
         previous = json.loads(info.read_text())
+        rename_sections(previous["config"], str(info))  # a run started before a section's rename
         before, now = flatten(previous["config"]), flatten(job.config)
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, ConfigError):
         raise TrainError(
             f"{info} is damaged (not the JSON a run writes), so what the run was cannot be checked; "
             "start a new run (another train.name)"
         ) from None
     # A field added after the run started is not recorded in its run.json; at its default it
-    # means what the run did (base_model.own_style_share=0.0 builds the same world), so it is no change.
+    # means what the run did (world.own_style_share=0.0 builds the same world), so it is no change.
     defaults = flatten(job.defaults)
     added_at_default = {k for k in now.keys() - before.keys() if k in defaults and now[k] == defaults[k]}
     differ = sorted(

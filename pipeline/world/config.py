@@ -9,8 +9,8 @@ from pipeline.common.config import Fraction, Name, NonNegativeInt, PositiveFloat
 
 
 @dataclass
-class BaseModelConfig:
-    """The embedded base model: synthetic data, tokenizer, architecture and pretraining budget."""
+class WorldConfig:
+    """The embedded world: its problems, tokenizer, base model architecture and pretraining budget, teacher."""
 
     name: Name = "tiny-arith"
     """Folder name under `<storage>/models/` and `<storage>/datasets/`."""

@@ -1,8 +1,8 @@
-"""Deterministic synthetic reasoning data for the embedded base model (docs/design.md §7).
+"""The embedded world's problems: deterministic arithmetic word problems for its base model (docs/design.md §7).
 
 Multi-step word problems with step-by-step solutions and a final `#### <answer>` line. The old
 skill is +/- arithmetic; the new skill is one doubling step ("Ana doubles them."), rare in
-pretraining and present in every SFT, validation and held-out problem when `World.sft_new_op`.
+pretraining and present in every SFT, validation and held-out problem when `Rules.sft_new_op`.
 Each step has several phrasings, so the next token is genuinely non-unique and a model's prior
 over it carries information. SFT demonstrations can be written in a style of their own
 (`Step 1: 3 + 4 gives 7.`), off-policy for a base pretrained on the `So 3 + 4 = 7.` style.
@@ -30,8 +30,8 @@ DOUBLE = ("*", 2)
 
 
 @dataclass(frozen=True)
-class World:
-    """What the synthetic data looks like; built from `BaseModelConfig` (its fields say why)."""
+class Rules:
+    """What the synthetic data looks like; built from `WorldConfig` (its fields say why)."""
 
     seed: int
     max_number: int
@@ -139,7 +139,7 @@ class Document:
 
 
 @dataclass
-class SyntheticSplits:
+class Splits:
     """All text the embedded base model is built from."""
 
     pretrain: list[Document]
@@ -154,7 +154,7 @@ class SyntheticSplits:
     """The signatures of every held-out, forgetting and validation problem (what nothing may train on)."""
 
 
-def make_splits(world: World) -> SyntheticSplits:
+def make_splits(world: Rules) -> Splits:
     """Generate the pretraining corpus, the (noisy) SFT set and the evaluation splits.
 
     Evaluation rows carry `question`, `answer` (int) and clean chat `messages` in the SFT style;
@@ -199,10 +199,10 @@ def make_splits(world: World) -> SyntheticSplits:
         sft_train.append(
             {"messages": _chat(question_text(problem, rng), solution), "answer": problem.answer, "noisy": noisy}
         )
-    return SyntheticSplits(pretrain, sft_train, heldout, forgetting, validation, frozenset(seen))
+    return Splits(pretrain, sft_train, heldout, forgetting, validation, frozenset(seen))
 
 
-def clean_demonstrations(world: World, splits: SyntheticSplits, count: int, seed: int) -> list[Document]:
+def clean_demonstrations(world: Rules, splits: Splits, count: int, seed: int) -> list[Document]:
     """Correct chat demonstrations of the SFT skill in the SFT phrasing, for a teacher fitted to the
     task (docs/design.md §7): drawn from a stream of their own, so the world's splits stay as they
     are, and never one of the evaluation problems."""

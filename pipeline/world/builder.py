@@ -1,6 +1,7 @@
-"""The embedded base model: built here, from nothing, in a few CPU minutes.
+"""The embedded world: its data, tokenizer, base model and teacher, built here from nothing in a few CPU
+minutes (or loaded from the shipped weights).
 
-`build` generates the synthetic data, trains a byte-level BPE tokenizer (digits split), pretrains
+`build` generates the problems (`problems.py`), trains a byte-level BPE tokenizer (digits split), pretrains
 a ~1M-parameter Llama-architecture model on plain-text problems and saves everything with
 `save_pretrained` (safetensors) so transformers and vLLM load it offline. It is idempotent: a
 finished build with the same config is reused. `evaluate` reports greedy held-out accuracy.
@@ -36,8 +37,8 @@ from pipeline.common.errors import ModelError
 from pipeline.common.storage import atomic_dir, inside, sha256_json, write_jsonl
 from pipeline.evaluation.config import EvalSetConfig
 from pipeline.training.schedule import warmup_cosine
-from pipeline.world import synthetic
-from pipeline.world.config import BaseModelConfig
+from pipeline.world import problems
+from pipeline.world.config import WorldConfig
 
 EOS, PAD, END = "<|endoftext|>", "<|pad|>", "<|end|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -53,7 +54,7 @@ SUCCESS = "_SUCCESS"
 
 
 @dataclass
-class BaseModelPaths:
+class WorldPaths:
     """Where one embedded build lives."""
 
     model: Path
@@ -81,10 +82,10 @@ class BaseModelPaths:
         return self.datasets / "validation.jsonl"
 
 
-def paths(cfg: BaseModelConfig, storage_root: str | Path) -> BaseModelPaths:
+def paths(cfg: WorldConfig, storage_root: str | Path) -> WorldPaths:
     """Folders named `<name>-<config hash>`: a changed config never overwrites an older build."""
     folder = f"{cfg.name}-{build_hash(cfg)[:8]}"
-    return BaseModelPaths(inside(storage_root, "models", folder), inside(storage_root, "datasets", folder))
+    return WorldPaths(inside(storage_root, "models", folder), inside(storage_root, "datasets", folder))
 
 
 # Bumped whenever the build's code makes something else from the same config (data, tokenizer, training),
@@ -97,7 +98,7 @@ BUILD_VERSION = 2
 ADDED_LATER = {"own_style_share": 0.0}
 
 
-def build_hash(cfg: BaseModelConfig) -> str:
+def build_hash(cfg: WorldConfig) -> str:
     """Identity of a build: every field that shapes it (the teacher's fields shape only the teacher's)."""
     fields = {
         k: v
@@ -107,25 +108,23 @@ def build_hash(cfg: BaseModelConfig) -> str:
     return sha256_json({**fields, "build_version": BUILD_VERSION})
 
 
-SHIPPED = Path(__file__).resolve().parent / "worlds"
+SHIPPED = Path(__file__).resolve().parent / "shipped"
 """Pretrained weights of the registered worlds' bases (`<name>-<hash8>.safetensors`) with the
 checksum of the build that made them (`<name>-<hash8>.json`): the demo's first run loads them
 instead of spending minutes pretraining. `build(..., from_scratch=True)` pretrains and compares."""
 
 
-def shipped_weights(cfg: BaseModelConfig) -> tuple[Path, dict[str, Any]] | None:
+def shipped_weights(cfg: WorldConfig) -> tuple[Path, dict[str, Any]] | None:
     """The shipped weights file of this build and its record, if the repository holds them."""
     return shipped_by_name(f"{cfg.name}-{build_hash(cfg)[:8]}")
 
 
-def build(
-    cfg: BaseModelConfig, storage_root: str | Path, progress: bool = True, from_scratch: bool = False
-) -> BaseModelPaths:
+def build(cfg: WorldConfig, storage_root: str | Path, progress: bool = True, from_scratch: bool = False) -> WorldPaths:
     """Build the embedded base model and its data, or reuse a finished build of the same config.
 
     Where the repository ships this build's weights (`SHIPPED`), they are loaded and checked
     against the recorded checksum instead of pretraining; `from_scratch` pretrains anyway (into a
-    fresh root, to compare with the shipped bits: `target-sft base-model build --from-scratch`).
+    fresh root, to compare with the shipped bits: `target-sft world build --from-scratch`).
     """
     out = paths(cfg, storage_root)
     if (out.model / SUCCESS).exists():
@@ -133,7 +132,7 @@ def build(
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    splits = synthetic.make_splits(world(cfg))
+    splits = problems.make_splits(rules(cfg))
     tokenizer = train_tokenizer(splits, cfg.vocab_size)
     model = new_model(cfg, tokenizer)
     started = time.time()
@@ -182,7 +181,7 @@ def _load_shipped(model: torch.nn.Module, path: Path, record: dict[str, Any]) ->
     return []
 
 
-def ship(cfg: BaseModelConfig, built: BaseModelPaths) -> Path:
+def ship(cfg: WorldConfig, built: WorldPaths) -> Path:
     """Copy a finished from-scratch build's weights into `SHIPPED` with its checksum (maintainers:
     after registering a world, commit the two files)."""
     return _ship_files(built.model, SHIPPED / f"{cfg.name}-{build_hash(cfg)[:8]}")
@@ -198,16 +197,16 @@ def _ship_files(model: Path, stem: Path) -> Path:
     return stem.with_suffix(".safetensors")
 
 
-def world(cfg: BaseModelConfig) -> synthetic.World:
-    """The synthetic world a build config describes (every World field has the config field's name)."""
-    return synthetic.World(
+def rules(cfg: WorldConfig) -> problems.Rules:
+    """The rules of the problems a world config describes (every `Rules` field has the config field's name)."""
+    return problems.Rules(
         max_steps=cfg.max_steps_per_problem,
-        **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(synthetic.World) if f.name != "max_steps"},
+        **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(problems.Rules) if f.name != "max_steps"},
     )
 
 
 def build_teacher(
-    cfg: BaseModelConfig, storage_root: str | Path, progress: bool = True, from_scratch: bool = False
+    cfg: WorldConfig, storage_root: str | Path, progress: bool = True, from_scratch: bool = False
 ) -> Path:
     """The embedded teacher's model folder (`priors.embedded_teacher`), built on first use.
 
@@ -232,10 +231,8 @@ def build_teacher(
     if shipped is not None:
         losses = _load_shipped(model, *shipped)
     else:
-        world_ = world(cfg)
-        documents = synthetic.clean_demonstrations(
-            world_, synthetic.make_splits(world_), cfg.teacher_problems, cfg.seed
-        )
+        world_ = rules(cfg)
+        documents = problems.clean_demonstrations(world_, problems.make_splits(world_), cfg.teacher_problems, cfg.seed)
         steps = dataclasses.replace(
             cfg, steps=cfg.teacher_steps, lr=cfg.teacher_lr, warmup_steps=min(cfg.warmup_steps, cfg.teacher_steps // 10)
         )
@@ -262,7 +259,7 @@ def build_teacher(
     return out
 
 
-def teacher_hash(cfg: BaseModelConfig) -> str:
+def teacher_hash(cfg: WorldConfig) -> str:
     """Identity of a `teacher_from: base` teacher: its base's build and every teacher field."""
     fields = {k: v for k, v in to_dict(cfg).items() if k.startswith("teacher_")}
     return sha256_json({"base": build_hash(cfg), **fields, "teacher_version": 1})
@@ -282,7 +279,7 @@ def ship_teacher(built: Path) -> Path:
     return _ship_files(built, SHIPPED / built.name)
 
 
-def teacher_config(cfg: BaseModelConfig) -> BaseModelConfig:
+def teacher_config(cfg: WorldConfig) -> WorldConfig:
     """The embedded teacher: the same data (hence the same tokenizer), a larger model, more steps."""
     return dataclasses.replace(
         cfg,
@@ -294,11 +291,11 @@ def teacher_config(cfg: BaseModelConfig) -> BaseModelConfig:
     )
 
 
-def document_text(doc: synthetic.Document) -> str:
+def document_text(doc: problems.Document) -> str:
     """A pretraining document: a chat exactly as CHAT_TEMPLATE renders it, or plain text."""
     if doc.chat:
         return f"<|user|>\n{doc.question}{END}\n<|assistant|>\n{doc.solution}{END}\n"
-    return synthetic.plain_prompt(doc.question) + " " + doc.solution
+    return problems.plain_prompt(doc.question) + " " + doc.solution
 
 
 def weights_checksum(model: torch.nn.Module) -> str:
@@ -310,7 +307,7 @@ def weights_checksum(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def train_tokenizer(splits: synthetic.SyntheticSplits, vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(splits: problems.Splits, vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE with single-digit tokens and the chat special tokens, trained on the pretraining text."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -325,7 +322,7 @@ def train_tokenizer(splits: synthetic.SyntheticSplits, vocab_size: int) -> PreTr
     )
     # The pretraining text alone, as for a real base model: the SFT set (its noise, its phrasing) never
     # shapes the vocabulary, so worlds that differ only in their SFT set share the base model.
-    texts = [text for d in splits.pretrain for text in (synthetic.plain_prompt(d.question), d.solution)]
+    texts = [text for d in splits.pretrain for text in (problems.plain_prompt(d.question), d.solution)]
     tok.train_from_iterator(texts, trainer)
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -337,7 +334,7 @@ def train_tokenizer(splits: synthetic.SyntheticSplits, vocab_size: int) -> PreTr
     return hf
 
 
-def new_model(cfg: BaseModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+def new_model(cfg: WorldConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     """A randomly initialised Llama; vLLM and transformers both load this architecture."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -366,7 +363,7 @@ def pretrain(
     model: LlamaForCausalLM,
     tokenizer: PreTrainedTokenizerFast,
     documents: list[str],
-    cfg: BaseModelConfig,
+    cfg: WorldConfig,
     progress: bool,
     on_step: Callable[[int], None] | None = None,
 ) -> list[float]:
@@ -446,7 +443,7 @@ def evaluate(model_path: str | Path, heldout: list[dict], fmt: str = "plain") ->
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_path)
     model = LlamaForCausalLM.from_pretrained(model_path).eval()
     if fmt == "plain":
-        prompts = [synthetic.plain_prompt(row["question"]) for row in heldout]
+        prompts = [problems.plain_prompt(row["question"]) for row in heldout]
     else:
         prompts = [
             tokenizer.apply_chat_template([row["messages"][0]], tokenize=False, add_generation_prompt=True)
@@ -454,7 +451,7 @@ def evaluate(model_path: str | Path, heldout: list[dict], fmt: str = "plain") ->
         ]
     completions = greedy_answers(model, tokenizer, prompts)
     answers = [row["answer"] for row in heldout]
-    correct = [synthetic.extract_answer(c) == a for c, a in zip(completions, answers, strict=True)]
+    correct = [problems.extract_answer(c) == a for c, a in zip(completions, answers, strict=True)]
     majority = Counter(answers).most_common(1)[0][1] / len(answers)
     return {
         "format": fmt,
@@ -465,7 +462,7 @@ def evaluate(model_path: str | Path, heldout: list[dict], fmt: str = "plain") ->
     }
 
 
-def embedded_sets(build: BaseModelPaths, forgetting: bool = True) -> list[EvalSetConfig]:
+def embedded_sets(build: WorldPaths, forgetting: bool = True) -> list[EvalSetConfig]:
     """The embedded build's held-out problems of the SFT skill and, where it has them and `forgetting`
     is on, of the old skill. The first set is the one comparisons are made on."""
     sets = [EvalSetConfig(name=EMBEDDED_SET, path=str(build.sft_heldout), answer_type="numeric")]
@@ -474,7 +471,7 @@ def embedded_sets(build: BaseModelPaths, forgetting: bool = True) -> list[EvalSe
     return sets
 
 
-def validation_set(build: BaseModelPaths) -> EvalSetConfig:
+def validation_set(build: WorldPaths) -> EvalSetConfig:
     """The embedded validation split (where `target-sft select` chooses settings)."""
     return EvalSetConfig(name=VALIDATION_SET, path=str(build.validation), answer_type="numeric")
 
