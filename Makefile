@@ -53,9 +53,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/target-sft demo
 
-# Two workers (pytest-xdist), a test file per worker at a time: the CI class has 2 cores.
+# Two workers (pytest-xdist), a test file per worker at a time: the CI class has 2 cores. Files start
+# in collection order, longest first (tests/conftest.py LONGEST_FIRST), not xdist's most-tests-first.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline flows tests benchmarks

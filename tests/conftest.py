@@ -102,6 +102,35 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+# The files that take longest (`--durations=0`, docs/development.md), longest first. `make test` runs
+# `--dist loadfile --no-loadscope-reorder`: a file goes to whichever worker is free, in collection order,
+# so these start first and the many short files fill in at the end. pytest-xdist's default order (most
+# tests first) left test_train_processes.py (5 tests, ~150 s) for last, on one worker while the other
+# stood idle. A file not listed keeps its place after them; a stale list costs time, never a test.
+LONGEST_FIRST = (
+    "test_train_processes.py",
+    "test_hostile_inputs.py",
+    "test_interop.py",
+    "test_priors_processes.py",
+    "test_experiment.py",
+    "test_demo_reproducible.py",
+    "test_deployment.py",
+    "test_world.py",
+    "test_errors.py",
+    "test_recipes.py",
+    "test_s3.py",
+    "test_flows.py",
+    "test_tokens.py",
+    "test_train.py",
+    "test_cli.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
+
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory) -> builder.WorldPaths:
     return builder.build(TINY, tmp_path_factory.mktemp("tiny-storage"), progress=False)
