@@ -31,11 +31,11 @@ uses the old name is read under the new one (`load_config` prints a one-line not
 _NOTED: set[str] = set()
 
 
-def rename_sections(raw: dict[str, Any], what: str) -> list[str]:
+def rename_sections(raw: dict[str, Any], what: str, renames: dict[str, str] = RENAMED) -> list[str]:
     """Move sections under a former name (`RENAMED`) to their name now, in place; returns one note per
     section moved. Both names at once is a ConfigError: which one was meant cannot be known."""
     notes = []
-    for old, new in RENAMED.items():
+    for old, new in renames.items():
         if old not in raw:
             continue
         if new in raw:
@@ -154,17 +154,17 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     notes: list[str] = []
     if path is not None:
         raw = _read_yaml_file(Path(path))
-        notes += rename_sections(raw, f"config file {path}") if renames else []
+        notes += rename_sections(raw, f"config file {path}", renames)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
-        target = raw
-        *parents, leaf = key.split(".")
-        head = parents[0] if parents else leaf
+        head, dot, rest = key.partition(".")
         if head in renames:
             notes.append(f"note: override {item!r} uses the section name {head!r}; it is now called {renames[head]!r}")
-            parents, leaf = ([renames[head], *parents[1:]], leaf) if parents else ([], renames[head])
+            key = renames[head] + dot + rest
+        target = raw
+        *parents, leaf = key.split(".")
         for part in parents:
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
@@ -173,7 +173,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not parents and isinstance(parsed, dict) and isinstance(target.get(leaf), dict):
             parsed = {**target[leaf], **parsed}  # `--set train={lr: 1}` changes lr, not the whole section
         target[leaf] = parsed
-    for note in dict.fromkeys(notes):
+    for note in notes:
         if note not in _NOTED:  # a command may load its config more than once: say it once
             _NOTED.add(note)
             print(note, file=sys.stderr)
